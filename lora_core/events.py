@@ -1,0 +1,90 @@
+"""The JSON-lines event stream of a training run: one object per line, the contract the daemon consumes.
+
+Every event has ``type`` and ``time`` (unix seconds). Types and their fields:
+
+============  ==============================================================================================
+``start``     step, total_steps, epoch, output_dir, resumed_from (checkpoint path or null), device, task_type
+``cache``     what ("latents" | "text"), done, total
+``step``      step, total_steps, epoch, loss, lr, it_s, eta_s, peak_mem_mb
+``checkpoint``  step, epoch, path (resume state folder), lora (the step's LoRA file)
+``sample``    step, path (PNG or .txt for text runs), prompt
+``eval``      step, eval_loss, perplexity (text runs with a validation split)
+``oom``       step, batch_size, action ("step_down" | "stop"), advice
+``end``       status ("finished" | "stopped" | "failed" | "oom"), step, output (final file or null), error, advice
+============  ==============================================================================================
+
+Exit codes of ``python -m lora_core.train`` (see `EXIT_CODES`) tell the same story for callers that only see the
+process: the daemon uses them to tell a stop (checkpoint written) from a crash.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO, Any, Optional
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_STOPPED = 3
+EXIT_OOM = 4
+EXIT_ABORTED = 130
+EXIT_CODES = {"finished": EXIT_OK, "failed": EXIT_ERROR, "config": EXIT_CONFIG, "stopped": EXIT_STOPPED,
+              "oom": EXIT_OOM, "aborted": EXIT_ABORTED}
+
+
+def _clean(value: Any) -> Any:
+    """JSON has no NaN/inf; a diverged loss must still produce a valid line."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+class EventWriter:
+    """Append events to a JSON-lines file (and/or a stream), flushed per line so a reader tails them live."""
+
+    def __init__(self, path: Optional[str | Path] = None, stream: Optional[IO[str]] = None, enabled: bool = True):
+        self._lock = threading.Lock()
+        self._file = open(path, "a", encoding="utf-8", buffering=1) if (path and enabled) else None
+        self._stream = stream if enabled else None
+
+    def emit(self, type: str, **fields: Any) -> dict:
+        event = {"type": type, "time": round(time.time(), 3), **{k: _clean(v) for k, v in fields.items()}}
+        line = json.dumps(event, ensure_ascii=False)
+        with self._lock:
+            for out in (self._file, self._stream):
+                if out is not None:
+                    out.write(line + "\n")
+                    out.flush()
+        return event
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_events(path: str | Path) -> list[dict]:
+    """Read every complete event line; a half-written last line (the writer was killed) is ignored."""
+    events = []
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if not line.endswith("\n"):
+                    break
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return events
+
+
+def stderr_writer() -> EventWriter:
+    return EventWriter(stream=sys.stderr)
