@@ -1,0 +1,159 @@
+"""The Train form: which config fields the tab shows, and the mapping between form values and a config dict.
+
+The engine's schema (`lora_core.config`) stays the one authority: the form only collects values, the daemon
+validates them, and each problem it returns (``"training.learning_rate: must be > 0, got -1.0"``) is routed back
+to the field it names. Anything the form does not show can still be set in the "Other settings (YAML)" box, so
+the tab never limits what the engine can do.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import yaml  # a gradio dependency, so present in every WebUI environment
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    key: str          # flat config key, e.g. "learning_rate"
+    section: str      # config section, e.g. "training"
+    label: str
+    kind: str         # "number" | "int" | "text" | "dropdown" | "checkbox"
+    default: Any = None
+    choices: tuple = ()
+    advanced: bool = False
+    info: str = ""
+
+    @property
+    def dotted(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("output_name", "output", "Output name (what you type in <lora:NAME:0.8>)", "text", "my_lora"),
+    FieldSpec("trigger_word", "data", "Trigger word", "text", "", info="added to every caption; leave empty for none"),
+    FieldSpec("lora_rank", "model", "Rank", "int", 16),
+    FieldSpec("alpha", "model", "Alpha", "number", 8),
+    FieldSpec("learning_rate", "training", "Learning rate", "number", 1e-4),
+    FieldSpec("epochs", "training", "Epochs", "int", 10),
+    FieldSpec("max_train_steps", "training", "Max steps (0: use epochs)", "int", 0),
+    FieldSpec("batch_size", "training", "Batch size", "int", 2),
+    FieldSpec("resolution", "data", "Resolution", "int", 512),
+    FieldSpec("lr_scheduler", "training", "LR scheduler", "dropdown", "cosine",
+              ("constant", "constant_with_warmup", "cosine", "linear"), advanced=True),
+    FieldSpec("lr_warmup_steps", "training", "Warmup steps", "int", 0, advanced=True),
+    FieldSpec("optimizer", "training", "Optimizer", "dropdown", "adamw", ("adamw", "adamw8bit"), advanced=True),
+    FieldSpec("mixed_precision", "training", "Mixed precision", "dropdown", "no", ("no", "fp16", "bf16"),
+              advanced=True),
+    FieldSpec("gradient_checkpointing", "training", "Gradient checkpointing (less VRAM, slower)", "checkbox", False,
+              advanced=True),
+    FieldSpec("seed", "training", "Seed", "int", 42, advanced=True),
+    FieldSpec("noise_offset", "training", "Noise offset", "number", 0.0, advanced=True),
+    FieldSpec("train_text_encoder", "model", "Train the text encoder", "checkbox", False, advanced=True),
+    FieldSpec("text_encoder_lr", "model", "Text encoder learning rate (0: same)", "number", 0.0, advanced=True),
+    FieldSpec("shuffle_caption", "data", "Shuffle caption tags", "checkbox", False, advanced=True),
+    FieldSpec("keep_tokens", "data", "Keep first N tags in place", "int", 0, advanced=True),
+    FieldSpec("caption_dropout", "data", "Caption dropout", "number", 0.0, advanced=True),
+    FieldSpec("flip_aug", "data", "Flip images horizontally", "checkbox", False, advanced=True),
+    FieldSpec("enable_bucket", "data", "Aspect-ratio buckets", "checkbox", False, advanced=True),
+    FieldSpec("save_every_n_epochs", "output", "Save a checkpoint every N epochs (0: end only)", "int", 0,
+              advanced=True),
+    FieldSpec("sample_prompts", "sample", "Sample prompts (one per line)", "text", "", advanced=True),
+    FieldSpec("sample_every_n_steps", "sample", "Sample every N steps (0: never)", "int", 0, advanced=True),
+)
+FIELD_BY_KEY = {f.key: f for f in FIELDS}
+# Zero means "not set" for these optional engine fields; the form has no way to show None in a number box.
+ZERO_MEANS_UNSET = {"max_train_steps", "text_encoder_lr"}
+PROBLEM_FIELD = re.compile(r"^(?P<section>[a-z_]+)\.(?P<key>[a-z_0-9]+):")
+
+
+def _value(spec: FieldSpec, raw: Any) -> Any:
+    """Form value → config value; text that is not a number goes through unchanged so the engine names it."""
+    if spec.kind in ("int", "number") and raw is not None and raw != "":
+        try:
+            number = float(raw)
+        except (TypeError, ValueError):
+            return raw
+        if spec.key in ZERO_MEANS_UNSET and number == 0:
+            return None
+        return int(number) if spec.kind == "int" and number == int(number) else number
+    if spec.key == "sample_prompts":
+        lines = [line.strip() for line in str(raw or "").splitlines() if line.strip()]
+        return lines or None
+    if spec.kind == "text":
+        return None if raw is None or str(raw).strip() == "" else str(raw).strip()
+    return raw
+
+
+def parse_extra_yaml(text: str) -> dict:
+    """The "Other settings" box: a YAML mapping of any config keys; raises ValueError naming the problem."""
+    if not text or not text.strip():
+        return {}
+    try:
+        extra = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ValueError(f"other settings: not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict):
+        raise ValueError("other settings: must be a mapping of settings (key: value per line)")
+    return extra
+
+
+def form_to_config(values: dict[str, Any], base_model: Optional[str], train_data_dir: Optional[str],
+                   output_dir: Optional[str], extra: Optional[dict] = None) -> dict:
+    """Build the flat config the daemon validates; ``extra`` (Other settings) wins over the form."""
+    config: dict[str, Any] = {"task_type": "text-to-image", "base_model": base_model or None,
+                              "train_data_dir": train_data_dir or None}
+    if output_dir:
+        config["output_dir"] = output_dir
+    for key, raw in values.items():
+        config[key] = _value(FIELD_BY_KEY[key], raw)
+    config.update(extra or {})
+    return config
+
+
+def flatten(config: dict) -> dict:
+    """A flat or sectioned config as one flat dict (field names are unique across sections)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict) and key in ("data", "model", "training", "output", "sample"):
+            flat.update(value)
+        else:
+            flat[key] = value
+    return flat
+
+
+def config_to_form(config: dict) -> tuple[dict[str, Any], dict]:
+    """Split a config into the form's values and the rest (for the Other settings box), e.g. for "Load YAML".
+
+    The caller takes the keys it shows elsewhere (base model, dataset folder) out of the rest.
+    """
+    flat = flatten(config)
+    form: dict[str, Any] = {}
+    for spec in FIELDS:
+        if spec.key in flat:
+            value = flat.pop(spec.key)
+            if spec.key == "sample_prompts":
+                value = "\n".join(value) if isinstance(value, list) else (value or "")
+            elif value is None:
+                value = 0 if spec.kind in ("int", "number") else ""
+            form[spec.key] = value
+    return form, flat
+
+
+def problems_by_field(problems: list[str]) -> tuple[dict[str, list[str]], list[str]]:
+    """Route engine problems to form fields by their ``section.field:`` prefix; the rest are general."""
+    by_field: dict[str, list[str]] = {}
+    general: list[str] = []
+    for problem in problems:
+        match = PROBLEM_FIELD.match(problem)
+        key = match.group("key") if match else None
+        if key in FIELD_BY_KEY:
+            by_field.setdefault(key, []).append(problem)
+        else:
+            general.append(problem)
+    return by_field, general

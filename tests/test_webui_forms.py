@@ -1,0 +1,61 @@
+"""The Train form speaks the engine's schema: its values validate as a config, and each problem finds its field."""
+from __future__ import annotations
+
+import pytest
+
+from daemon.ui.forms import FIELDS, config_to_form, form_to_config, parse_extra_yaml, problems_by_field
+from daemon.ui.presets import get_preset, list_presets
+from lora_core.config import ConfigError, config_from_dict
+
+
+def form_defaults() -> dict:
+    return {spec.key: spec.default for spec in FIELDS}
+
+
+def test_default_form_is_a_valid_engine_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    (tmp_path / "images").mkdir()
+    raw = form_to_config(form_defaults(), str(tmp_path / "model.safetensors"), str(tmp_path / "images"),
+                         str(tmp_path / "out"))
+    cfg = config_from_dict(raw)
+    assert cfg.output.output_name == "my_lora" and cfg.training.max_train_steps is None
+
+
+def test_negative_learning_rate_is_reported_next_to_the_learning_rate_field(tmp_path):
+    values = {**form_defaults(), "learning_rate": "-1"}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(form_to_config(values, str(tmp_path / "missing.safetensors"), None, None))
+    by_field, general = problems_by_field(err.value.problems)
+    assert by_field["learning_rate"] == ["training.learning_rate: must be > 0, got -1.0"]
+    assert any(p.startswith("model.base_model:") for p in general)
+
+
+def test_other_settings_yaml_overrides_the_form_and_bad_yaml_names_the_line():
+    extra = parse_extra_yaml("clip_skip: 2\nlearning_rate: 3e-4\n")
+    raw = form_to_config(form_defaults(), None, None, None, extra)
+    assert raw["clip_skip"] == 2 and raw["learning_rate"] == "3e-4"
+    with pytest.raises(ValueError, match=r"line 2"):
+        parse_extra_yaml("a: 1\nb: : c\n")
+
+
+def test_a_run_snapshot_loads_back_into_the_form(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    snapshot = config_from_dict(form_to_config({**form_defaults(), "lora_rank": 4, "sample_prompts": "a\nb"},
+                                               str(tmp_path / "m.safetensors"), str(tmp_path / "images"),
+                                               str(tmp_path / "out"))).to_dict()
+    form, rest = config_to_form(snapshot)
+    assert form["lora_rank"] == 4 and form["sample_prompts"] == "a\nb" and form["max_train_steps"] == 0
+    assert rest["base_model"] == str(tmp_path / "m.safetensors") and "lora_rank" not in rest
+
+
+def test_every_preset_is_a_valid_config_fragment(tmp_path):
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    presets = list_presets()
+    assert {p.name for p in presets} >= {"style", "character", "concept", "style-lowvram", "character-lowvram",
+                                         "concept-lowvram"}
+    for preset in presets:
+        assert preset.description
+        config_from_dict({**preset.values, "base_model": str(tmp_path / "m.safetensors"),
+                          "train_data_dir": str(tmp_path), "output_dir": str(tmp_path / "out")})
+    assert get_preset("character-lowvram").values["batch_size"] == 1
