@@ -115,7 +115,7 @@ class CheckReport:
         for p in self.problems:
             extra = f" (of {p.other}" + (f", distance {p.distance}" if p.distance is not None else "") + ")" \
                 if p.other else ""
-            lines.append(f"  {p.severity:7} {p.kind:20} {p.file}: {p.detail}{extra}")
+            lines.append(f"  {p.severity:7} {p.kind:21} {p.file}: {p.detail}{extra}")
         if self.tag_frequency:
             lines.append(f"tags ({len(self.tag_frequency)} distinct, top {min(top_tags, len(self.tag_frequency))}):")
             for tag, n in list(self.tag_frequency.items())[:top_tags]:
