@@ -1,0 +1,409 @@
+"""``lora-daemon``: start/stop the daemon and drive its queue from a terminal.
+
+Subcommands live in one table, `SUBCOMMANDS`: a name, a help line, a function that adds its arguments and a
+function that runs it (returns the exit code). Adding one — e.g. ``lora-daemon ui`` from another module — is one
+entry: ``Subcommand("ui", "open the Train tab", ui_cli.add_arguments, ui_cli.run)``. Every read command takes
+``--json``; every subcommand takes ``--home``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .client import DaemonClient, DaemonError, DaemonNotRunning
+from .home import read_info, resolve_home
+from .states import TERMINAL
+
+TERMINAL_EVENTS = ("run.finished", "run.failed", "run.cancelled")
+
+
+@dataclass
+class Subcommand:
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def _client(args: argparse.Namespace, timeout: float = 1.5) -> DaemonClient:
+    return DaemonClient(home=args.home, timeout=timeout)
+
+
+def _fmt_num(value: Any, spec: str) -> str:
+    return format(value, spec) if isinstance(value, (int, float)) else "-"
+
+
+def _run_line(run: dict) -> str:
+    steps = f"{run.get('step') or 0}/{run.get('total_steps') or '?'}"
+    return (f"{run['id']:<24} {run['status']:<10} {run['kind']:<7} {run['priority']:>4} {steps:>11} "
+            f"{_fmt_num(run.get('loss'), '.4f'):>8}  {run['name']}")
+
+
+# --- start / stop / status ----------------------------------------------------------------------------------
+def _add_start(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--foreground", action="store_true", help="stay attached (for service managers and debugging)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; beyond loopback needs --curve-dir")
+    p.add_argument("--port", type=int, default=0, help="request port (default: a free one, see daemon.json)")
+    p.add_argument("--events-port", type=int, default=0, help="event (PUB) port (default: a free one)")
+    p.add_argument("--lora-dir", help="the WebUI Lora folder where finished LoRAs are published")
+    p.add_argument("--adapters-dir", help="where finished text adapters are published (default <home>/adapters)")
+    p.add_argument("--gpus", help="device slots: '0,1', or 'cpu' (default: CUDA_VISIBLE_DEVICES, else nvidia-smi)")
+    p.add_argument("--grace", type=float, default=60.0, help="seconds a job may take to checkpoint before a kill")
+    p.add_argument("--max-attempts", type=int, default=3, help="automatic resumes per run after daemon crashes")
+    p.add_argument("--curve-dir", help="folder made by `lora-daemon keys`: encrypt and authenticate with CURVE")
+    p.add_argument("--log-level", default="INFO")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a detached daemon to answer")
+
+
+def _start_foreground(args: argparse.Namespace, home: Path) -> int:
+    from .server import DaemonOptions, DaemonStartError, run_daemon
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    options = DaemonOptions(home=home, host=args.host, port=args.port, events_port=args.events_port,
+                            lora_dir=Path(args.lora_dir) if args.lora_dir else None,
+                            adapters_dir=Path(args.adapters_dir) if args.adapters_dir else None, gpus=args.gpus,
+                            grace_s=args.grace, max_attempts=args.max_attempts,
+                            curve_dir=Path(args.curve_dir).resolve() if args.curve_dir else None)
+    try:
+        return run_daemon(options, on_started=lambda info: print(
+            f"lora-daemon listening on {info['endpoint']} (events {info['events']}), pid {info['pid']}", flush=True))
+    except DaemonStartError as e:
+        print(f"lora-daemon: {e}", file=sys.stderr)
+        return 1
+
+
+def _start_detached(args: argparse.Namespace, home: Path) -> int:
+    """Re-run ourselves with --foreground in a new session, its output in <home>/daemon.log, and wait for it."""
+    from . import procs
+
+    cmd = [sys.executable, "-m", "daemon.cli", "--home", str(home), "start", "--foreground"]
+    for flag, value in (("--host", args.host), ("--port", args.port), ("--events-port", args.events_port),
+                        ("--lora-dir", args.lora_dir), ("--adapters-dir", args.adapters_dir), ("--gpus", args.gpus),
+                        ("--grace", args.grace), ("--max-attempts", args.max_attempts),
+                        ("--curve-dir", args.curve_dir), ("--log-level", args.log_level)):
+        if value is not None:
+            cmd += [flag, str(Path(value).resolve()) if flag.endswith("-dir") else str(value)]
+    home.mkdir(parents=True, exist_ok=True)
+    with open(home / "daemon.log", "ab") as log_file:
+        proc = procs.spawn(cmd, log_file, cwd=home, detach=True)
+    client = DaemonClient(home=home, timeout=1.0, retries=0)
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            from .worker import tail_lines
+
+            print("lora-daemon did not start:\n" + "\n".join(tail_lines(home / "daemon.log", 15)), file=sys.stderr)
+            return 1
+        info = read_info(home)
+        if info and info.get("pid") == proc.pid:
+            try:
+                client.ping()
+                print(f"lora-daemon started: {info['endpoint']} (events {info['events']}), pid {proc.pid}")
+                return 0
+            except (DaemonNotRunning, DaemonError):
+                pass
+        time.sleep(0.1)
+    print(f"lora-daemon (pid {proc.pid}) did not answer within {args.wait:g} s; see {home / 'daemon.log'}",
+          file=sys.stderr)
+    return 1
+
+
+def _run_start(args: argparse.Namespace) -> int:
+    home = resolve_home(args.home)
+    try:
+        _client(args).ping()
+        print(f"lora-daemon is already running for {home}", file=sys.stderr)
+        return 1
+    except (DaemonNotRunning, DaemonError):
+        pass
+    return _start_foreground(args, home) if args.foreground else _start_detached(args, home)
+
+
+def _add_stop(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for running jobs to checkpoint")
+
+
+def _run_stop(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        reply = client.shutdown()
+    except DaemonNotRunning:
+        print("lora-daemon is not running")
+        return 0
+    if reply.get("running"):
+        print(f"saving checkpoints of {', '.join(reply['running'])}…")
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        try:
+            client.ping()
+        except DaemonNotRunning:
+            print("lora-daemon stopped")
+            return 0
+        except DaemonError:
+            pass
+        time.sleep(0.2)
+    print(f"lora-daemon did not stop within {args.timeout:g} s", file=sys.stderr)
+    return 1
+
+
+def _add_json(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _run_status(args: argparse.Namespace) -> int:
+    status = _client(args).status()
+    if args.json:
+        _print_json(status)
+        return 0
+    print(f"lora-daemon {status['version']} up {status['uptime_s']:.0f} s, pid {status['pid']}, {status['endpoint']}")
+    for gpu in status["gpus"]:
+        print(f"  {gpu['slot']}: {gpu['run_id'] or 'idle'}")
+    print(f"queue: {status['queue_length']} waiting, {status['running']} running; LoRAs go to {status['lora_dir']}")
+    return 0
+
+
+# --- runs ---------------------------------------------------------------------------------------------------
+def _read_config(path: str) -> tuple[str, str]:
+    """YAML text and the folder its relative paths mean (stdin: the current folder)."""
+    if path == "-":
+        return sys.stdin.read(), os.getcwd()
+    file = Path(path)
+    try:
+        return file.read_text(encoding="utf-8"), str(file.resolve().parent)
+    except OSError as e:
+        raise SystemExit(f"lora-daemon: cannot read {path}: {e.strerror or e}")
+
+
+def _add_submit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file ('-' reads stdin)")
+    p.add_argument("--priority", type=int, default=0, help="higher runs first; equal priorities run in order")
+    p.add_argument("--name", help="a name for the run (default: output_name)")
+    p.add_argument("--lora-dir", help="publish this run's LoRA here instead of the daemon's Lora folder")
+    p.add_argument("--wait", action="store_true", help="follow the run to its end; exit 0 only if it finished")
+    _add_json(p)
+
+
+def _follow(client: DaemonClient, run_id: str, sub: Any, show_logs: bool) -> dict:
+    """Print a run's live events until it ends; returns its final record."""
+    while True:
+        event = sub.next(1.0)
+        if event is None:
+            run = client.get(run_id)
+            if run["status"] in TERMINAL:
+                return run
+            continue
+        if event.get("run_id") != run_id:
+            continue
+        kind = event["type"]
+        if kind == "run.log" and show_logs:
+            for line in event["lines"]:
+                print(line)
+        elif kind == "run.progress" and not show_logs:
+            print(f"step {event.get('step')}/{event.get('total_steps')}  loss {_fmt_num(event.get('loss'), '.4f')}"
+                  f"  {_fmt_num(event.get('it_s'), '.2f')} it/s  eta {_fmt_num(event.get('eta_s'), '.0f')} s")
+        elif kind in ("lora.published", "run.started", "run.requeued") and not show_logs:
+            print(f"{kind}: {event.get('path') or event.get('device') or event.get('reason')}")
+        if kind in TERMINAL_EVENTS:
+            return client.get(run_id)
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    text, folder = _read_config(args.config)
+    client = _client(args)
+    extra = {"lora_dir": str(Path(args.lora_dir).resolve())} if args.lora_dir else {}
+    sub = client.subscribe() if args.wait else None
+    try:
+        run = client.submit(text, priority=args.priority, name=args.name, config_dir=folder, **extra)
+        if not args.wait:
+            _print_json(run) if args.json else print(run["id"])
+            return 0
+        print(run["id"], flush=True)
+        run = _follow(client, run["id"], sub, show_logs=False)
+    finally:
+        if sub is not None:
+            sub.close()
+    if args.json:
+        _print_json(run)
+    else:
+        print(f"{run['status']}: {run.get('published_file') or run.get('error') or ''}")
+    return 0 if run["status"] == "finished" else 1
+
+
+def _add_validate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML config file ('-' reads stdin)")
+    _add_json(p)
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    text, folder = _read_config(args.config)
+    result = _client(args).validate(text, config_dir=folder)
+    if args.json:
+        _print_json(result)
+    else:
+        print("config is valid" if result["ok"] else "\n".join(result["problems"]))
+    return 0 if result["ok"] else 2
+
+
+def _add_list(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="every run, not only active, queued and recent ones")
+    _add_json(p)
+
+
+def _run_list(args: argparse.Namespace) -> int:
+    runs = _client(args).list_runs(all=args.all)
+    if args.json:
+        _print_json(runs)
+        return 0
+    print(f"{'ID':<24} {'STATUS':<10} {'KIND':<7} {'PRIO':>4} {'STEP':>11} {'LOSS':>8}  NAME")
+    for run in runs:
+        print(_run_line(run))
+    return 0
+
+
+def _add_run_ref(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id (a unique prefix is enough)")
+    _add_json(p)
+
+
+def _run_show(args: argparse.Namespace) -> int:
+    run = _client(args).get(args.run)
+    if args.json:
+        _print_json(run)
+        return 0
+    for key in ("id", "name", "kind", "status", "priority", "device", "step", "total_steps", "loss", "it_s",
+                "eta_s", "attempts", "checkpoint", "output_file", "published_file", "run_dir", "error", "advice"):
+        if run.get(key) not in (None, ""):
+            print(f"{key:>15}: {run[key]}")
+    if run.get("log_tail"):
+        print("  last log lines:\n" + "\n".join("    " + line for line in run["log_tail"].splitlines()))
+    return 0
+
+
+def _add_logs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run id (a unique prefix is enough)")
+    p.add_argument("--tail", type=int, default=200, help="how many last lines")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
+    _add_json(p)
+
+
+def _run_logs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    sub = client.subscribe(("run.log",) + TERMINAL_EVENTS) if args.follow else None
+    try:
+        lines = client.logs(args.run, tail=args.tail)
+        if args.json and not args.follow:
+            _print_json(lines)
+            return 0
+        for line in lines:
+            print(line)
+        if sub is not None:
+            run = client.get(args.run)
+            if run["status"] not in TERMINAL:
+                _follow(client, run["id"], sub, show_logs=True)
+    finally:
+        if sub is not None:
+            sub.close()
+    return 0
+
+
+def _run_action(action: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        result = getattr(_client(args), action)(args.run)
+        _print_json(result) if args.json else print(f"{result['id']}: {result['status']}")
+        return 0
+    return run
+
+
+def _add_caption(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="image folder to caption")
+    p.add_argument("--priority", type=int, default=0)
+    p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                   help="an option for `python -m lora_core.auto_label` (repeatable)")
+    _add_json(p)
+
+
+def _run_caption(args: argparse.Namespace) -> int:
+    options = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"lora-daemon: --option {item!r}: write KEY=VALUE")
+        options[key.strip()] = value
+    run = _client(args).caption(args.folder, priority=args.priority, **options)
+    _print_json(run) if args.json else print(run["id"])
+    return 0
+
+
+def _add_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="folder to create the server and client CURVE certificates in")
+
+
+def _run_keys(args: argparse.Namespace) -> int:
+    from .curve import create_keys
+
+    folder = create_keys(Path(args.dir))
+    print(f"CURVE keys in {folder}; start with `lora-daemon start --host 0.0.0.0 --curve-dir {folder}` and copy "
+          f"the folder plus daemon.json to the client machine")
+    return 0
+
+
+def _nothing(p: argparse.ArgumentParser) -> None:
+    _add_json(p)
+
+
+SUBCOMMANDS: list[Subcommand] = [
+    Subcommand("start", "start the daemon (detached unless --foreground)", _add_start, _run_start),
+    Subcommand("stop", "stop the daemon; running jobs save a checkpoint first", _add_stop, _run_stop),
+    Subcommand("status", "is the daemon up, its devices and queue", _nothing, _run_status),
+    Subcommand("submit", "queue a training run from a YAML config", _add_submit, _run_submit),
+    Subcommand("validate", "check a config without queueing it", _add_validate, _run_validate),
+    Subcommand("list", "runs: active, queued and recent (--all: every run)", _add_list, _run_list),
+    Subcommand("show", "one run in detail", _add_run_ref, _run_show),
+    Subcommand("logs", "a run's log (--follow to keep reading)", _add_logs, _run_logs),
+    Subcommand("cancel", "cancel a run (a running one saves a checkpoint first)", _add_run_ref, _run_action("cancel")),
+    Subcommand("retry", "run a failed or cancelled run again from the start", _add_run_ref, _run_action("retry")),
+    Subcommand("resume", "continue a failed or cancelled run from its checkpoint", _add_run_ref,
+               _run_action("resume")),
+    Subcommand("caption", "queue an auto-label job for an image folder", _add_caption, _run_caption),
+    Subcommand("keys", "create CURVE keys for binding beyond this machine", _add_keys, _run_keys),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lora-daemon", description="lora-scripts training daemon")
+    home_help = "state folder (default: LORA_DAEMON_HOME or the user data folder)"
+    parser.add_argument("--home", help=home_help)
+    subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for sub in SUBCOMMANDS:
+        p = subs.add_parser(sub.name, help=sub.help, description=sub.help)
+        p.add_argument("--home", default=argparse.SUPPRESS, help=home_help)
+        sub.add_arguments(p)
+        p.set_defaults(handler=sub.run)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except DaemonNotRunning as e:
+        print(f"lora-daemon: {e}", file=sys.stderr)
+        return 1
+    except DaemonError as e:
+        print(f"lora-daemon: {e.message}", file=sys.stderr)
+        return 2 if e.code == "config_invalid" else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

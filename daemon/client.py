@@ -1,0 +1,272 @@
+"""The one daemon client: the CLI, the WebUI tab and its REST routes all talk to the daemon through `DaemonClient`.
+
+Standard library + pyzmq only, because it runs inside the WebUI process. It never hangs: every request has a
+timeout, a dead daemon is recognised in well under two seconds (a refused TCP connect on its port, or no daemon.json
+at all), and a daemon that stops answering is retried on a fresh socket (the zguide's Lazy Pirate pattern) for
+read-only commands; a command that changes something is never sent twice behind the user's back.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any, Iterator, Optional
+from urllib.parse import urlparse
+
+import zmq
+
+from .home import default_home, read_info, resolve_home
+from .protocol import E_AUTH, decode, encode, make_request
+from .states import TERMINAL
+
+__all__ = ["DaemonClient", "DaemonError", "DaemonNotRunning", "EventSubscription", "default_home"]
+
+NOT_RUNNING = "daemon not running — start it with `lora-daemon start`"
+READ_ONLY = frozenset({"ping", "status", "validate", "list", "get", "logs", "metrics", "check", "captions.get",
+                       "plan"})
+SLOW_TIMEOUT_S = 300.0  # dataset checks and plans run a child process; they get minutes, not 1.5 s
+
+
+class DaemonNotRunning(ConnectionError):
+    def __init__(self, message: str = NOT_RUNNING):
+        super().__init__(message)
+
+
+class DaemonError(RuntimeError):
+    """The daemon answered with an error: ``code`` to branch on, ``message`` to show, ``details`` (e.g. problems)."""
+
+    def __init__(self, code: str, message: str, details: Optional[dict] = None):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.details = details or {}
+
+
+def _port_open(endpoint: str, timeout: float = 0.5) -> bool:
+    """A refused connect means nobody listens: answer "not running" at once instead of after a timeout."""
+    url = urlparse(endpoint)
+    if url.scheme != "tcp" or not url.port:
+        return True
+    try:
+        with socket.create_connection((url.hostname, url.port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _curve_keys(info: dict) -> Optional[tuple[bytes, bytes, bytes]]:
+    """(server public, client public, client secret) when the daemon requires CURVE (see `lora-daemon keys`)."""
+    curve_dir = info.get("curve_dir")
+    if not curve_dir:
+        return None
+    import zmq.auth
+
+    server_public, _ = zmq.auth.load_certificate(str(Path(curve_dir) / "server.key"))
+    client_public, client_secret = zmq.auth.load_certificate(str(Path(curve_dir) / "client.key_secret"))
+    return server_public, client_public, client_secret
+
+
+def _apply_curve(sock: zmq.Socket, keys: Optional[tuple[bytes, bytes, bytes]]) -> None:
+    if keys:
+        sock.curve_serverkey, sock.curve_publickey, sock.curve_secretkey = keys
+
+
+class EventSubscription:
+    """Live daemon events filtered by topic prefix. ``next(timeout)`` → event dict or None; iterate to follow."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, prefixes: tuple[str, ...], curve=None):
+        self._sock = ctx.socket(zmq.SUB)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        _apply_curve(self._sock, curve)
+        for prefix in prefixes:
+            self._sock.setsockopt(zmq.SUBSCRIBE, prefix.encode("utf-8"))
+        self._sock.connect(endpoint)
+
+    def next(self, timeout: Optional[float] = None) -> Optional[dict]:
+        if self._sock.closed:
+            return None
+        if not self._sock.poll(None if timeout is None else int(timeout * 1000)):
+            return None
+        frames = self._sock.recv_multipart()
+        return decode(frames[-1], limit=1 << 30)
+
+    def __iter__(self) -> Iterator[dict]:
+        while not self._sock.closed:
+            event = self.next(0.5)
+            if event is not None:
+                yield event
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> "EventSubscription":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class DaemonClient:
+    def __init__(self, home: Optional[str | os.PathLike] = None, endpoint: Optional[str] = None,
+                 token: Optional[str] = None, timeout: float = 1.5, retries: int = 1):
+        self.home = resolve_home(home)
+        self._fixed_endpoint = endpoint
+        self._fixed_token = token
+        self.timeout = timeout
+        self.retries = retries
+        self._ctx = zmq.Context.instance()
+        self._sock: Optional[zmq.Socket] = None
+        self._info: dict = {}
+
+    # --- connection -----------------------------------------------------------------------------------------
+    def _load_info(self) -> dict:
+        info = read_info(self.home) or {}
+        if self._fixed_endpoint:
+            info["endpoint"] = self._fixed_endpoint
+        if self._fixed_token:
+            info["token"] = self._fixed_token
+        if not info.get("endpoint"):
+            raise DaemonNotRunning()
+        self._info = info
+        return info
+
+    def _connect(self) -> zmq.Socket:
+        info = self._load_info()
+        if not _port_open(info["endpoint"]):
+            raise DaemonNotRunning()
+        sock = self._ctx.socket(zmq.REQ)
+        sock.setsockopt(zmq.LINGER, 0)
+        _apply_curve(sock, _curve_keys(info))
+        sock.connect(info["endpoint"])
+        return sock
+
+    def _drop(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def close(self) -> None:
+        self._drop()
+
+    def __enter__(self) -> "DaemonClient":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _call(self, command: str, args: dict, timeout: float) -> dict:
+        attempts = 1 + (self.retries if command in READ_ONLY else 0)
+        reauthed = False
+        attempt = 0
+        while attempt < attempts:
+            attempt += 1
+            if self._sock is None:
+                self._sock = self._connect()
+            request = make_request(command, args, token=self._info.get("token", ""))
+            self._sock.send(encode(request))
+            if not self._sock.poll(int(timeout * 1000)):
+                self._drop()  # Lazy Pirate: a REQ socket without a reply is stuck; throw it away
+                continue
+            reply = decode(self._sock.recv(), limit=1 << 30)
+            if reply.get("id") != request["id"]:
+                self._drop()
+                continue
+            if reply.get("ok"):
+                return reply.get("result")
+            error = reply.get("error") or {}
+            if error.get("code") == E_AUTH and not reauthed and not self._fixed_token:
+                reauthed = True  # the daemon restarted with a new token: read daemon.json again, once
+                attempt -= 1
+                self._drop()
+                continue
+            raise DaemonError(error.get("code", "unknown"), error.get("message", "unknown error"),
+                              error.get("details"))
+        if not _port_open(self._info.get("endpoint", "")):
+            raise DaemonNotRunning()
+        if command in READ_ONLY:
+            raise DaemonNotRunning(f"the daemon at {self._info.get('endpoint')} did not answer within "
+                                   f"{timeout:g} s; it may be busy or hung (see daemon.log in {self.home})")
+        raise DaemonError("timeout", f"no answer to {command} within {timeout:g} s; it may still have been "
+                                     f"applied — check with `lora-daemon list`")
+
+    def request(self, command: str, **args: Any) -> Any:
+        """Send one command and return the reply's ``result``; raises DaemonError or DaemonNotRunning."""
+        return self._call(command, args, self.timeout)
+
+    # --- commands -------------------------------------------------------------------------------------------
+    def ping(self) -> dict:
+        return self.request("ping")
+
+    def status(self) -> dict:
+        return self.request("status")
+
+    def submit(self, config: dict | str, priority: int = 0, name: Optional[str] = None, **extra: Any) -> dict:
+        """Queue a run. ``extra``: config_dir, lora_dir, adapters_dir, preferred_weight."""
+        return self.request("submit", config=config, priority=priority, name=name, cwd=os.getcwd(), **extra)
+
+    def validate(self, config: dict | str, **extra: Any) -> dict:
+        return self.request("validate", config=config, cwd=os.getcwd(), **extra)
+
+    def list_runs(self, all: bool = False) -> list[dict]:
+        return self.request("list", all=all)["runs"]
+
+    def get(self, run_id: str) -> dict:
+        return self.request("get", run=run_id)
+
+    def logs(self, run_id: str, tail: int = 200) -> list[str]:
+        return self.request("logs", run=run_id, tail=tail)["lines"]
+
+    def metrics(self, run_id: str, since_step: int = 0) -> list[dict]:
+        return self.request("metrics", run=run_id, since_step=since_step)["metrics"]
+
+    def cancel(self, run_id: str) -> dict:
+        return self.request("cancel", run=run_id)
+
+    def retry(self, run_id: str) -> dict:
+        return self.request("retry", run=run_id)
+
+    def resume(self, run_id: str) -> dict:
+        return self.request("resume", run=run_id)
+
+    def caption(self, folder: str, **options: Any) -> dict:
+        """Queue an auto-label job (``python -m lora_core.auto_label``); ``priority``/``name`` go to the job."""
+        job = {k: options.pop(k) for k in ("priority", "name") if k in options}
+        return self.request("caption", folder=folder, cwd=os.getcwd(), options=options, **job)
+
+    def check(self, folder: str, timeout: float = SLOW_TIMEOUT_S, **options: Any) -> dict:
+        return self._call("check", {"folder": folder, "cwd": os.getcwd(), **options}, timeout)
+
+    def captions_get(self, folder: str, timeout: float = SLOW_TIMEOUT_S, **options: Any) -> dict:
+        return self._call("captions.get", {"folder": folder, "cwd": os.getcwd(), **options}, timeout)
+
+    def captions_set(self, folder: str, file: str, caption: str, timeout: float = SLOW_TIMEOUT_S,
+                     **options: Any) -> dict:
+        return self._call("captions.set", {"folder": folder, "file": file, "caption": caption, "cwd": os.getcwd(),
+                                           **options}, timeout)
+
+    def captions_edit(self, folder: str, op: str, params: Optional[dict] = None, timeout: float = SLOW_TIMEOUT_S,
+                      **options: Any) -> dict:
+        return self._call("captions.edit", {"folder": folder, "op": op, "params": params or {},
+                                            "cwd": os.getcwd(), **options}, timeout)
+
+    def plan(self, config: dict | str, timeout: float = SLOW_TIMEOUT_S, **extra: Any) -> dict:
+        return self._call("plan", {"config": config, "cwd": os.getcwd(), **extra}, timeout)
+
+    def shutdown(self) -> dict:
+        return self.request("shutdown")
+
+    def subscribe(self, prefixes: tuple[str, ...] = ("run.", "lora.")) -> EventSubscription:
+        info = self._load_info()
+        if not info.get("events") or not _port_open(info["events"]):
+            raise DaemonNotRunning()
+        return EventSubscription(self._ctx, info["events"], tuple(prefixes), _curve_keys(info))
+
+    def wait_for(self, run_id: str, timeout: float = 600.0, poll_s: float = 0.5) -> dict:
+        """Block until a run reaches a final state (finished, failed, cancelled); returns its record."""
+        deadline = time.monotonic() + timeout
+        while True:
+            run = self.get(run_id)
+            if run["status"] in TERMINAL or time.monotonic() > deadline:
+                return run
+            time.sleep(poll_s)

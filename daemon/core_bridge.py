@@ -1,0 +1,101 @@
+"""The daemon's adapter to the engine's dataset tools, run in a child process: ``python -m daemon.core_bridge OP``.
+
+Why a child: the daemon stays free of numpy/PIL/torch imports and a crash on a hostile image cannot take it down.
+The request arrives as JSON on stdin; the child prints one JSON object: ``{"result": ...}`` or ``{"error": ...}``.
+``plan`` runs the engine's own ``python -m lora_core.train --plan --json``.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from . import procs
+
+# op -> (engine module, function); results become JSON through their to_dict().
+OPS: dict[str, tuple[str, str]] = {
+    "check": ("lora_core.dataset_check", "check_dataset"),
+    "captions.get": ("lora_core.caption_tools", "read_captions"),
+    "captions.set": ("lora_core.caption_tools", "set_caption"),
+    "captions.edit": ("lora_core.caption_tools", "apply_edit"),
+}
+
+
+class BridgeError(RuntimeError):
+    """The engine refused the request (its message names the file or field) or the child failed."""
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    import dataclasses
+
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    return value
+
+
+def _call(op: str, args: dict) -> Any:
+    """In the child: import the engine function and call it with checked keyword arguments."""
+    import importlib
+
+    module_name, func_name = OPS[op]
+    func: Callable = getattr(importlib.import_module(module_name), func_name)
+    params = inspect.signature(func).parameters
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        raise BridgeError(f"{op}: unknown argument {', '.join(unknown)}; accepted: {', '.join(params)}")
+    return _jsonable(func(**args))
+
+
+def child_main(op: str) -> int:
+    try:
+        args = json.loads(sys.stdin.read() or "{}")
+        if op not in OPS or not isinstance(args, dict):
+            raise BridgeError(f"unknown operation {op!r}")
+        out = {"result": _call(op, args)}
+    except (BridgeError, ValueError, OSError) as e:  # DatasetError/CaptionError are ValueErrors
+        out = {"error": str(e)}
+    sys.stdout.write(json.dumps(out, default=str))
+    return 0
+
+
+def _run_child(cmd: list[str], stdin: str, timeout: float, cwd: Path) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout,
+                              env=procs.python_env(), cwd=str(cwd))
+    except subprocess.TimeoutExpired:
+        raise BridgeError(f"{' '.join(cmd[2:4])} took longer than {timeout:.0f} s; gave up") from None
+
+
+def run_op(op: str, args: dict, cwd: Path, timeout: float = 300.0) -> Any:
+    """In the daemon: run one dataset operation in a child and return its JSON result."""
+    if op not in OPS:
+        raise BridgeError(f"unknown operation {op!r}")
+    done = _run_child([sys.executable, "-m", "daemon.core_bridge", op], json.dumps(args), timeout, cwd)
+    try:
+        out = json.loads(done.stdout)
+    except ValueError:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise BridgeError(f"{op} failed (exit {done.returncode}): " + " | ".join(tail)) from None
+    if "error" in out:
+        raise BridgeError(out["error"])
+    return out["result"]
+
+
+def run_plan(config_file: Path, cwd: Path, timeout: float = 300.0) -> Any:
+    """The engine's training plan for a config (steps, memory estimate, …) without training."""
+    cmd = [sys.executable, "-m", "lora_core.train", "--config", str(config_file), "--plan", "--json"]
+    done = _run_child(cmd, "", timeout, cwd)
+    try:
+        return json.loads(done.stdout)
+    except ValueError:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise BridgeError(f"plan failed (exit {done.returncode}): " + " | ".join(tail)) from None
+
+
+if __name__ == "__main__":
+    raise SystemExit(child_main(sys.argv[1] if len(sys.argv) > 1 else ""))

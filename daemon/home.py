@@ -1,0 +1,54 @@
+"""The daemon's state folder and its ``daemon.json`` (endpoint + token), shared by the daemon and every client.
+
+Standard library only (platformdirs when present), because the WebUI side reads this file too.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+INFO_FILE = "daemon.json"
+
+
+def default_home() -> Path:
+    """``LORA_DAEMON_HOME`` if set, else the user's data folder (``~/.local/share/lora-scripts`` on Linux)."""
+    env = os.environ.get("LORA_DAEMON_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    try:
+        from platformdirs import user_data_dir
+    except ImportError:  # the WebUI env may lack platformdirs; keep the same folder on Linux/macOS
+        return Path.home() / ".local" / "share" / "lora-scripts"
+    return Path(user_data_dir("lora-scripts", appauthor=False))
+
+
+def resolve_home(home: Optional[str | os.PathLike]) -> Path:
+    return Path(home).expanduser().resolve() if home else default_home()
+
+
+def write_private_json(path: Path, data: dict) -> None:
+    """Write JSON readable by the owner only, atomically (temp file + os.replace).
+
+    The token in daemon.json is the only thing between another local user and the daemon, hence mode 0600.
+    On Windows the mode bits are ignored; the file then inherits the ACL of the user's profile folder.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump(data, fh, indent=2)
+    if sys.platform != "win32":
+        os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+
+
+def read_info(home: Path) -> Optional[dict]:
+    """The running daemon's endpoint/token record, or None when there is none (never started, or stopped)."""
+    try:
+        data = json.loads((home / INFO_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None

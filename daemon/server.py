@@ -1,0 +1,492 @@
+"""The daemon process: a ROUTER socket for requests, a PUB socket for live events, workers, and the store.
+
+One thread (this one) owns both sockets and answers every request; anything slow (dataset checks, plans) runs in a
+thread pool and its reply comes back over an inproc pipe, so no request can block another. Every frame is checked
+before it is trusted: size, JSON, version, token, command, arguments. A bad frame gets an error reply when it can be
+answered at all and never raises out of the loop.
+"""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import zmq
+
+from . import __version__, core_bridge, procs, states
+from .bus import Bus
+from .gpus import detect_slots
+from .home import INFO_FILE, read_info, write_private_json
+from .protocol import (E_AUTH, E_BAD_REQUEST, E_CONFIG, E_INTERNAL, E_NOT_FOUND, E_STATE, E_TOO_LARGE,
+                       E_UNKNOWN_COMMAND, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError, encode,
+                       error_reply, ok_reply, parse_request, request_id_of)
+from .queue import (caption_job, new_record, new_run_id, package_versions, parse_submission, resolve_config,
+                    write_snapshot)
+from .store import NotFound, Store
+from .worker import Settings, Worker, prepare_retry, reconcile, tail_lines
+
+log = logging.getLogger(__name__)
+
+EVENTS_INPROC = "inproc://lora-daemon-events"
+REPLIES_INPROC = "inproc://lora-daemon-replies"
+SLOW_COMMANDS = ("check", "captions.get", "captions.set", "captions.edit", "plan")
+
+
+class DaemonStartError(RuntimeError):
+    """The daemon refuses to start: unsafe bind, already running, unusable state folder."""
+
+
+@dataclass
+class DaemonOptions:
+    home: Path
+    host: str = "127.0.0.1"
+    port: int = 0  # 0 = a free port, published in daemon.json
+    events_port: int = 0
+    lora_dir: Optional[Path] = None
+    adapters_dir: Optional[Path] = None
+    gpus: Optional[str] = None
+    grace_s: float = 60.0
+    max_attempts: int = 3
+    curve_dir: Optional[Path] = None
+    max_message_bytes: int = MAX_MESSAGE_BYTES
+    slow_timeout_s: float = 300.0
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class Daemon:
+    def __init__(self, options: DaemonOptions):
+        self.options = options
+        self.home = options.home
+        self.home.mkdir(parents=True, exist_ok=True)
+        if not is_loopback(options.host) and options.curve_dir is None:
+            raise DaemonStartError(f"--host {options.host}: binding beyond this machine needs CURVE keys "
+                                   f"(`lora-daemon keys DIR`, then --curve-dir DIR); the token alone travels in "
+                                   f"clear text")
+        self.settings = Settings(home=self.home,
+                                 lora_dir=Path(options.lora_dir or self.home / "Lora").resolve(),
+                                 adapters_dir=Path(options.adapters_dir or self.home / "adapters").resolve(),
+                                 grace_s=options.grace_s, max_attempts=options.max_attempts)
+        self.runs_dir = self.home / "runs"
+        self.token = secrets.token_urlsafe(32)
+        self.started_at = time.time()
+        self.stopping = threading.Event()
+        self.wake = threading.Event()
+        self.workers: list[Worker] = []
+        self.store: Optional[Store] = None
+        self.bus: Optional[Bus] = None
+        self.ctx: Optional[zmq.Context] = None
+        self._reply_local = threading.local()
+        self._reply_socks: list[zmq.Socket] = []
+        self._reply_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slow")
+        self._auth = None
+        self.handlers: dict[str, Callable[[dict], Any]] = {
+            "ping": self.cmd_ping, "status": self.cmd_status, "submit": self.cmd_submit,
+            "validate": self.cmd_validate, "list": self.cmd_list, "get": self.cmd_get, "logs": self.cmd_logs,
+            "metrics": self.cmd_metrics, "cancel": self.cmd_cancel, "retry": self.cmd_retry,
+            "resume": self.cmd_resume, "caption": self.cmd_caption, "shutdown": self.cmd_shutdown,
+            "check": self._dataset_tool("check"), "captions.get": self._dataset_tool("captions.get"),
+            "captions.set": self._dataset_tool("captions.set"), "captions.edit": self._dataset_tool("captions.edit"),
+            "plan": self.cmd_plan,
+        }
+
+    # --- start / stop ---------------------------------------------------------------------------------------
+    def _refuse_second_instance(self) -> None:
+        info = read_info(self.home)
+        if info and procs.same_process(info.get("pid"), info.get("create_time")) and info.get("pid") != os.getpid():
+            raise DaemonStartError(f"a daemon is already running for {self.home} (pid {info['pid']}, "
+                                   f"{info.get('endpoint')}); `lora-daemon stop` it first")
+
+    def _secure(self, sock: zmq.Socket) -> None:
+        if self.options.curve_dir is None:
+            return
+        import zmq.auth
+
+        public, secret = zmq.auth.load_certificate(str(Path(self.options.curve_dir) / "server.key_secret"))
+        sock.curve_secretkey = secret
+        sock.curve_publickey = public
+        sock.curve_server = True
+
+    def _start_auth(self) -> None:
+        if self.options.curve_dir is None:
+            return
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self._auth = ThreadAuthenticator(self.ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=str(Path(self.options.curve_dir) / "authorized"))
+
+    def _bind(self, sock: zmq.Socket, port: int) -> int:
+        host = self.options.host
+        if port:
+            sock.bind(f"tcp://{host}:{port}")
+            return port
+        return sock.bind_to_random_port(f"tcp://{host}")
+
+    def start(self) -> dict:
+        """Bind, write daemon.json, settle what a dead daemon left behind, start the workers."""
+        self._refuse_second_instance()
+        self.store = Store(self.home / "runs.db")
+        self.ctx = zmq.Context()
+        self._start_auth()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        # A hard cap in libzmq too: a peer sending far more than the limit is dropped before we buffer it.
+        self.router.setsockopt(zmq.MAXMSGSIZE, self.options.max_message_bytes * 4)
+        self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._secure(self.router)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 500)
+        self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self._secure(self.pub)
+        port = self._bind(self.router, self.options.port)
+        events_port = self._bind(self.pub, self.options.events_port)
+        self.events_pull = self.ctx.socket(zmq.PULL)
+        self.events_pull.bind(EVENTS_INPROC)
+        self.replies_pull = self.ctx.socket(zmq.PULL)
+        self.replies_pull.bind(REPLIES_INPROC)
+        self.bus = Bus(self.ctx, EVENTS_INPROC, self.store)
+        self.bus.attach(lambda frames: self.pub.send_multipart(frames))
+        self.slots = detect_slots(self.options.gpus)
+        shown_host = "127.0.0.1" if self.options.host in ("0.0.0.0", "localhost") else self.options.host
+        self.info = {
+            "endpoint": f"tcp://{shown_host}:{port}", "events": f"tcp://{shown_host}:{events_port}",
+            "token": self.token, "pid": os.getpid(), "create_time": procs.create_time(os.getpid()),
+            "version": __version__, "protocol": PROTOCOL_VERSION, "started_at": self.started_at,
+            "home": str(self.home), "curve_dir": str(self.options.curve_dir) if self.options.curve_dir else None,
+        }
+        reconciled = reconcile(self.store, self.bus, self.settings)
+        if reconciled:
+            log.info("settled %d runs left by a previous daemon", len(reconciled))
+        write_private_json(self.home / INFO_FILE, self.info)
+        for slot in self.slots:
+            worker = Worker(slot, self.store, self.bus, self.settings, self.wake, self.stopping)
+            worker.start()
+            self.workers.append(worker)
+        log.info("lora-daemon %s listening on %s (events %s), home %s, slots %s", __version__,
+                 self.info["endpoint"], self.info["events"], self.home, ",".join(self.slots))
+        return self.info
+
+    def serve_forever(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.router, zmq.POLLIN)
+        poller.register(self.events_pull, zmq.POLLIN)
+        poller.register(self.replies_pull, zmq.POLLIN)
+        try:
+            while not self.stopping.is_set():
+                for sock, _ in poller.poll(200):
+                    if sock is self.router:
+                        self._serve_one()
+                    elif sock is self.events_pull:
+                        self._forward_events()
+                    else:
+                        self._forward_replies()
+        finally:
+            self._shutdown()
+
+    def request_stop(self, *_: Any) -> None:
+        """Signal handler and `shutdown` command: running children save a checkpoint, then everything exits."""
+        self.stopping.set()
+        self.wake.set()
+
+    def _shutdown(self) -> None:
+        log.info("stopping: asking running jobs to save a checkpoint")
+        self.bus.emit("daemon.stopping", None)
+        for worker in self.workers:
+            while worker.is_alive():
+                worker.join(0.1)
+                self._forward_events()
+                self._forward_replies()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._forward_events()
+        self._forward_replies()
+        info = read_info(self.home)
+        if info and info.get("pid") == os.getpid():
+            (self.home / INFO_FILE).unlink(missing_ok=True)
+        self.bus.close()
+        with self._reply_lock:
+            for sock in self._reply_socks:
+                sock.close()
+        if self._auth is not None:
+            self._auth.stop()
+        for sock in (self.router, self.pub, self.events_pull, self.replies_pull):
+            sock.close(linger=500)
+        self.ctx.term()
+        self.store.close()
+        log.info("stopped")
+
+    # --- the request loop -----------------------------------------------------------------------------------
+    def _forward_events(self) -> None:
+        while True:
+            try:
+                frames = self.events_pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self.pub.send_multipart(frames)
+
+    def _forward_replies(self) -> None:
+        while True:
+            try:
+                frames = self.replies_pull.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._send(frames)
+
+    def _send(self, frames: list[bytes]) -> None:
+        try:
+            self.router.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.ZMQError as e:  # the peer left, or its queue is full: the reply is dropped, the daemon goes on
+            log.debug("reply not delivered: %s", e)
+
+    def _serve_one(self) -> None:
+        try:
+            frames = self.router.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if len(frames) < 2:
+            return  # no payload after the identity: nothing to answer
+        envelope, payload = frames[:-1], frames[-1]
+        if len(envelope) > 2 or any(len(f) > 256 for f in envelope[1:]):
+            return  # not a REQ/DEALER envelope we produced; a reply could not be routed back meaningfully
+        try:
+            reply = self._dispatch(envelope, payload)
+        except Exception as e:  # last line of defence: a bug answers with an error, the loop keeps going
+            log.exception("request failed")
+            reply = error_reply(request_id_of(payload), E_INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        if reply is not None:
+            self._send(envelope + [encode(reply)])
+
+    def _dispatch(self, envelope: list[bytes], payload: bytes) -> Optional[dict]:
+        if len(payload) > self.options.max_message_bytes:
+            return error_reply("", E_TOO_LARGE, f"message is {len(payload)} bytes; the limit is "
+                                                f"{self.options.max_message_bytes}")
+        try:
+            req = parse_request(payload, self.options.max_message_bytes)
+        except ProtocolError as e:
+            return error_reply(request_id_of(payload), e.code, e.message, e.details)
+        if not hmac.compare_digest(req.token.encode("utf-8"), self.token.encode("utf-8")):
+            return error_reply(req.id, E_AUTH, "wrong or missing token: read it from daemon.json in the daemon's "
+                                               "home folder")
+        handler = self.handlers.get(req.command)
+        if handler is None:
+            return error_reply(req.id, E_UNKNOWN_COMMAND, f"command: unknown command {req.command[:64]!r}; "
+                                                          f"one of {', '.join(self.handlers)}")
+        if req.command in SLOW_COMMANDS:
+            self._pool.submit(self._run_slow, envelope, req.id, handler, req.args)
+            return None
+        return self._answer(req.id, handler, req.args)
+
+    def _answer(self, request_id: str, handler: Callable[[dict], Any], args: dict) -> dict:
+        try:
+            return ok_reply(request_id, handler(args))
+        except ProtocolError as e:
+            return error_reply(request_id, e.code, e.message, e.details)
+        except NotFound as e:
+            return error_reply(request_id, E_NOT_FOUND, str(e))
+        except states.TransitionError as e:
+            return error_reply(request_id, E_STATE, str(e))
+        except core_bridge.BridgeError as e:
+            return error_reply(request_id, E_BAD_REQUEST, str(e))
+
+    def _run_slow(self, envelope: list[bytes], request_id: str, handler: Callable[[dict], Any], args: dict) -> None:
+        try:
+            reply = self._answer(request_id, handler, args)
+        except Exception as e:
+            log.exception("slow request failed")
+            reply = error_reply(request_id, E_INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        sock = getattr(self._reply_local, "sock", None)
+        if sock is None:
+            sock = self.ctx.socket(zmq.PUSH)
+            sock.connect(REPLIES_INPROC)
+            self._reply_local.sock = sock
+            with self._reply_lock:
+                self._reply_socks.append(sock)
+        sock.send_multipart(envelope + [encode(reply)])
+
+    # --- commands -------------------------------------------------------------------------------------------
+    def _run_ref(self, args: dict) -> dict:
+        ref = args.get("run")
+        if not isinstance(ref, str) or not ref or len(ref) > 128:
+            raise ProtocolError(E_BAD_REQUEST, "run: give a run id")
+        return self.store.find_run(ref)
+
+    def cmd_ping(self, args: dict) -> dict:
+        return {"pong": True, "version": __version__, "pid": os.getpid(), "time": time.time()}
+
+    def cmd_status(self, args: dict) -> dict:
+        busy = {w.slot: w.current for w in self.workers}
+        return {
+            "version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1), "started_at": self.started_at,
+            "endpoint": self.info["endpoint"], "events": self.info["events"], "home": str(self.home),
+            "lora_dir": str(self.settings.lora_dir), "adapters_dir": str(self.settings.adapters_dir),
+            "gpus": [{"slot": slot, "run_id": busy.get(slot)} for slot in self.slots],
+            "queue_length": self.store.count(states.QUEUED),
+            "running": len(self.store.runs_in(states.ACTIVE)), "host": socket.gethostname(),
+        }
+
+    def _publish_targets(self, args: dict) -> dict:
+        targets = {}
+        for key in ("lora_dir", "adapters_dir"):
+            value = args.get(key)
+            if value is not None:
+                if not isinstance(value, str) or not value:
+                    raise ProtocolError(E_BAD_REQUEST, f"{key}: must be a folder path")
+                targets[key] = str(Path(value).expanduser().resolve())
+        weight = args.get("preferred_weight")
+        if weight is not None:
+            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not -10 <= weight <= 10:
+                raise ProtocolError(E_BAD_REQUEST, f"preferred_weight: must be a number, got {weight!r}")
+            targets["preferred_weight"] = float(weight)
+        return targets
+
+    def cmd_validate(self, args: dict) -> dict:
+        sub = parse_submission(args)
+        try:
+            cfg = resolve_config(sub.config, sub.base_dir, self.runs_dir / "(new run)" / "output", sub.name)
+        except ProtocolError as e:
+            if e.code != E_CONFIG:
+                raise
+            return {"ok": False, "problems": e.details["problems"], "config": None}
+        return {"ok": True, "problems": [], "config": cfg}
+
+    def cmd_submit(self, args: dict) -> dict:
+        sub = parse_submission(args)
+        run_id = new_run_id()
+        publish = self._publish_targets(args)
+        cfg = resolve_config(sub.config, sub.base_dir, self.runs_dir / run_id / "output", sub.name)
+        kind = "text" if cfg["model"]["task_type"] == "text-generation" else "image"
+        record = new_record(run_id, self.runs_dir, kind, sub.name or cfg["output"]["output_name"], cfg,
+                            sub.priority, publish, package_versions())
+        write_snapshot(record)
+        return self._enqueue(record)
+
+    def _enqueue(self, record: dict) -> dict:
+        run = self.store.insert_run(record)
+        self.bus.emit("run.queued", run["id"], name=run["name"], kind=run["kind"], priority=run["priority"])
+        self.wake.set()
+        return run
+
+    def cmd_caption(self, args: dict) -> dict:
+        options = {k: v for k, v in args.items() if k not in ("folder", "priority", "name", "cwd", "options")}
+        options.update(args.get("options") or {})
+        job = caption_job(args.get("folder"), options, args.get("cwd"))
+        priority = args.get("priority", 0)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise ProtocolError(E_BAD_REQUEST, f"priority: must be a whole number, got {priority!r}")
+        run_id = new_run_id()
+        name = args.get("name") if isinstance(args.get("name"), str) else f"caption {Path(job['folder']).name}"
+        record = new_record(run_id, self.runs_dir, "caption", name, job, priority)
+        Path(record["run_dir"]).mkdir(parents=True, exist_ok=True)
+        return self._enqueue(record)
+
+    def cmd_list(self, args: dict) -> dict:
+        return {"runs": self.store.list_runs(include_all=bool(args.get("all")))}
+
+    def cmd_get(self, args: dict) -> dict:
+        return self._run_ref(args)
+
+    def cmd_logs(self, args: dict) -> dict:
+        run = self._run_ref(args)
+        tail = args.get("tail", 200)
+        if isinstance(tail, bool) or not isinstance(tail, int) or not 0 <= tail <= 100_000:
+            raise ProtocolError(E_BAD_REQUEST, f"tail: must be a whole number between 0 and 100000, got {tail!r}")
+        return {"run_id": run["id"], "lines": tail_lines(Path(run["run_dir"]) / "train.log", tail)}
+
+    def cmd_metrics(self, args: dict) -> dict:
+        run = self._run_ref(args)
+        since = args.get("since_step", 0)
+        if isinstance(since, bool) or not isinstance(since, int):
+            raise ProtocolError(E_BAD_REQUEST, f"since_step: must be a whole number, got {since!r}")
+        return {"run_id": run["id"], "metrics": self.store.metrics(run["id"], since)}
+
+    def cmd_cancel(self, args: dict) -> dict:
+        """Queued: cancelled on the spot, never started. Running: asked to save and stop (the worker does it)."""
+        run = self._run_ref(args)
+        if run["status"] == states.QUEUED:
+            run = self.store.transition(run["id"], states.CANCELLED, expect=(states.QUEUED,), finished_at=time.time())
+            self.bus.emit("run.cancelled", run["id"], checkpoint=run.get("checkpoint"), step=run.get("step"))
+            return run
+        if run["status"] == states.RUNNING:
+            return self.store.transition(run["id"], states.CANCELLING, expect=(states.RUNNING,))
+        if run["status"] == states.CANCELLING:
+            return run
+        raise states.TransitionError(f"run {run['id']} is already {run['status']}")
+
+    def _requeue(self, args: dict, resume: bool) -> dict:
+        run = self._run_ref(args)
+        if resume and not run.get("checkpoint"):
+            raise states.TransitionError(f"run {run['id']} has no checkpoint to resume from; `retry` starts it over")
+        run = prepare_retry(self.store, run, resume)
+        self.bus.emit("run.queued", run["id"], name=run["name"], kind=run["kind"], priority=run["priority"],
+                      resume=resume)
+        self.wake.set()
+        return run
+
+    def cmd_retry(self, args: dict) -> dict:
+        return self._requeue(args, resume=False)
+
+    def cmd_resume(self, args: dict) -> dict:
+        return self._requeue(args, resume=True)
+
+    def cmd_shutdown(self, args: dict) -> dict:
+        self.request_stop()
+        return {"stopping": True, "running": [w.current for w in self.workers if w.current]}
+
+    def _dataset_tool(self, op: str) -> Callable[[dict], Any]:
+        """`check` and `captions.*`: the engine's dataset tools, run in a child by `core_bridge`."""
+        return lambda args: core_bridge.run_op(op, self._folder_args(args), self.home, self.options.slow_timeout_s)
+
+    def _folder_args(self, args: dict) -> dict:
+        """Dataset-tool arguments with the folder made absolute (against the client's cwd)."""
+        folder = args.get("folder")
+        if not isinstance(folder, str) or not folder:
+            raise ProtocolError(E_BAD_REQUEST, "folder: give the dataset folder")
+        base = args.get("cwd") if isinstance(args.get("cwd"), str) else None
+        out = {k: v for k, v in args.items() if k != "cwd"}
+        out["folder"] = str((Path(base or ".") / Path(folder).expanduser()).resolve())
+        return out
+
+    def cmd_plan(self, args: dict) -> Any:
+        sub = parse_submission(args)
+        plan_dir = self.home / "plans" / secrets.token_hex(6)
+        cfg = resolve_config(sub.config, sub.base_dir, plan_dir / "output", sub.name)
+        record = {"run_dir": str(plan_dir), "config": cfg}
+        try:
+            return core_bridge.run_plan(write_snapshot(record), self.home, self.options.slow_timeout_s)
+        finally:
+            shutil.rmtree(plan_dir, ignore_errors=True)
+
+
+def run_daemon(options: DaemonOptions, on_started: Optional[Callable[[dict], None]] = None) -> int:
+    """Start, serve until `shutdown`/SIGTERM/Ctrl+C, stop cleanly. Returns the process exit code."""
+    daemon = Daemon(options)
+    info = daemon.start()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, daemon.request_stop)
+        signal.signal(signal.SIGINT, daemon.request_stop)
+        if hasattr(signal, "SIGBREAK"):  # Windows: CTRL_BREAK_EVENT from `lora-daemon stop` fallbacks
+            signal.signal(signal.SIGBREAK, daemon.request_stop)
+    if on_started:
+        on_started(info)
+    daemon.serve_forever()
+    return 0

@@ -1,0 +1,218 @@
+"""Everything the daemon knows, in one SQLite file (``<home>/runs.db``, WAL): runs, their events and metrics.
+
+Nothing lives only in memory: a queued run, a cancel request, the last checkpoint and the child's pid are rows here,
+so a daemon killed at any moment finds its work again on restart. Every state change goes through `transition`,
+which enforces `daemon.states.TRANSITIONS`.
+
+Each thread gets its own connection (sqlite3 connections are per-thread); writes are serialised by one lock, which
+is all the coordination one daemon process needs (a second daemon on the same home is refused at start).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+import sqlite_utils
+
+from . import states
+
+log = logging.getLogger(__name__)
+
+JSON_COLUMNS = ("config", "versions", "publish")
+
+RUN_COLUMNS: dict[str, type] = {
+    "id": str, "name": str, "kind": str, "status": str, "priority": int,
+    "config": str, "config_hash": str, "dataset_fingerprint": str, "versions": str, "publish": str,
+    "device": str, "created_at": float, "started_at": float, "finished_at": float,
+    "step": int, "total_steps": int, "loss": float, "lr": float, "it_s": float, "eta_s": float, "peak_mem_mb": float,
+    "checkpoint": str, "output_file": str, "published_file": str, "preview_file": str,
+    "error": str, "advice": str, "attempts": int, "resume": int, "pid": int, "pid_create_time": float,
+    "run_dir": str, "exit_code": int, "events_offset": int, "log_offset": int, "log_tail": str,
+}
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used as is (written by a newer daemon, or damaged)."""
+
+
+class NotFound(KeyError):
+    def __str__(self) -> str:  # KeyError quotes its message; users should read plain text
+        return str(self.args[0])
+
+
+def _migrate_v1(db: sqlite_utils.Database) -> None:
+    db["runs"].create(RUN_COLUMNS, pk="id", not_null={"status", "kind", "created_at"},
+                      defaults={"priority": 0, "step": 0, "attempts": 0, "resume": 0, "events_offset": 0,
+                                "log_offset": 0})
+    db["runs"].create_index(["status", "priority", "created_at"])
+    db["events"].create({"id": int, "run_id": str, "type": str, "time": float, "data": str}, pk="id")
+    db["events"].create_index(["run_id", "id"])
+    db["metrics"].create({"run_id": str, "step": int, "loss": float, "lr": float, "time": float},
+                         pk=("run_id", "step"))
+
+
+# One function per schema version, applied in order; a released entry is never edited, only appended to.
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_v1]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def schema_version(db: sqlite_utils.Database) -> int:
+    if "schema" not in db.table_names():
+        return 0
+    row = db.execute("select max(version) from schema").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(db: sqlite_utils.Database) -> int:
+    """Bring the file up to `SCHEMA_VERSION`, refusing one written by a newer daemon rather than guessing."""
+    current = schema_version(db)
+    if current > SCHEMA_VERSION:
+        raise StoreError(f"{db.conn.execute('pragma database_list').fetchone()[2]}: written by a newer lora-daemon "
+                         f"(schema {current}); this one understands up to schema {SCHEMA_VERSION}")
+    for version in range(current + 1, SCHEMA_VERSION + 1):
+        with db.conn:
+            MIGRATIONS[version - 1](db)
+            db["schema"].insert({"version": version, "applied_at": time.time()}, pk="version")
+        log.info("runs.db migrated to schema %d", version)
+    return SCHEMA_VERSION
+
+
+def _row_to_record(row: dict) -> dict:
+    rec = dict(row)
+    for col in JSON_COLUMNS:
+        if rec.get(col):
+            rec[col] = json.loads(rec[col])
+    return rec
+
+
+class Store:
+    """The runs database. Methods return plain dicts (JSON-ready run records)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._lock = threading.RLock()
+        db = self.db
+        db.execute("pragma journal_mode=wal")
+        with self._lock:
+            migrate(db)
+
+    @property
+    def db(self) -> sqlite_utils.Database:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = sqlite_utils.Database(self.path)
+            db.execute("pragma busy_timeout=10000")
+            db.execute("pragma synchronous=normal")
+            self._local.db = db
+        return db
+
+    def close(self) -> None:
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            db.close()
+            self._local.db = None
+
+    # --- runs -----------------------------------------------------------------------------------------------
+    def insert_run(self, record: dict) -> dict:
+        row = {k: (json.dumps(v) if k in JSON_COLUMNS and v is not None else v) for k, v in record.items()}
+        with self._lock, self.db.conn:
+            self.db["runs"].insert(row)
+        return self.get_run(record["id"])
+
+    def get_run(self, run_id: str) -> dict:
+        rows = list(self.db.query("select * from runs where id = ?", [run_id]))
+        if not rows:
+            raise NotFound(f"no run {run_id!r}")
+        return _row_to_record(rows[0])
+
+    def find_run(self, ref: str) -> dict:
+        """A run by id or by a unique id prefix (what people type after `lora-daemon show`)."""
+        if not isinstance(ref, str) or not ref:
+            raise NotFound("run: give a run id")
+        rows = list(self.db.query("select * from runs where id = ?", [ref]))
+        if not rows:
+            escaped = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            rows = list(self.db.query("select * from runs where id like ? escape '\\' limit 2", [escaped + "%"]))
+        if len(rows) != 1:
+            raise NotFound(f"no run {ref!r}" if not rows else f"{ref!r} matches more than one run; give more of the id")
+        return _row_to_record(rows[0])
+
+    def list_runs(self, include_all: bool = False, recent: int = 20) -> list[dict]:
+        """Active and queued runs (in the order they will run) plus the most recent others; `--all` gives all."""
+        order = "order by case status when 'running' then 0 when 'cancelling' then 0 when 'queued' then 1 else 2 end," \
+                " case when status = 'queued' then -priority else 0 end, " \
+                " case when status = 'queued' then created_at else -created_at end"
+        rows = list(self.db.query(f"select * from runs {order}"))
+        if not include_all:
+            keep = [r for r in rows if r["status"] not in states.TERMINAL]
+            rows = keep + [r for r in rows if r["status"] in states.TERMINAL][:recent]
+        return [_row_to_record(r) for r in rows]
+
+    def runs_in(self, statuses: Iterable[str]) -> list[dict]:
+        statuses = list(statuses)
+        marks = ",".join("?" * len(statuses))
+        return [_row_to_record(r) for r in
+                self.db.query(f"select * from runs where status in ({marks}) order by created_at", statuses)]
+
+    def count(self, status: str) -> int:
+        return self.db.execute("select count(*) from runs where status = ?", [status]).fetchone()[0]
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        """Progress fields only; a status change must go through `transition`."""
+        if "status" in fields:
+            raise ValueError("use transition() to change a run's status")
+        self._update(run_id, fields)
+
+    def _update(self, run_id: str, fields: dict) -> None:
+        row = {k: (json.dumps(v) if k in JSON_COLUMNS and v is not None else v) for k, v in fields.items()}
+        with self._lock, self.db.conn:
+            self.db["runs"].update(run_id, row)
+
+    def transition(self, run_id: str, new: str, expect: Optional[Iterable[str]] = None, **fields: Any) -> dict:
+        """Move a run to `new` if the table allows it (and, with `expect`, only from one of those states)."""
+        with self._lock:
+            current = self.get_run(run_id)["status"]
+            if expect is not None and current not in expect:
+                raise states.TransitionError(f"run {run_id} is {current}, not {' or '.join(expect)}")
+            states.check_transition(current, new)
+            self._update(run_id, {**fields, "status": new})
+        return self.get_run(run_id)
+
+    def claim_next(self, device: str) -> Optional[dict]:
+        """Take the next queued run for `device`: highest priority first, then first come, first served."""
+        with self._lock:
+            rows = list(self.db.query(
+                "select id from runs where status = 'queued' order by priority desc, created_at, rowid limit 1"))
+            if not rows:
+                return None
+            run = self.get_run(rows[0]["id"])
+            return self.transition(run["id"], states.RUNNING, device=device, started_at=time.time(),
+                                   attempts=(run["attempts"] or 0) + 1, finished_at=None)
+
+    # --- events and metrics ---------------------------------------------------------------------------------
+    def add_event(self, event: dict) -> None:
+        data = {k: v for k, v in event.items() if k not in ("type", "time", "run_id")}
+        with self._lock, self.db.conn:
+            self.db["events"].insert({"run_id": event.get("run_id"), "type": event["type"],
+                                      "time": event.get("time", time.time()), "data": json.dumps(data)})
+
+    def events(self, run_id: str, types: Optional[Iterable[str]] = None) -> list[dict]:
+        rows = self.db.query("select * from events where run_id = ? order by id", [run_id])
+        wanted = set(types) if types else None
+        return [{"type": r["type"], "time": r["time"], "run_id": r["run_id"], **json.loads(r["data"])}
+                for r in rows if wanted is None or r["type"] in wanted]
+
+    def add_metric(self, run_id: str, step: int, loss: Optional[float], lr: Optional[float], when: float) -> None:
+        with self._lock, self.db.conn:
+            self.db["metrics"].upsert({"run_id": run_id, "step": step, "loss": loss, "lr": lr, "time": when},
+                                      pk=("run_id", "step"))
+
+    def metrics(self, run_id: str, since_step: int = 0) -> list[dict]:
+        return list(self.db.query("select step, loss, lr, time from metrics where run_id = ? and step > ? "
+                                  "order by step", [run_id, since_step]))

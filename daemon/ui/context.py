@@ -1,0 +1,81 @@
+"""What the tab and the REST routes need from their host (the WebUI, or standalone mode), in one object.
+
+The same tab runs inside A1111/Forge and in ``lora-daemon ui``; only where settings, checkpoints and the Lora folder
+come from differs. The host builds a `TabContext` with those callables, and nothing in the tab imports the WebUI.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+from daemon.client import DaemonClient
+from daemon.home import resolve_home
+
+from .lora_watch import LoraFeed
+from .setup_env import SetupJob
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class UiSettings:
+    """The extension's settings (WebUI Settings → LoRA Training, or standalone command-line flags)."""
+
+    home: str = ""            # daemon state folder; empty: the daemon's default
+    endpoint: str = ""        # a daemon elsewhere, e.g. tcp://127.0.0.1:5555; empty: read from the state folder
+    autostart: bool = True    # start the daemon when the WebUI starts, if it is installed
+    default_preset: str = "style"
+    lora_dir: str = ""        # override of the WebUI's Lora folder
+    daemon_python: str = ""   # the daemon's interpreter; empty: the venv `lora-daemon setup` made
+
+
+@dataclass
+class TabContext:
+    settings: Callable[[], UiSettings]
+    checkpoints: Callable[[], dict[str, str]]   # title shown in the dropdown -> model file or folder
+    lora_dir: Callable[[], Path]
+    interrogators: dict[str, Callable[[Path], str]] = field(default_factory=dict)  # WebUI captioners by label
+    feed: LoraFeed = field(default_factory=LoraFeed)
+    setup: Optional[SetupJob] = None
+    host: str = "standalone"  # "a1111", "forge" or "standalone", shown in the Daemon section
+
+    def home(self) -> Path:
+        return resolve_home(self.settings().home or None)
+
+    def client(self, timeout: float = 3.0) -> DaemonClient:
+        s = self.settings()
+        return DaemonClient(home=s.home or None, endpoint=s.endpoint or None, timeout=timeout)
+
+    def datasets_root(self) -> Path:
+        return self.home() / "datasets"
+
+    def daemon_python(self) -> Optional[Path]:
+        """The interpreter the daemon runs in: the configured one, else the venv made by setup, else none."""
+        configured = self.settings().daemon_python
+        if configured:
+            return Path(configured)
+        venv_python = self.setup.python if self.setup else None
+        return venv_python if venv_python and venv_python.exists() else None
+
+    def start_daemon(self) -> str:
+        """Start the daemon as a detached process in its own environment; returns what happened, for the user."""
+        python = self.daemon_python()
+        if python is None:
+            return "The training engine is not installed yet: press Set up, or set the daemon's Python in Settings."
+        command = [str(python), "-m", "daemon.cli", "--home", str(self.home()), "start"]
+        kwargs: dict = {"cwd": str(REPO_ROOT), "stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
+                        "stderr": subprocess.DEVNULL, "env": {**os.environ, "PYTHONPATH": str(REPO_ROOT)}}
+        if sys.platform == "win32":  # Windows-only: detach from the WebUI's console so closing it keeps the daemon
+            kwargs["creationflags"] = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
+        else:
+            kwargs["start_new_session"] = True
+        subprocess.Popen(command, **kwargs)
+        log.info("started the daemon: %s", " ".join(command))
+        return f"Starting the daemon with {python} …"

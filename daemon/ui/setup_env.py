@@ -1,0 +1,126 @@
+"""``lora-daemon setup``: give the training engine its own venv, with the same torch build the WebUI uses.
+
+Installing training libraries into the WebUI's environment is how training extensions break WebUI installs, so
+the engine lives in ``<state folder>/venv``. Its torch matches the WebUI's (same version and CUDA flavour, read
+from the WebUI's package metadata without importing torch), so one driver serves both and nothing is downloaded
+twice in a different flavour. The tab's "Set up" button runs the same steps in a thread and shows the live log.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import os
+import subprocess
+import threading
+import venv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TORCH_INDEX = "https://download.pytorch.org/whl"
+
+
+def venv_python(venv_dir: Path) -> Path:
+    if os.name == "nt":  # Windows-only: venvs keep the interpreter in Scripts\
+        return venv_dir / "Scripts" / "python.exe"
+    return venv_dir / "bin" / "python"
+
+
+def torch_requirement(version: str) -> tuple[str, Optional[str]]:
+    """``"2.1.2+cu121"`` → (``"torch==2.1.2"``, the cu121 wheel index); a plain version uses the default index."""
+    base, _, flavour = version.partition("+")
+    return f"torch=={base}", (f"{TORCH_INDEX}/{flavour}" if flavour else None)
+
+
+def installed_torch() -> Optional[str]:
+    """The torch version of this Python (the WebUI's), from package metadata: importing torch here is not needed."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def setup_commands(venv_dir: Path, torch_version: Optional[str], source: Path = REPO_ROOT) -> list[list[str]]:
+    """The pip commands that fill a fresh venv: torch first (pinned to the flavour), then the engine."""
+    python = str(venv_python(venv_dir))
+    commands = []
+    if torch_version:
+        requirement, index = torch_requirement(torch_version)
+        commands.append([python, "-m", "pip", "install", requirement] + (["--index-url", index] if index else []))
+    commands.append([python, "-m", "pip", "install", str(source)])
+    return commands
+
+
+def run_setup(venv_dir: Path, torch_version: Optional[str], say: Callable[[str], None] = print) -> int:
+    """Create the venv and run `setup_commands`, passing every output line to ``say``; returns pip's exit code."""
+    if not venv_python(venv_dir).exists():
+        say(f"creating a virtual environment in {venv_dir}")
+        venv.EnvBuilder(with_pip=True).create(venv_dir)
+    for command in setup_commands(venv_dir, torch_version):
+        say("$ " + " ".join(command))
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                encoding="utf-8", errors="replace")
+        for line in proc.stdout:
+            say(line.rstrip())
+        if proc.wait() != 0:
+            say(f"failed with exit code {proc.returncode}")
+            return proc.returncode
+    say("the training engine is installed")
+    return 0
+
+
+@dataclass
+class SetupJob:
+    """One setup at a time, in a thread, with its log kept for the tab to poll."""
+
+    venv_dir: Path
+    lines: list[str] = field(default_factory=list)
+    status: str = "idle"  # idle | running | done | failed
+    _thread: Optional[threading.Thread] = None
+
+    @property
+    def python(self) -> Path:
+        return venv_python(self.venv_dir)
+
+    def start(self, torch_version: Optional[str]) -> bool:
+        if self.status == "running":
+            return False
+        self.lines = []
+        self.status = "running"
+        self._thread = threading.Thread(target=self._run, args=(torch_version,), name="lora-scripts-setup",
+                                        daemon=True)
+        self._thread.start()
+        return True
+
+    def _run(self, torch_version: Optional[str]) -> None:
+        try:
+            code = run_setup(self.venv_dir, torch_version, self.lines.append)
+        except OSError as e:
+            self.lines.append(f"setup failed: {e}")
+            code = 1
+        self.status = "done" if code == 0 else "failed"
+
+    def snapshot(self, since: int = 0) -> dict:
+        return {"status": self.status, "since": since, "lines": self.lines[since:], "next": len(self.lines)}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--venv", help="where to create the engine's venv (default: <state folder>/venv)")
+    parser.add_argument("--torch", help="torch version to install, e.g. 2.1.2+cu121 (default: this Python's torch)")
+    parser.add_argument("--print", action="store_true", dest="print_only",
+                        help="print the commands instead of running them")
+
+
+def main(args: argparse.Namespace, home: Path) -> int:
+    venv_dir = Path(args.venv).expanduser().resolve() if args.venv else home / "venv"
+    torch_version = args.torch or installed_torch()
+    if args.print_only:
+        for command in setup_commands(venv_dir, torch_version):
+            print(" ".join(command))
+        return 0
+    return run_setup(venv_dir, torch_version)
+

@@ -1,0 +1,494 @@
+"""The LoRA Training tab: Dataset, Train, Runs and Daemon sections, as one gradio Blocks.
+
+Built the same way inside A1111 (gradio 3.41) and Forge (gradio 4.40) and in standalone mode, so it uses only what
+both gradio majors share: no ``.style()``, ``gr.update(...)`` for every change, ``gr.Group`` rather than
+``gr.Box``, uploads read with ``getattr(f, "name", f)``, and no timers — live run updates come from
+``javascript/lora_scripts.js`` polling the REST routes in `daemon.ui.routes`. Handlers only talk to the daemon
+(short ZeroMQ requests) or copy uploaded files, so they never block the WebUI for long.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import gradio as gr
+import yaml
+
+from daemon.client import DaemonError, DaemonNotRunning
+
+from . import render
+from .context import TabContext
+from .datasets import DatasetPathError, confined, dataset_folder, list_images, save_uploads
+from .forms import FIELDS, config_to_form, form_to_config, parse_extra_yaml, problems_by_field
+from .presets import get_preset, list_presets
+from .setup_env import installed_torch
+
+log = logging.getLogger(__name__)
+
+TITLE = "LoRA Training"
+ELEM_ID = "lora_scripts"
+CAPTION_WAIT_S = 600.0
+# The engine's captioners (lora_core.captioners), for daemons whose status does not list them.
+ENGINE_CAPTIONERS = ("wd14", "blip")
+DAEMON_DOWN = "The training daemon is not running: start it in the Daemon section."
+
+
+def _daemon_message(error: Exception) -> str:
+    if isinstance(error, DaemonNotRunning):
+        return DAEMON_DOWN
+    return str(getattr(error, "message", None) or error)
+
+
+class Section:
+    """Holds one section's components by name, so handlers can list their outputs in order."""
+
+    def __init__(self):
+        self.c: dict[str, Any] = {}
+
+    def add(self, name: str, component: Any) -> Any:
+        self.c[name] = component
+        return component
+
+
+def _field_component(spec, value: Any) -> Any:
+    kwargs = dict(label=spec.label, elem_id=f"lora_scripts_{spec.key}")
+    if spec.info:
+        kwargs["info"] = spec.info
+    if spec.kind == "int":
+        return gr.Number(value=value, precision=0, **kwargs)
+    if spec.kind == "number":
+        return gr.Number(value=value, **kwargs)
+    if spec.kind == "dropdown":
+        return gr.Dropdown(choices=list(spec.choices), value=value, **kwargs)
+    if spec.kind == "checkbox":
+        return gr.Checkbox(value=bool(value), **kwargs)
+    return gr.Textbox(value=value, lines=3 if spec.key == "sample_prompts" else 1, **kwargs)
+
+
+class TrainTab:
+    """Builds the Blocks and owns the handlers; one instance per built tab (a Reload UI builds a new one)."""
+
+    def __init__(self, ctx: TabContext):
+        self.ctx = ctx
+        self.ds = Section()
+        self.train = Section()
+        self.fields: dict[str, Any] = {}
+        self.errors: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- layout
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(analytics_enabled=False, title=TITLE) as blocks:
+            gr.HTML('<div id="lora_scripts_toasts"></div>', elem_id="lora_scripts_toast_host")
+            with gr.Tabs(elem_id="lora_scripts_sections"):
+                with gr.Tab("Dataset", elem_id="lora_scripts_dataset_section"):
+                    self._dataset_section()
+                with gr.Tab("Train", elem_id="lora_scripts_train_section"):
+                    self._train_section()
+                with gr.Tab("Runs", elem_id="lora_scripts_runs_section"):
+                    self._runs_section()
+                with gr.Tab("Daemon", elem_id="lora_scripts_daemon_section"):
+                    self._daemon_section()
+            self._wire_dataset()
+            self._wire_train()
+        return blocks
+
+    def _dataset_section(self) -> None:
+        d = self.ds
+        with gr.Row():
+            d.add("name", gr.Textbox(label="Dataset name", value="my_dataset", elem_id="lora_scripts_dataset_name"))
+            d.add("folder", gr.Textbox(label="Dataset folder (or point to an existing folder)",
+                                       elem_id="lora_scripts_dataset_dir"))
+        d.add("files", gr.File(label="Drop images, caption .txt files or a .zip here", file_count="multiple",
+                               elem_id="lora_scripts_upload"))
+        with gr.Row():
+            d.add("add", gr.Button("Add to dataset", variant="primary", elem_id="lora_scripts_add_files"))
+            d.add("open", gr.Button("Open folder", elem_id="lora_scripts_open_folder"))
+            d.add("check", gr.Button("Check dataset", elem_id="lora_scripts_check"))
+        d.add("status", gr.HTML(elem_id="lora_scripts_dataset_status"))
+        d.add("report", gr.HTML(elem_id="lora_scripts_check_report"))
+        with gr.Group():
+            with gr.Row():
+                d.add("captioner", gr.Dropdown(label="Captioner", choices=self._captioners(),
+                                               value=(self._captioners() or [None])[0],
+                                               elem_id="lora_scripts_captioner"))
+                d.add("overwrite", gr.Checkbox(label="Replace existing captions", value=False,
+                                               elem_id="lora_scripts_caption_overwrite"))
+                d.add("caption", gr.Button("Auto-caption", elem_id="lora_scripts_autocaption"))
+        d.add("gallery", gr.Gallery(label="Images (click one to edit its caption)", columns=6, height=320,
+                                    allow_preview=False, elem_id="lora_scripts_gallery"))
+        d.add("entries", gr.State([]))
+        with gr.Row():
+            d.add("file", gr.Textbox(label="Image", interactive=False, elem_id="lora_scripts_caption_file"))
+            d.add("text", gr.Textbox(label="Caption", lines=2, elem_id="lora_scripts_caption_text"))
+            d.add("save", gr.Button("Save caption", elem_id="lora_scripts_save_caption"))
+        with gr.Row():
+            d.add("trigger", gr.Textbox(label="Trigger word", elem_id="lora_scripts_trigger_word"))
+            d.add("add_trigger", gr.Button("Add to every caption", elem_id="lora_scripts_add_trigger"))
+            d.add("find", gr.Textbox(label="Find", elem_id="lora_scripts_find"))
+            d.add("replace", gr.Textbox(label="Replace with", elem_id="lora_scripts_replace"))
+            d.add("do_replace", gr.Button("Replace in every caption", elem_id="lora_scripts_do_replace"))
+        d.add("tags", gr.HTML(elem_id="lora_scripts_tag_frequency"))
+
+    def _train_section(self) -> None:
+        t = self.train
+        presets = list_presets()
+        default = self.ctx.settings().default_preset
+        preset_name = default if any(p.name == default for p in presets) else (presets[0].name if presets else None)
+        values = dict(get_preset(preset_name).values) if preset_name else {}
+        with gr.Row():
+            titles = sorted(self.ctx.checkpoints())
+            t.add("base_model", gr.Dropdown(label="Base model", choices=titles, value=titles[0] if titles else None,
+                                            elem_id="lora_scripts_base_model"))
+            t.add("refresh_models", gr.Button("Refresh", elem_id="lora_scripts_refresh_models"))
+            t.add("preset", gr.Dropdown(label="Preset", choices=[p.name for p in presets], value=preset_name,
+                                        elem_id="lora_scripts_preset"))
+        t.add("preset_info", gr.Markdown(self._preset_text(preset_name)))
+        self._fields(advanced=False, values=values)
+        t.add("plan", gr.HTML(elem_id="lora_scripts_plan"))
+        with gr.Accordion("Advanced", open=False, elem_id="lora_scripts_advanced"):
+            self._fields(advanced=True, values=values)
+            t.add("extra", gr.Textbox(label="Other settings (YAML, any config key)", lines=4,
+                                      elem_id="lora_scripts_extra_yaml"))
+            self.errors["extra"] = gr.HTML(elem_id="lora_scripts_err_extra", elem_classes=["lora-scripts-field-error"])
+        t.add("general", gr.HTML(elem_id="lora_scripts_train_errors"))
+        with gr.Row():
+            t.add("validate", gr.Button("Validate", elem_id="lora_scripts_validate"))
+            t.add("start", gr.Button("Start training", variant="primary", elem_id="lora_scripts_start"))
+            t.add("show_yaml", gr.Button("Show YAML", elem_id="lora_scripts_show_yaml"))
+            t.add("load_yaml", gr.Button("Load YAML", elem_id="lora_scripts_load_yaml"))
+        t.add("status", gr.HTML(elem_id="lora_scripts_train_status"))
+        t.add("yaml", gr.Textbox(label="Config YAML", lines=10, elem_id="lora_scripts_yaml"))
+
+    def _fields(self, advanced: bool, values: dict) -> None:
+        specs = [s for s in FIELDS if s.advanced == advanced]
+        for start in range(0, len(specs), 3):
+            with gr.Row():
+                for spec in specs[start:start + 3]:
+                    with gr.Column(min_width=200):
+                        self.fields[spec.key] = _field_component(spec, values.get(spec.key, spec.default))
+                        self.errors[spec.key] = gr.HTML(elem_id=f"lora_scripts_err_{spec.key}",
+                                                        elem_classes=["lora-scripts-field-error"])
+
+    def _runs_section(self) -> None:
+        gr.HTML('<div id="lora_scripts_runs_live" class="lora-scripts-runs">Loading runs…</div>',
+                elem_id="lora_scripts_runs_host")
+        with gr.Row():
+            run = self.train.add("selected_run", gr.Textbox(label="Selected run", elem_id="lora_scripts_selected_run",
+                                                            interactive=True, elem_classes=["lora-scripts-hidden"]))
+            load = gr.Button("Load this config", elem_id="lora_scripts_load_run_config")
+        load.click(self.load_run_config, inputs=[run], outputs=self._form_outputs())
+
+    def _daemon_section(self) -> None:
+        gr.HTML('<div id="lora_scripts_daemon_live">Checking the daemon…</div>', elem_id="lora_scripts_daemon_host")
+        gr.Markdown(f"State folder: `{self.ctx.home()}` · Lora folder: `{self.ctx.lora_dir()}`",
+                             elem_id="lora_scripts_state_folder")
+        with gr.Row():
+            start = gr.Button("Start daemon", elem_id="lora_scripts_daemon_start")
+            stop = gr.Button("Stop daemon", elem_id="lora_scripts_daemon_stop")
+            setup = gr.Button("Set up the training engine", elem_id="lora_scripts_daemon_setup")
+        result = gr.HTML(elem_id="lora_scripts_daemon_result")
+        gr.HTML('<pre id="lora_scripts_setup_log" class="lora-scripts-log"></pre>', elem_id="lora_scripts_setup_host")
+        start.click(lambda: render.message(self.ctx.start_daemon()), outputs=[result])
+        stop.click(self.stop_daemon, outputs=[result])
+        setup.click(self.start_setup, outputs=[result])
+
+    # ---------------------------------------------------------------- dataset handlers
+    def _wire_dataset(self) -> None:
+        d = self.ds.c
+        refresh_outputs = [d["folder"], d["status"], d["gallery"], d["entries"], d["tags"]]
+        d["add"].click(self.add_files, inputs=[d["files"], d["name"], d["folder"]], outputs=refresh_outputs)
+        d["open"].click(self.open_folder, inputs=[d["name"], d["folder"]], outputs=refresh_outputs)
+        d["check"].click(self.check, inputs=[d["folder"]], outputs=[d["report"]])
+        d["caption"].click(self.autocaption, inputs=[d["folder"], d["captioner"], d["overwrite"]],
+                           outputs=refresh_outputs)
+        d["gallery"].select(self.select_image, inputs=[d["entries"]], outputs=[d["file"], d["text"]])
+        d["save"].click(self.save_caption, inputs=[d["folder"], d["file"], d["text"]], outputs=refresh_outputs)
+        d["add_trigger"].click(self.add_trigger, inputs=[d["folder"], d["trigger"]], outputs=refresh_outputs)
+        d["do_replace"].click(self.replace, inputs=[d["folder"], d["find"], d["replace"]], outputs=refresh_outputs)
+
+    def _captioners(self) -> list[str]:
+        names: list[str] = []
+        try:
+            names = list(self.ctx.client(timeout=1.0).status().get("captioners") or ENGINE_CAPTIONERS)
+        except (DaemonNotRunning, DaemonError, OSError) as e:
+            log.info("captioner list from the daemon unavailable: %s", e)
+            names = list(ENGINE_CAPTIONERS)
+        return names + [n for n in self.ctx.interrogators if n not in names]
+
+    def _folder(self, name: str, folder: str) -> Path:
+        if folder and folder.strip():
+            return Path(folder.strip()).expanduser().resolve()
+        return dataset_folder(self.ctx.datasets_root(), name or "my_dataset")
+
+    def _refresh(self, folder: Path, status: str, kind: str = "info") -> list:
+        """Folder, status, gallery, entries, tags for a dataset folder, captions read through the daemon."""
+        entries: list[dict] = []
+        tags = ""
+        try:
+            result = self.ctx.client().captions_get(str(folder))
+            entries = result.get("entries", [])
+            tags = render.tag_table(result.get("tag_frequency") or render.count_tags(entries))
+        except (DaemonNotRunning, DaemonError) as e:
+            entries = [{"file": p.relative_to(folder).as_posix(), "caption": None} for p in list_images(folder)]
+            tags = render.message(_daemon_message(e), "error")
+        gallery = [(str(folder / e["file"]), e.get("caption") or "(no caption)") for e in entries]
+        return [gr.update(value=str(folder)), render.message(status, kind), gallery, entries, tags]
+
+    def add_files(self, files: Optional[list], name: str, folder: str) -> list:
+        if not files:
+            return self._refresh(self._folder(name, folder), "Drop some images or a zip first.", "error")
+        try:
+            target = self._folder(name, folder)
+        except DatasetPathError as e:
+            return [gr.update(), render.message(str(e), "error"), gr.update(), gr.update(), gr.update()]
+        report = save_uploads(files, target)
+        return self._refresh(target, report.summary(), "error" if report.skipped else "ok")
+
+    def open_folder(self, name: str, folder: str) -> list:
+        target = self._folder(name, folder)
+        return self._refresh(target, f"{len(list_images(target))} images in {target}")
+
+    def check(self, folder: str) -> str:
+        if not folder:
+            return render.message("Add images or choose a dataset folder first.", "error")
+        try:
+            return render.check_report(self.ctx.client().check(folder))
+        except (DaemonNotRunning, DaemonError) as e:
+            return render.message(_daemon_message(e), "error")
+
+    def autocaption(self, folder: str, captioner: Optional[str], overwrite: bool) -> list:
+        if not folder:
+            return self._refresh(self._folder("my_dataset", ""), "Choose a dataset folder first.", "error")
+        path = Path(folder)
+        if captioner in self.ctx.interrogators:
+            return self._caption_here(path, captioner, overwrite)
+        try:
+            client = self.ctx.client()
+            run = client.caption(str(path), captioner=captioner, overwrite=bool(overwrite))
+            deadline = time.monotonic() + CAPTION_WAIT_S
+            while run.get("status") not in ("finished", "failed", "cancelled") and time.monotonic() < deadline:
+                time.sleep(0.5)
+                run = client.get(run["id"])
+        except (DaemonNotRunning, DaemonError) as e:
+            return self._refresh(path, _daemon_message(e), "error")
+        if run.get("status") == "finished":
+            return self._refresh(path, f"Captioned with {captioner}.", "ok")
+        return self._refresh(path, f"Captioning is {run.get('status')}: {run.get('error') or 'see the Runs section'}",
+                             "error")
+
+    def _caption_here(self, folder: Path, captioner: str, overwrite: bool) -> list:
+        """Caption with one of the WebUI's own interrogators (they run in the WebUI process, on its models)."""
+        interrogate: Callable[[Path], str] = self.ctx.interrogators[captioner]
+        try:
+            client = self.ctx.client()
+            entries = client.captions_get(str(folder)).get("entries", [])
+            done = 0
+            for entry in entries:
+                if entry.get("caption") and not overwrite:
+                    continue
+                caption = interrogate(folder / entry["file"])
+                client.captions_set(str(folder), entry["file"], caption)
+                done += 1
+        except (DaemonNotRunning, DaemonError) as e:
+            return self._refresh(folder, _daemon_message(e), "error")
+        return self._refresh(folder, f"Captioned {done} image(s) with {captioner}.", "ok")
+
+    def select_image(self, entries: list, evt: gr.SelectData) -> tuple:
+        index = evt.index if isinstance(evt.index, int) else evt.index[0]
+        if not entries or index >= len(entries):
+            return "", ""
+        entry = entries[index]
+        return entry["file"], entry.get("caption") or ""
+
+    def save_caption(self, folder: str, file: str, text: str) -> list:
+        if not folder or not file:
+            return self._refresh(Path(folder or "."), "Click an image first.", "error")
+        try:
+            confined(Path(folder), file)
+            self.ctx.client().captions_set(folder, file, text)
+        except DatasetPathError as e:
+            return self._refresh(Path(folder), str(e), "error")
+        except (DaemonNotRunning, DaemonError) as e:
+            return self._refresh(Path(folder), _daemon_message(e), "error")
+        return self._refresh(Path(folder), f"Saved the caption of {file}.", "ok")
+
+    def _edit(self, folder: str, op: str, params: dict) -> list:
+        if not folder:
+            return self._refresh(self._folder("my_dataset", ""), "Choose a dataset folder first.", "error")
+        try:
+            report = self.ctx.client().captions_edit(folder, op, params)
+        except (DaemonNotRunning, DaemonError) as e:
+            return self._refresh(Path(folder), _daemon_message(e), "error")
+        return self._refresh(Path(folder), f"{op}: {len(report.get('changed', []))} caption(s) changed.", "ok")
+
+    def add_trigger(self, folder: str, word: str) -> list:
+        return self._edit(folder, "add_trigger", {"word": (word or "").strip()})
+
+    def replace(self, folder: str, find: str, replacement: str) -> list:
+        return self._edit(folder, "replace", {"find": find or "", "replace": replacement or ""})
+
+    # ---------------------------------------------------------------- train handlers
+    def _config_inputs(self) -> list:
+        t = self.train.c
+        return [t["base_model"], self.ds.c["folder"], t["extra"]] + [self.fields[s.key] for s in FIELDS]
+
+    def _error_outputs(self) -> list:
+        return [self.errors[s.key] for s in FIELDS] + [self.errors["extra"], self.train.c["general"]]
+
+    def _form_outputs(self) -> list:
+        t = self.train.c
+        return [t["base_model"], self.ds.c["folder"], t["extra"]] + [self.fields[s.key] for s in FIELDS] + \
+            [t["status"]]
+
+    def _wire_train(self) -> None:
+        t = self.train.c
+        inputs = self._config_inputs()
+        errors = self._error_outputs()
+        t["validate"].click(self.validate, inputs=inputs, outputs=errors + [t["plan"], t["status"]])
+        t["start"].click(self.start, inputs=inputs, outputs=errors + [t["plan"], t["status"]])
+        t["show_yaml"].click(self.show_yaml, inputs=inputs, outputs=[t["yaml"]] + errors)
+        t["load_yaml"].click(self.load_yaml, inputs=[t["yaml"]], outputs=self._form_outputs())
+        t["preset"].change(self.apply_preset, inputs=[t["preset"]],
+                           outputs=[self.fields[s.key] for s in FIELDS] + [t["preset_info"]])
+        t["refresh_models"].click(self.refresh_models, inputs=[t["base_model"]], outputs=[t["base_model"]])
+
+    def _preset_text(self, name: Optional[str]) -> str:
+        if not name:
+            return ""
+        try:
+            return f"*{get_preset(name).description}*"
+        except KeyError as e:
+            return str(e)
+
+    def _build_config(self, base_model: Optional[str], folder: str, extra_text: str, values: tuple) -> dict:
+        """Form → config dict; raises ValueError for a bad Other settings box."""
+        extra = parse_extra_yaml(extra_text)
+        model_path = self.ctx.checkpoints().get(base_model, base_model) if base_model else None
+        return form_to_config(dict(zip([s.key for s in FIELDS], values)), model_path, folder or None, None, extra)
+
+    def _errors(self, problems: list[str], extra_error: str = "") -> list:
+        by_field, general = problems_by_field(problems)
+        out = [render.problems_list(by_field.get(s.key, [])) for s in FIELDS]
+        out.append(render.message(extra_error, "error") if extra_error else "")
+        out.append(render.problems_list(general, "Fix these before training:") if general else "")
+        return out
+
+    def _checked(self, base_model, folder, extra_text, values) -> tuple[Optional[dict], list, str]:
+        """Build and validate the config with the daemon; returns (config or None, error outputs, plan HTML)."""
+        try:
+            config = self._build_config(base_model, folder, extra_text, values)
+        except ValueError as e:
+            return None, self._errors([], str(e)), ""
+        try:
+            client = self.ctx.client(timeout=30.0)
+            result = client.validate(config)
+        except (DaemonNotRunning, DaemonError) as e:
+            return None, self._errors([_daemon_message(e)]), ""
+        if not result.get("ok"):
+            return None, self._errors(list(result.get("problems") or [])), ""
+        return config, self._errors([]), self._plan(client, config)
+
+    def _plan(self, client, config: dict) -> str:
+        try:
+            plan = client.plan(config)
+        except (DaemonNotRunning, DaemonError) as e:
+            return render.message(f"No VRAM plan: {_daemon_message(e)}")
+        text = plan.get("summary") or plan.get("message") or ""
+        return render.message(f"VRAM plan: {text}" if text else "VRAM plan: " + yaml.safe_dump(plan), "info")
+
+    def validate(self, base_model, folder, extra_text, *values) -> list:
+        config, errors, plan = self._checked(base_model, folder, extra_text, values)
+        status = render.message("The settings are valid.", "ok") if config else ""
+        return errors + [plan, status]
+
+    def start(self, base_model, folder, extra_text, *values) -> list:
+        config, errors, plan = self._checked(base_model, folder, extra_text, values)
+        if config is None:
+            return errors + [plan, render.message("Nothing was queued: fix the fields marked in red.", "error")]
+        try:
+            run = self.ctx.client().submit(config, lora_dir=str(self.ctx.lora_dir()))
+        except DaemonError as e:
+            problems = (e.details or {}).get("problems") or [e.message]
+            return self._errors(list(problems)) + [plan, render.message("Nothing was queued.", "error")]
+        except DaemonNotRunning as e:
+            return errors + [plan, render.message(_daemon_message(e), "error")]
+        return errors + [plan, render.message(f"Queued run {run['id']} ({run.get('name')}): follow it in Runs.",
+                                              "ok")]
+
+    def show_yaml(self, base_model, folder, extra_text, *values) -> list:
+        try:
+            config = self._build_config(base_model, folder, extra_text, values)
+        except ValueError as e:
+            return [gr.update()] + self._errors([], str(e))
+        return [yaml.safe_dump(config, sort_keys=False, allow_unicode=True)] + self._errors([])
+
+    def _fill(self, config: dict, status: str) -> list:
+        form, rest = config_to_form(config)
+        base = rest.pop("base_model", None)
+        folder = rest.pop("train_data_dir", None)
+        for key in ("output_dir", "config_dir", "task_type", "logging_dir"):
+            rest.pop(key, None)
+        titles = self.ctx.checkpoints()
+        title = next((t for t, p in titles.items() if p == base), base)
+        model_update = gr.update(choices=sorted(set(titles) | ({title} if title else set())), value=title)
+        extra = yaml.safe_dump(rest, sort_keys=False, allow_unicode=True) if rest else ""
+        return [model_update, gr.update(value=folder or ""), gr.update(value=extra)] + \
+            [gr.update(value=form[s.key]) if s.key in form else gr.update() for s in FIELDS] + \
+            [render.message(status, "ok")]
+
+    def _unchanged(self, status: str) -> list:
+        return [gr.update() for _ in range(3 + len(FIELDS))] + [render.message(status, "error")]
+
+    def load_yaml(self, text: str) -> list:
+        try:
+            config = yaml.safe_load(text or "")
+        except yaml.YAMLError as e:
+            return self._unchanged(f"Config YAML: not valid YAML: {e}")
+        if not isinstance(config, dict):
+            return self._unchanged("Config YAML: paste a mapping of settings (key: value per line).")
+        return self._fill(config, "Loaded the YAML into the form.")
+
+    def load_run_config(self, run_id: str) -> list:
+        if not run_id:
+            return self._unchanged("Select a run in the table first.")
+        try:
+            run = self.ctx.client().get(run_id.strip())
+        except (DaemonNotRunning, DaemonError) as e:
+            return self._unchanged(_daemon_message(e))
+        return self._fill(run.get("config") or {}, f"Loaded the config of run {run_id} into the Train section.")
+
+    def apply_preset(self, name: str) -> list:
+        try:
+            values = get_preset(name).values
+        except KeyError as e:
+            return [gr.update() for _ in FIELDS] + [str(e)]
+        return [gr.update(value=values[s.key]) if s.key in values else gr.update() for s in FIELDS] + \
+            [self._preset_text(name)]
+
+    def refresh_models(self, current: Optional[str]):
+        titles = sorted(self.ctx.checkpoints())
+        return gr.update(choices=titles, value=current if current in titles else (titles[0] if titles else None))
+
+    # ---------------------------------------------------------------- daemon handlers
+    def stop_daemon(self) -> str:
+        try:
+            self.ctx.client().shutdown()
+        except DaemonNotRunning:
+            return render.message("The daemon is not running.")
+        except DaemonError as e:
+            return render.message(e.message, "error")
+        return render.message("The daemon is stopping; running jobs save a checkpoint and resume next start.", "ok")
+
+    def start_setup(self) -> str:
+        if self.ctx.setup is None:
+            return render.message("Setup is not available here: install lora-scripts with pip instead.", "error")
+        if not self.ctx.setup.start(installed_torch()):
+            return render.message("Setup is already running.")
+        return render.message(f"Setting up the training engine in {self.ctx.setup.venv_dir} — log below.")
+
+
+def build_tab(ctx: TabContext) -> gr.Blocks:
+    """The tab as a Blocks; the WebUI puts it under the title `TITLE` with elem_id `ELEM_ID`."""
+    return TrainTab(ctx).build()
