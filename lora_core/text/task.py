@@ -26,15 +26,17 @@ MERGED_SUFFIX = "-merged"
 
 
 def read_sample_prompts(value: Any) -> list[str]:
-    """``sample.sample_prompts`` as a list: a list in the config, or a .txt file with one prompt per line."""
+    """``sample.sample_prompts`` as a list: a list in the config, or a .txt file with one prompt per line (blank
+    lines and ``#`` comments skipped, as for image prompts)."""
     if not value:
         return []
     if isinstance(value, list):
-        return [str(p) for p in value if str(p).strip()]
-    path = Path(value)
-    if path.is_file():
-        return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return [str(value)]
+        lines = [str(p) for p in value]
+    elif Path(value).is_file():
+        lines = Path(value).read_text(encoding="utf-8").splitlines()
+    else:
+        lines = [str(value)]
+    return [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
 class TextTask:
@@ -44,7 +46,8 @@ class TextTask:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
-        self.model: Any = None
+        self.model: Any = None  # the peft model: saved, sampled, evaluated
+        self.forward_model: Any = None  # the same model as prepared by accelerate (DDP-wrapped on several GPUs)
         self.tokenizer: Any = None
         self.dataset: Optional[text_data.TextDataset] = None
         self.device = torch.device("cpu")
@@ -68,6 +71,7 @@ class TextTask:
                                quantization_config(cfg, self.device), self.device)
         self.model = add_lora(base, cfg)
         self.model.train()
+        self.forward_model = accelerator.prepare_model(self.model)
 
     def num_examples(self) -> int:
         return len(self.dataset.train)
@@ -82,7 +86,7 @@ class TextTask:
 
     # -- training --------------------------------------------------------------------------------------------------
     def trainable_modules(self) -> list[torch.nn.Module]:
-        return [self.model]
+        return [self.forward_model]
 
     def param_groups(self, learning_rate: float) -> list[dict]:
         return [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": learning_rate}]
@@ -98,7 +102,7 @@ class TextTask:
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type):
             torch.manual_seed(seed)
-            return self.model(**batch).loss
+            return self.forward_model(**batch).loss
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict

@@ -1,0 +1,177 @@
+"""Write LoRA files that A1111, Forge, ComfyUI and diffusers all load (the kohya format of DESIGN.md).
+
+Keys: ``lora_unet_<module path, . → _>.lora_down.weight`` / ``.lora_up.weight`` / ``.alpha`` (0-dim, the trained
+``lora_alpha``), ``lora_te_`` for the SD1/SD2 text encoder (``lora_te1_``/``lora_te2_`` for SDXL) with the
+``text_model_`` level that transformers 4 had, and nothing else. Metadata: sd-scripts' ``ss_*`` keys, ``modelspec.*``
+and ``sshs_model_hash`` (sha256 of the bytes after the header, as A1111 computes it). Files are written to a temp name,
+fsynced and renamed, so a watcher never sees half a file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
+ARCHITECTURE = {"sd_v1": "stable-diffusion-v1/lora", "sd_v1_v": "stable-diffusion-v1/lora",
+                "sd_v2": "stable-diffusion-v2-512/lora", "sd_v2_v": "stable-diffusion-v2-768-v/lora",
+                "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora"}
+
+
+def kohya_name(prefix: str, module_path: str) -> str:
+    """``down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`` → ``lora_unet_down_blocks_0_…_to_q``."""
+    if prefix.startswith("lora_te") and not module_path.startswith("text_model."):
+        module_path = "text_model." + module_path
+    return f"{prefix}_{module_path.replace('.', '_')}"
+
+
+def peft_to_kohya(state: dict[str, torch.Tensor], prefix: str, alpha: float,
+                  rename=None) -> dict[str, torch.Tensor]:
+    """peft ``<path>.lora_A.weight``/``lora_B.weight`` → kohya down/up + a 0-dim alpha per module."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        for part, kohya_part in (".lora_A.weight", ".lora_down.weight"), (".lora_B.weight", ".lora_up.weight"):
+            if key.endswith(part):
+                path = key[: -len(part)]
+                name = kohya_name(prefix, rename(path) if rename else path)
+                out[name + kohya_part] = value
+                out[name + ".alpha"] = torch.tensor(float(alpha))
+                break
+        else:
+            raise ValueError(f"unexpected LoRA weight {key!r}: only lora_A/lora_B weights are exported")
+    return out
+
+
+def data_section_sha256(blob: bytes) -> str:
+    """sha256 of everything after the safetensors header — sd-scripts' and A1111's ``sshs_model_hash``."""
+    (header_len,) = struct.unpack("<Q", blob[:8])
+    return hashlib.sha256(blob[8 + header_len:]).hexdigest()
+
+
+def file_model_hash(path: str | Path) -> str:
+    return data_section_sha256(Path(path).read_bytes())
+
+
+def atomic_write_bytes(path: Path, blob: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    with open(tmp, "wb") as fh:
+        fh.write(blob)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                   precision: str = "fp16") -> Path:
+    """Serialise with every value a string, add ``sshs_model_hash``, write atomically."""
+    from safetensors.torch import save
+
+    dtype = DTYPES[precision]
+    tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in sorted(tensors.items())}
+    meta = {k: str(v) for k, v in metadata.items()}
+    # the data section does not depend on the header, so the hash of a first serialisation holds for the final one
+    meta["sshs_model_hash"] = data_section_sha256(save(tensors, metadata=meta))
+    return atomic_write_bytes(Path(path), save(tensors, metadata=meta))
+
+
+def training_metadata(*, output_name: str, base_model_version: str, prediction_type: str, rank: int, alpha: float,
+                      dropout: float, learning_rate: float, text_encoder_lr: Optional[float], resolution: int,
+                      num_train_images: int, tag_frequency: dict, dataset_dirs: dict, started_at: float,
+                      steps: int, epoch: int, max_train_steps: int, base_model_path: str, batch_size: int,
+                      gradient_accumulation_steps: int, mixed_precision: str, optimizer: str, lr_scheduler: str,
+                      seed: int, noise_offset: float, min_snr_gamma: Optional[float], clip_skip: int,
+                      bucket_info: Optional[dict], cache_latents: bool, gradient_checkpointing: bool,
+                      num_reg_images: int = 0, prior_loss_weight: float = 1.0, trigger_word: Optional[str] = None,
+                      ) -> dict[str, str]:
+    """The ``ss_*`` and ``modelspec.*`` keys A1111/Forge/civitai read (all values strings)."""
+    now = time.time()
+    is_v2 = base_model_version.startswith("sd_v2")
+    meta = {
+        "ss_session_id": str(int(started_at * 1000) % 2**32),
+        "ss_training_started_at": started_at,
+        "ss_training_finished_at": now,
+        "ss_output_name": output_name,
+        "ss_learning_rate": learning_rate,
+        "ss_text_encoder_lr": text_encoder_lr,
+        "ss_unet_lr": learning_rate,
+        "ss_num_train_images": num_train_images,
+        "ss_num_reg_images": num_reg_images,
+        "ss_num_epochs": epoch,
+        "ss_epoch": epoch,
+        "ss_steps": steps,
+        "ss_max_train_steps": max_train_steps,
+        "ss_batch_size_per_device": batch_size,
+        "ss_total_batch_size": batch_size * gradient_accumulation_steps,
+        "ss_gradient_accumulation_steps": gradient_accumulation_steps,
+        "ss_gradient_checkpointing": gradient_checkpointing,
+        "ss_lr_scheduler": lr_scheduler,
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": rank,
+        "ss_network_alpha": float(alpha),
+        "ss_network_dropout": dropout,
+        "ss_mixed_precision": mixed_precision,
+        "ss_full_fp16": False,
+        "ss_v2": is_v2,
+        "ss_base_model_version": base_model_version,
+        "ss_clip_skip": clip_skip,
+        "ss_cache_latents": cache_latents,
+        "ss_seed": seed,
+        "ss_noise_offset": noise_offset,
+        "ss_min_snr_gamma": min_snr_gamma,
+        "ss_prior_loss_weight": prior_loss_weight,
+        "ss_optimizer": optimizer,
+        "ss_resolution": (resolution, resolution),
+        "ss_enable_bucket": bucket_info is not None,
+        "ss_bucket_info": json.dumps(bucket_info),
+        "ss_tag_frequency": json.dumps(tag_frequency),
+        "ss_dataset_dirs": json.dumps(dataset_dirs),
+        "ss_sd_model_name": Path(base_model_path).name,
+        "ss_training_comment": f"trigger: {trigger_word}" if trigger_word else None,
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": ARCHITECTURE[base_model_version],
+        "modelspec.implementation": ("https://github.com/Stability-AI/generative-models"
+                                     if base_model_version.startswith("sdxl") else "diffusers"),
+        "modelspec.title": output_name,
+        "modelspec.resolution": f"{resolution}x{resolution}",
+        "modelspec.date": datetime.fromtimestamp(int(now)).isoformat(),
+        "modelspec.prediction_type": "v" if prediction_type == "v_prediction" else "epsilon",
+    }
+    if trigger_word:
+        meta["modelspec.trigger_phrase"] = trigger_word
+    return {k: str(v) for k, v in meta.items()}
+
+
+def save_diffusers_lora(folder: str | Path, unet_state: dict[str, torch.Tensor], te_state: dict[str, torch.Tensor],
+                        rank: int, alpha: float, precision: str = "fp16") -> Path:
+    """``format: diffusers``: peft-named weights that ``pipe.load_lora_weights(folder)`` reads, saved through diffusers'
+    own writer with the adapter metadata that restores ``lora_alpha`` (without it the LoRA loads at the wrong scale)."""
+    from diffusers import StableDiffusionPipeline
+
+    folder = Path(folder)
+    dtype = DTYPES[precision]
+
+    def meta(state: dict[str, torch.Tensor]) -> dict:
+        targets = sorted({k.split(".lora_")[0] for k in state})
+        return {"r": rank, "lora_alpha": alpha, "target_modules": targets}
+
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    StableDiffusionPipeline.save_lora_weights(
+        tmp, unet_lora_layers={k: v.to(dtype) for k, v in unet_state.items()},
+        text_encoder_lora_layers={k: v.to(dtype) for k, v in te_state.items()} or None,
+        unet_lora_adapter_metadata=meta(unet_state),
+        text_encoder_lora_adapter_metadata=meta(te_state) if te_state else None)
+    if folder.exists():
+        import shutil
+
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder

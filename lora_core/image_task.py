@@ -1,0 +1,322 @@
+"""Stable Diffusion LoRA training: the image side of the one loop (`lora_core.loop`).
+
+Why caching matters: on a CPU or a small GPU the VAE encode and the text encoder cost more than the UNet step of a
+LoRA run. Latents are encoded once per image (mean + noise drawn from a per-image seeded generator, so a cached and an
+uncached run see the same latents) and text embeddings once per caption whenever captions are fixed and the text
+encoder is frozen. Every random choice — batch order, caption shuffle/dropout, latent sampling, noise, timesteps — is
+a pure function of the seed and the position, or comes from a generator the loop checkpoints: that is what makes
+resume exact.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .buckets import Bucket, bucket_info, format_bucket_table
+from .config import TrainConfig
+from .dataset import (DatasetScan, ImageItem, assign_buckets, load_image, process_caption, scan_dataset)
+from .export import peft_to_kohya, save_diffusers_lora, save_lora_file, training_metadata
+from .lora import add_lora, load_lora_state, lora_parameters, lora_state
+from .sample_prompts import parse_sample_prompts
+from .sd_models import SDModel, load_sd_model
+
+log = logging.getLogger(__name__)
+
+
+def _seed_for(*parts: Any) -> int:
+    """A stable 63-bit seed from any parts (Python's hash() is salted per process, so it cannot be used)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+@dataclass
+class Example:
+    item: ImageItem
+    item_index: int
+
+
+class ImageTask:
+    kind = "image"
+
+    def __init__(self, cfg: TrainConfig, progress=None):
+        self.cfg = cfg
+        self.progress = progress  # callable(what, done, total) for caching progress; may raise to cancel
+        self.model: Optional[SDModel] = None
+        self.scan: Optional[DatasetScan] = None
+        self.examples: list[Example] = []
+        self.latent_cache: dict[int, torch.Tensor] = {}
+        self.text_cache: dict[str, torch.Tensor] = {}
+        self.bucket_table: Optional[dict] = None
+
+    # ---- setup -------------------------------------------------------------------------------------------------
+    def setup(self, accelerator) -> None:
+        cfg = self.cfg
+        self.accelerator = accelerator
+        self.device = accelerator.device
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
+                                                                                 torch.float32)
+        d, m = cfg.data, cfg.model
+        self.scan = scan_dataset(d.train_data_dir, d.metadata_path, d.caption_extension, d.default_caption)
+        items = list(self.scan.items)
+        self.reg_scan = None
+        if d.reg_data_dir:
+            self.reg_scan = scan_dataset(d.reg_data_dir, None, d.caption_extension, d.default_caption, is_reg=True)
+            items += self.reg_scan.items
+        for name, reason in self.scan.skipped:
+            log.warning("skipped %s: %s", name, reason)
+        buckets = assign_buckets(items, d.resolution, d.enable_bucket, d.min_bucket_reso, d.max_bucket_reso,
+                                 d.bucket_reso_steps)
+        if d.enable_bucket:
+            self.bucket_table = bucket_info([i.bucket for i in items], [i.width / i.height for i in items])
+            log.info("%s", format_bucket_table(self.bucket_table))
+        self.items = items
+        self.examples = [Example(item, idx) for idx, item in enumerate(items) for _ in range(item.repeats)]
+        self.buckets = buckets
+
+        model = load_sd_model(m.base_model, m.model_family, m.prediction_type, m.allow_pickle)
+        self.model = model
+        model.vae.requires_grad_(False).to(self.device).eval()
+        if self.weight_dtype != torch.float32:
+            model.vae.to(dtype=self.weight_dtype)
+        model.text_encoder.requires_grad_(False)
+        model.unet.requires_grad_(False)
+        alpha = m.alpha if m.alpha is not None else float(m.lora_rank)
+        self.alpha = alpha
+        self.unet_targets = add_lora(model.unet, m.unet_target_modules, m.lora_rank, alpha, m.dropout)
+        self.te_targets: list[str] = []
+        if m.train_text_encoder:
+            self.te_targets = add_lora(model.text_encoder, m.text_encoder_target_modules, m.lora_rank, alpha,
+                                       m.dropout, field="model.text_encoder_target_modules")
+        # base weights in the compute dtype, LoRA weights stay fp32 (they are what the optimizer updates)
+        for module in (model.unet, model.text_encoder):
+            for name, param in module.named_parameters():
+                param.data = param.data.to(self.device, torch.float32 if ".lora_" in name else self.weight_dtype)
+        if cfg.training.gradient_checkpointing:
+            model.unet.enable_gradient_checkpointing()
+            if m.train_text_encoder:
+                model.text_encoder.gradient_checkpointing_enable()
+        model.text_encoder.train(m.train_text_encoder)
+        model.unet.train()
+        self.cache_latents = d.cache_latents and not d.flip_aug and d.center_crop
+        self.cache_text = (d.cache_text_encoder_outputs and not m.train_text_encoder and not d.shuffle_caption
+                           and d.caption_dropout == 0)
+        if self.cache_latents:
+            self._cache_all_latents()
+        if self.cache_text:
+            self._cache_all_text()
+        self.unet = accelerator.prepare_model(model.unet)
+        self.text_encoder = accelerator.prepare_model(model.text_encoder) if m.train_text_encoder \
+            else model.text_encoder
+        self.alphas_cumprod = model.noise_scheduler.alphas_cumprod.to(self.device)
+
+    def _cache_all_latents(self) -> None:
+        total = len(self.items)
+        for i, item in enumerate(self.items):
+            self.latent_cache[i] = self._encode_latent(i, item, epoch=0, index=0).cpu()
+            if self.progress:
+                self.progress("latents", i + 1, total)
+
+    def _cache_all_text(self) -> None:
+        captions = sorted({self._caption(ex, epoch=0, index=0) for ex in self.examples})
+        for i in range(0, len(captions), 16):
+            chunk = captions[i:i + 16]
+            with torch.no_grad():
+                embeds = self._encode_text(self._tokenize(chunk))
+            for caption, emb in zip(chunk, embeds):
+                self.text_cache[caption] = emb.cpu()
+            if self.progress:
+                self.progress("text", min(i + 16, len(captions)), len(captions))
+
+    # ---- data --------------------------------------------------------------------------------------------------
+    def num_examples(self) -> int:
+        return len(self.examples)
+
+    def epoch_batches(self, epoch: int, batch_size: int) -> list[list[int]]:
+        rng = random.Random(_seed_for(self.cfg.training.seed, "epoch", epoch))
+        by_bucket: dict[Bucket, list[int]] = {}
+        for idx, ex in enumerate(self.examples):
+            by_bucket.setdefault(ex.item.bucket, []).append(idx)
+        batches = []
+        for bucket in sorted(by_bucket):
+            indices = by_bucket[bucket]
+            rng.shuffle(indices)
+            batches += [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+        rng.shuffle(batches)
+        return batches
+
+    def _caption(self, ex: Example, epoch: int, index: int) -> str:
+        d = self.cfg.data
+        rng = random.Random(_seed_for(self.cfg.training.seed, "caption", epoch, index))
+        return process_caption(ex.item.caption, d.trigger_word, d.shuffle_caption, d.keep_tokens, d.caption_dropout,
+                               rng)
+
+    def _encode_latent(self, item_index: int, item: ImageItem, epoch: int, index: int) -> torch.Tensor:
+        d = self.cfg.data
+        bucket = item.bucket
+        rng = random.Random(_seed_for(self.cfg.training.seed, "crop", epoch, index))
+        flip = d.flip_aug and rng.random() < 0.5
+        pixels = load_image(item.path, bucket.width, bucket.height, d.center_crop, rng, flip)
+        pixels = pixels.unsqueeze(0).to(self.device, self.weight_dtype)
+        gen = torch.Generator().manual_seed(_seed_for(self.cfg.training.seed, "latent", item_index))
+        with torch.no_grad():
+            dist = self.model.vae.encode(pixels).latent_dist
+            noise = torch.randn(dist.mean.shape, generator=gen).to(self.device, dist.mean.dtype)
+            latent = dist.mean + dist.std * noise
+        return (latent * self.model.vae.config.scaling_factor)[0].float()
+
+    def _tokenize(self, captions: list[str]) -> torch.Tensor:
+        tok = self.model.tokenizer
+        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids
+
+    def _encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+        te = self.text_encoder if hasattr(self, "text_encoder") else self.model.text_encoder
+        clip_skip = self.cfg.model.clip_skip
+        out = te(input_ids.to(self.device), output_hidden_states=clip_skip > 1)
+        if clip_skip > 1:
+            inner = getattr(te, "module", te)
+            return inner.text_model.final_layer_norm(out.hidden_states[-clip_skip]) if hasattr(inner, "text_model") \
+                else inner.final_layer_norm(out.hidden_states[-clip_skip])
+        return out[0]
+
+    def collate(self, indices: list[int], epoch: int) -> dict:
+        latents, captions, is_reg = [], [], []
+        for idx in indices:
+            ex = self.examples[idx]
+            if self.cache_latents:
+                latents.append(self.latent_cache[ex.item_index])
+            else:
+                latents.append(self._encode_latent(ex.item_index, ex.item, epoch, idx).cpu())
+            captions.append(self._caption(ex, epoch, idx))
+            is_reg.append(ex.item.is_reg)
+        batch = {"latents": torch.stack(latents), "is_reg": torch.tensor(is_reg)}
+        if self.cache_text:
+            batch["text"] = torch.stack([self.text_cache[c] for c in captions])
+        else:
+            batch["input_ids"] = self._tokenize(captions)
+        return batch
+
+    # ---- training ----------------------------------------------------------------------------------------------
+    def trainable_modules(self) -> list[torch.nn.Module]:
+        return [self.unet] + ([self.text_encoder] if self.te_targets else [])
+
+    def param_groups(self, learning_rate: float) -> list[dict]:
+        groups = [{"params": lora_parameters(self.unet), "lr": learning_rate}]
+        if self.te_targets:
+            groups.append({"params": lora_parameters(self.text_encoder),
+                           "lr": self.cfg.model.text_encoder_lr or learning_rate})
+        return groups
+
+    def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        t = self.cfg.training
+        latents = batch["latents"].to(self.device, self.weight_dtype)
+        if "text" in batch:
+            text = batch["text"].to(self.device, self.weight_dtype)
+        else:
+            with torch.set_grad_enabled(bool(self.te_targets)):
+                text = self._encode_text(batch["input_ids"])
+        bsz = latents.shape[0]
+        noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
+        if t.noise_offset:
+            offset = torch.randn((bsz, latents.shape[1], 1, 1), generator=generator)
+            noise = noise + t.noise_offset * offset.to(self.device, latents.dtype)
+        sched = self.model.noise_scheduler
+        timesteps = torch.randint(0, sched.config.num_train_timesteps, (bsz,), generator=generator).to(self.device)
+        noisy = sched.add_noise(latents, noise, timesteps)
+        if self.model.prediction_type == "v_prediction":
+            target = sched.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        pred = self.unet(noisy, timesteps, text).sample
+        per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        if t.min_snr_gamma:
+            ac = self.alphas_cumprod[timesteps]
+            snr = ac / (1 - ac)
+            weight = torch.clamp(snr, max=t.min_snr_gamma) / snr
+            if self.model.prediction_type == "v_prediction":
+                weight = torch.clamp(snr, max=t.min_snr_gamma) / (snr + 1)
+            per_example = per_example * weight
+        is_reg = batch["is_reg"].to(self.device)
+        if is_reg.any():
+            per_example = torch.where(is_reg, per_example * self.cfg.data.prior_loss_weight, per_example)
+        return per_example.mean()
+
+    def lora_state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"unet.{k}": v for k, v in lora_state(self.unet).items()}
+        if self.te_targets:
+            state.update({f"text_encoder.{k}": v for k, v in lora_state(self.text_encoder).items()})
+        return state
+
+    def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_lora_state(self.unet, {k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+        if self.te_targets:
+            load_lora_state(self.text_encoder, {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+
+    # ---- outputs -----------------------------------------------------------------------------------------------
+    def export(self, path_stem: Path, step: int, epoch: int) -> Path:
+        cfg, m = self.cfg, self.cfg.model
+        unet_state = lora_state(self.unet)
+        te_state = lora_state(self.text_encoder) if self.te_targets else {}
+        if cfg.output.format == "diffusers":
+            return save_diffusers_lora(path_stem, unet_state, te_state, m.lora_rank, self.alpha,
+                                       cfg.output.save_precision)
+        tensors = peft_to_kohya(unet_state, "lora_unet", self.alpha)
+        if te_state:
+            tensors.update(peft_to_kohya(te_state, "lora_te", self.alpha))
+        t = cfg.training
+        meta = training_metadata(
+            output_name=path_stem.name, base_model_version=self.model.base_model_version,
+            prediction_type=self.model.prediction_type, rank=m.lora_rank, alpha=self.alpha, dropout=m.dropout,
+            learning_rate=t.learning_rate, text_encoder_lr=m.text_encoder_lr if self.te_targets else None,
+            resolution=cfg.data.resolution, num_train_images=self.scan.num_images,
+            tag_frequency=self.scan.tag_frequency(), dataset_dirs=self.scan.dataset_dirs(),
+            started_at=getattr(self, "started_at", 0.0), steps=step, epoch=epoch,
+            max_train_steps=getattr(self, "total_steps", step), base_model_path=m.base_model,
+            batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
+            mixed_precision=t.mixed_precision, optimizer=t.optimizer, lr_scheduler=t.lr_scheduler, seed=t.seed,
+            noise_offset=t.noise_offset, min_snr_gamma=t.min_snr_gamma, clip_skip=m.clip_skip,
+            bucket_info=self.bucket_table, cache_latents=self.cache_latents,
+            gradient_checkpointing=t.gradient_checkpointing,
+            num_reg_images=self.reg_scan.num_images if self.reg_scan else 0,
+            prior_loss_weight=cfg.data.prior_loss_weight, trigger_word=cfg.data.trigger_word)
+        return save_lora_file(path_stem.with_suffix(".safetensors"), tensors, meta, cfg.output.save_precision)
+
+    def sample(self, step: int, out_dir: Path) -> list[tuple[Path, str]]:
+        prompts = parse_sample_prompts(self.cfg.sample.sample_prompts, self.cfg)
+        if not prompts:
+            return []
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        unet = getattr(self.unet, "module", self.unet)
+        te = getattr(self.text_encoder, "module", self.text_encoder)
+        pipe = StableDiffusionPipeline(vae=self.model.vae, text_encoder=te, tokenizer=self.model.tokenizer, unet=unet,
+                                       scheduler=DDIMScheduler.from_config(self.model.noise_scheduler.config),
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        written = []
+        was_training = unet.training
+        unet.eval()
+        try:
+            for i, p in enumerate(prompts):
+                gen = torch.Generator().manual_seed(p.seed if p.seed is not None else self.cfg.training.seed + i)
+                with torch.no_grad():
+                    image = pipe(p.prompt, negative_prompt=p.negative or None, width=p.width, height=p.height,
+                                 num_inference_steps=p.steps, guidance_scale=p.guidance, generator=gen).images[0]
+                path = out_dir / f"step{step:08d}_{i:02d}.png"
+                image.save(path)
+                written.append((path, p.prompt))
+        finally:
+            unet.train(was_training)
+        return written
+
+    def evaluate(self, step: int) -> Optional[dict]:
+        return None

@@ -1,0 +1,61 @@
+"""Add peft LoRA layers to a model with its base weights frozen, and move LoRA weights in and out of it.
+
+Targets are module-name suffixes (``to_q``, ``to_out.0``, ``q_proj``); a target that matches nothing in the model is
+an error naming it, because a silently ignored target means a LoRA that learns nothing where the user expects it to.
+"""
+from __future__ import annotations
+
+import torch
+
+ADAPTER = "default"
+
+
+class LoraTargetError(ValueError):
+    pass
+
+
+def add_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float,
+             field: str = "model.unet_target_modules") -> list[str]:
+    """Freeze ``model`` and inject LoRA into the Linear/Conv layers whose names end with a target; returns their names."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model.requires_grad_(False)
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    matched = []
+    for target in targets:
+        hits = [n for n in names if n == target or n.endswith("." + target)]
+        if not hits:
+            raise LoraTargetError(f"{field}: {target!r} matches no Linear/Conv layer of the model "
+                                  f"(examples of layer names: {', '.join(sorted({n.split('.')[-1] for n in names})[:12])})")
+        matched.extend(hits)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
+                        init_lora_weights=True)
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    for name, param in model.named_parameters():
+        param.requires_grad_(".lora_" in name)
+    return sorted(set(matched))
+
+
+def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if ".lora_" in n and p.requires_grad]
+
+
+def lora_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """peft-named LoRA weights (``<module>.lora_A.weight``) of a model, detached fp32 copies."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(_unwrap(model), adapter_name=ADAPTER)
+    return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+
+def load_lora_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(_unwrap(model), state, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"checkpoint has LoRA weights this model does not: {unexpected[:3]}")
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)

@@ -1,0 +1,143 @@
+"""``python -m lora_core.train --config my.yaml`` (also ``lora-train``): train a LoRA from one YAML file.
+
+Prints a progress bar on stderr and, at the end, the path of the finished LoRA on stdout. ``--events FILE`` writes the
+JSON-lines event stream the daemon reads (see `lora_core.events`). ``--plan`` prints the memory plan without
+training. SIGTERM or Ctrl+C finishes the current step, writes a checkpoint and the current LoRA and exits with code 3;
+a second signal aborts at once. Exit codes: `lora_core.events.EXIT_CODES`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+from .config import ConfigError, TrainConfig, config_from_dict, load_config
+from .events import EXIT_ABORTED, EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_OOM, EXIT_STOPPED, EventWriter
+from .loop import OOM_ADVICE, StopFlag, TrainResult, train
+
+log = logging.getLogger("lora_core.train")
+
+
+def step_down(cfg: TrainConfig) -> Optional[dict]:
+    """The next memory saver after an OOM: halve the batch (keeping the effective batch by doubling accumulation),
+    then gradient checkpointing, then latent caching. None when nothing is left to give."""
+    t, d = cfg.training, cfg.data
+    if t.batch_size > 1:
+        return {"training.batch_size": t.batch_size // 2,
+                "training.gradient_accumulation_steps": t.gradient_accumulation_steps * 2}
+    if not t.gradient_checkpointing:
+        return {"training.gradient_checkpointing": True}
+    if not cfg.is_text and not d.cache_latents:
+        return {"data.cache_latents": True}
+    return None
+
+
+def run_training(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional[StopFlag] = None,
+                 show_progress: bool = True) -> TrainResult:
+    """Train, applying ``oom_policy: step_down`` by resuming from the saved step with smaller settings."""
+    events = events or EventWriter(enabled=False)
+    while True:
+        result = train(cfg, events, stop, show_progress)
+        if result.status != "oom":
+            return result
+        change = step_down(cfg) if cfg.training.oom_policy == "step_down" else None
+        if change is None:
+            events.emit("end", status="oom", step=result.step, output=None, error=result.error, advice=OOM_ADVICE)
+            return result
+        log.warning("out of memory at step %d: retrying with %s", result.step, change)
+        events.emit("oom", step=result.step, batch_size=cfg.training.batch_size, action="step_down",
+                    change=change, advice=OOM_ADVICE)
+        cfg = config_from_dict(cfg.to_dict(), base_dir=cfg.config_dir,
+                               overrides={**change, "training.resume_from_checkpoint": "latest"})
+
+
+def _parse_set(values: list[str]) -> dict:
+    overrides = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError([f"--set {item!r}: expected key=value"])
+        import yaml
+
+        overrides[key.strip()] = yaml.safe_load(value)
+    return overrides
+
+
+def install_signal_handlers(stop: StopFlag) -> None:
+    """First SIGTERM/SIGINT: save and stop after this step. Second: abort now (exit 130)."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            os._exit(EXIT_ABORTED)
+        log.warning("stop requested: finishing this step, then saving a checkpoint (signal again to abort)")
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    if hasattr(signal, "SIGBREAK"):  # Windows: the daemon sends CTRL_BREAK_EVENT to ask for a stop
+        signal.signal(signal.SIGBREAK, handler)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="lora-train", description="Train a LoRA from a YAML config.")
+    parser.add_argument("--config", required=True, help="YAML config (flat or sectioned)")
+    parser.add_argument("--events", help="append JSON-lines progress events to this file")
+    parser.add_argument("--resume", help="'latest' or a checkpoint folder (overrides training.resume_from_checkpoint)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a setting, e.g. --set training.batch_size=2 (repeatable)")
+    parser.add_argument("--plan", action="store_true", help="print the memory plan and exit without training")
+    parser.add_argument("--json", action="store_true", help="with --plan: print JSON")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (events and logs only)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    events = EventWriter(args.events)
+    try:
+        overrides = _parse_set(args.set)
+        if args.resume:
+            overrides["training.resume_from_checkpoint"] = args.resume
+        cfg = load_config(args.config, overrides=overrides)
+    except ConfigError as e:
+        print("config error:\n  " + "\n  ".join(e.problems), file=sys.stderr)
+        events.emit("end", status="failed", step=0, output=None, error=str(e), advice="fix the config")
+        return EXIT_CONFIG
+    if args.plan:
+        from .plan import make_plan
+
+        plan = make_plan(cfg)
+        print(json.dumps(plan.to_dict()) if args.json else plan.describe())
+        return EXIT_OK
+    stop = StopFlag()
+    install_signal_handlers(stop)
+    try:
+        result = run_training(cfg, events, stop, show_progress=not args.no_progress)
+    except KeyboardInterrupt:
+        events.emit("end", status="stopped", step=0, output=None, error="stopped before training started",
+                    advice=None)
+        return EXIT_STOPPED
+    except Exception as e:  # the message reaches the user and the daemon; the traceback stays in the log
+        log.exception("training failed")
+        events.emit("end", status="failed", step=0, output=None, error=f"{type(e).__name__}: {e}", advice=None)
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        events.close()
+    if result.status == "finished":
+        print(result.output)
+        return EXIT_OK
+    if result.status == "stopped":
+        print(f"stopped at step {result.step}; checkpoint {result.checkpoint}; LoRA so far {result.output}",
+              file=sys.stderr)
+        return EXIT_STOPPED
+    if result.status == "oom":
+        print(f"error: {result.error} at step {result.step}. {result.advice}", file=sys.stderr)
+        return EXIT_OOM
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
