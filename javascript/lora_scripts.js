@@ -1,0 +1,250 @@
+// LoRA Training tab: live runs, loss curve, daemon status, setup log, and Lora card refresh + toast.
+// Polls the extension's REST routes (./lora-scripts/v1/...) instead of gradio timers, so it behaves the same under
+// gradio 3.41 (A1111) and 4.40 (Forge) and in standalone mode. Relative URLs keep --subpath working.
+(function () {
+    "use strict";
+    const API = "./lora-scripts/v1";
+    const state = {since: -1, selected: localStorage.getItem("lora_scripts_run") || "", metrics: {}, metricsRun: "",
+                   setupNext: 0, busy: false, lastRuns: []};
+
+    function root() {
+        if (typeof gradioApp === "function") return gradioApp();
+        const app = document.querySelector("gradio-app");
+        return (app && app.shadowRoot) || document;
+    }
+    function byId(id) { return root().querySelector("#" + id); }
+    function esc(value) {
+        return String(value === null || value === undefined ? "" : value).replace(/[&<>"']/g,
+            (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;"}[c]));
+    }
+    function fmtTime(seconds) {
+        if (seconds === null || seconds === undefined || !isFinite(seconds)) return "";
+        seconds = Math.round(seconds);
+        const h = Math.floor(seconds / 3600), m = Math.floor((seconds % 3600) / 60), s = seconds % 60;
+        return (h ? h + "h " : "") + (h || m ? m + "m " : "") + s + "s";
+    }
+    function fmtNum(value, digits) {
+        return (value === null || value === undefined || !isFinite(value)) ? "" : Number(value).toFixed(digits);
+    }
+
+    // ---------------------------------------------------------------- runs table and details
+    function runsTable(runs) {
+        if (!runs.length) return '<p class="lora-scripts-empty">No runs yet: start one in the Train section.</p>';
+        const rows = runs.map((r) => {
+            const total = r.total_steps || 0, step = r.step || 0;
+            const pct = total ? Math.min(100, Math.round(100 * step / total)) : (r.status === "finished" ? 100 : 0);
+            return `<tr data-run-id="${esc(r.id)}" data-status="${esc(r.status)}" class="${r.id === state.selected ? "selected" : ""}">` +
+                `<td>${esc(r.name)}</td><td class="lora-scripts-status-${esc(r.status)}">${esc(r.status)}</td>` +
+                `<td><div class="lora-scripts-progress"><div style="width:${pct}%"></div></div>${step}/${total || "?"}</td>` +
+                `<td>${esc(fmtTime(r.eta_s))}</td><td>${esc(fmtNum(r.loss, 4))}</td><td>${esc(fmtNum(r.it_s, 2))}</td>` +
+                `<td>${esc(r.kind)}</td></tr>`;
+        }).join("");
+        return '<table id="lora_scripts_runs_table" class="lora-scripts-table"><thead><tr><th>run</th><th>status</th>' +
+            "<th>progress</th><th>ETA</th><th>loss</th><th>it/s</th><th>kind</th></tr></thead><tbody>" + rows +
+            "</tbody></table>";
+    }
+
+    function lossCurve(points) {
+        if (points.length < 2) return '<div id="lora_scripts_loss_curve" data-points="' + points.length + '">Loss curve: waiting for steps…</div>';
+        const w = 600, h = 160, pad = 4;
+        const steps = points.map((p) => p.step), losses = points.map((p) => p.loss);
+        const x0 = Math.min(...steps), x1 = Math.max(...steps), y0 = Math.min(...losses), y1 = Math.max(...losses);
+        const sx = (v) => pad + (w - 2 * pad) * (x1 === x0 ? 0 : (v - x0) / (x1 - x0));
+        const sy = (v) => h - pad - (h - 2 * pad) * (y1 === y0 ? 0.5 : (v - y0) / (y1 - y0));
+        const line = points.map((p) => sx(p.step).toFixed(1) + "," + sy(p.loss).toFixed(1)).join(" ");
+        return `<div id="lora_scripts_loss_curve" data-points="${points.length}"><div class="lora-scripts-curve-label">` +
+            `loss ${fmtNum(y1, 4)} → ${fmtNum(losses[losses.length - 1], 4)} (min ${fmtNum(y0, 4)}), steps ${x0}–${x1}</div>` +
+            `<svg viewBox="0 0 ${w} ${h}" preserveAspectRatio="none"><polyline fill="none" stroke="currentColor" stroke-width="1.5" points="${line}"/></svg></div>`;
+    }
+
+    function details(sel) {
+        const r = sel.run;
+        const points = state.metrics[r.id] || [];
+        const actions = [];
+        if (["queued", "running"].includes(r.status)) actions.push(["cancel", "Cancel (save and stop)"]);
+        if (["cancelled", "failed", "stopped"].includes(r.status)) actions.push(["resume", "Resume"]);
+        if (["cancelled", "failed", "finished", "stopped"].includes(r.status)) actions.push(["retry", "Retry"]);
+        const buttons = actions.map(([a, label]) =>
+            `<button class="lora-scripts-action" data-action="${a}" data-run-id="${esc(r.id)}">${esc(label)}</button>`).join(" ");
+        const samples = sel.samples.map((p) =>
+            `<figure><img loading="lazy" src="${API}/runs/${encodeURIComponent(r.id)}/file?path=${encodeURIComponent(p)}"><figcaption>${esc(p.split("/").pop())}</figcaption></figure>`).join("");
+        const published = r.published_file ? `<p class="lora-scripts-ok">Published: <code>${esc(r.published_file)}</code></p>` : "";
+        const error = r.error ? `<p class="lora-scripts-error">${esc(r.error)}</p>` : "";
+        return `<div id="lora_scripts_run_details" data-run-id="${esc(r.id)}" data-status="${esc(r.status)}">` +
+            `<h3>${esc(r.name)} <small>${esc(r.id)} · ${esc(r.status)}</small></h3>${buttons}${published}${error}` +
+            lossCurve(points) +
+            `<details open><summary>Log</summary><pre id="lora_scripts_run_log" class="lora-scripts-log">${esc(sel.log.join("\n"))}</pre></details>` +
+            (samples ? `<details open><summary>Samples</summary><div class="lora-scripts-samples">${samples}</div></details>` : "") +
+            `<details><summary>Config snapshot</summary><pre class="lora-scripts-log">${esc(JSON.stringify(r.config, null, 2))}</pre></details></div>`;
+    }
+
+    function setSelectedInput(runId) {
+        const box = byId("lora_scripts_selected_run");
+        const input = box && box.querySelector("textarea, input");
+        if (!input || input.value === runId) return;
+        input.value = runId;
+        input.dispatchEvent(new Event("input", {bubbles: true}));
+    }
+
+    function pickDefault(runs) {
+        if (state.selected && runs.some((r) => r.id === state.selected)) return state.selected;
+        const active = runs.find((r) => ["running", "cancelling", "queued"].includes(r.status) && r.kind !== "caption");
+        return active ? active.id : (runs.length ? runs[0].id : "");
+    }
+
+    function select(runId) {
+        state.selected = runId;
+        localStorage.setItem("lora_scripts_run", runId);
+        setSelectedInput(runId);
+        poll();
+    }
+
+    // ---------------------------------------------------------------- daemon, setup
+    function daemonStatus(d) {
+        if (!d || !d.running) return `<div class="lora-scripts-msg lora-scripts-error" id="lora_scripts_daemon_state" data-running="false">` +
+            `Daemon not running. ${esc((d && d.message) || "")}</div>`;
+        const gpus = (d.gpus || []).map((g) => `${esc(g.slot)}${g.run_id ? " (busy: " + esc(g.run_id) + ")" : " (free)"}`).join(", ");
+        return `<div class="lora-scripts-msg lora-scripts-ok" id="lora_scripts_daemon_state" data-running="true">` +
+            `Daemon ${esc(d.version)} running (pid ${esc(d.pid)}, up ${esc(fmtTime(d.uptime_s))}) at ${esc(d.endpoint)}</div>` +
+            `<ul><li>Devices: ${gpus || "none"}</li><li>Queue: ${esc(d.queue_length)} waiting, ${esc(d.running)} running</li>` +
+            `<li>State folder: <code>${esc(d.home)}</code></li><li>Publishes LoRAs to: <code>${esc(d.lora_dir)}</code></li></ul>`;
+    }
+
+    async function pollSetup() {
+        const pre = byId("lora_scripts_setup_log");
+        if (!pre) return;
+        const res = await fetch(`${API}/setup?since=${state.setupNext}`);
+        if (!res.ok) return;
+        const data = await res.json();
+        if (data.lines && data.lines.length) {
+            pre.textContent += data.lines.join("\n") + "\n";
+            pre.scrollTop = pre.scrollHeight;
+        }
+        state.setupNext = data.next || state.setupNext;
+    }
+
+    // ---------------------------------------------------------------- new LoRA files: cards + toast
+    async function refreshCards(name) {
+        try { await fetch("./sdapi/v1/refresh-loras", {method: "POST"}); } catch (e) { /* standalone: no WebUI API */ }
+        for (const tab of ["txt2img", "img2img"]) {
+            const button = byId(`${tab}_lora_extra_refresh_internal`);
+            if (button) button.dispatchEvent(new Event("click"));
+        }
+        // A1111 cannot rebuild the cards while no model is loaded; add this one card by hand if it did not appear.
+        setTimeout(async () => {
+            for (const tab of ["txt2img", "img2img"]) {
+                const cards = byId(`${tab}_lora_cards`);
+                if (!cards || cards.querySelector(`.card[data-name="${CSS.escape(name)}"]`)) continue;
+                try {
+                    const res = await fetch(`./sd_extra_networks/get-single-card?page=lora&tabname=${tab}&name=${encodeURIComponent(name)}`);
+                    if (!res.ok) continue;
+                    const data = await res.json();
+                    if (data.html) cards.insertAdjacentHTML("beforeend", data.html);
+                } catch (e) { /* nothing more to try */ }
+            }
+        }, 3000);
+    }
+
+    function copyText(text) {
+        if (navigator.clipboard && window.isSecureContext) return navigator.clipboard.writeText(text);
+        const area = document.createElement("textarea");
+        area.value = text;
+        document.body.appendChild(area);
+        area.select();
+        document.execCommand("copy");
+        area.remove();
+        return Promise.resolve();
+    }
+
+    function toast(name) {
+        let host = document.getElementById("lora_scripts_toast_stack");
+        if (!host) {
+            host = document.createElement("div");
+            host.id = "lora_scripts_toast_stack";
+            document.body.appendChild(host);
+        }
+        const tag = `<lora:${name}:0.8>`;
+        const el = document.createElement("div");
+        el.className = "lora-scripts-toast";
+        el.innerHTML = `<span><b>${esc(name)}</b> is ready — <code>${esc(tag)}</code></span>` +
+            '<button class="lora-scripts-copy">Copy</button><button class="lora-scripts-close" title="Close">×</button>';
+        el.querySelector(".lora-scripts-copy").addEventListener("click", (ev) => {
+            copyText(tag).then(() => { ev.target.textContent = "Copied"; });
+        });
+        el.querySelector(".lora-scripts-close").addEventListener("click", () => el.remove());
+        host.appendChild(el);
+        setTimeout(() => el.remove(), 60000);
+    }
+
+    // ---------------------------------------------------------------- the poll
+    async function poll() {
+        const runsHost = byId("lora_scripts_runs_live");
+        if (!runsHost || state.busy) return;
+        state.busy = true;
+        try {
+            if (state.metricsRun !== state.selected) state.metricsRun = state.selected;
+            const points = state.metrics[state.selected] || [];
+            const since = points.length ? points[points.length - 1].step : 0;
+            const url = `${API}/live?since=${state.since}&metrics_since=${since}` +
+                (state.selected ? `&run=${encodeURIComponent(state.selected)}` : "");
+            const res = await fetch(url);
+            if (!res.ok) { runsHost.innerHTML = `<p class="lora-scripts-error">Status route answered ${res.status}</p>`; return; }
+            const data = await res.json();
+            const daemonHost = byId("lora_scripts_daemon_live");
+            if (daemonHost) daemonHost.innerHTML = daemonStatus(data.daemon);
+            state.lastRuns = data.runs || [];
+            const wanted = pickDefault(state.lastRuns);
+            if (wanted !== state.selected) { state.selected = wanted; setSelectedInput(wanted); }
+            let html = runsTable(state.lastRuns);
+            if (data.selected && data.selected.run.id === state.selected) {
+                const list = state.metrics[state.selected] || (state.metrics[state.selected] = []);
+                for (const m of data.selected.metrics || []) {
+                    if (m.loss !== null && m.loss !== undefined && (!list.length || m.step > list[list.length - 1].step)) list.push(m);
+                }
+                html += details(data.selected);
+            }
+            runsHost.innerHTML = html;
+            if (state.since >= 0) for (const item of (data.loras && data.loras.items) || []) { toast(item.name); refreshCards(item.name); }
+            if (data.loras) state.since = data.loras.latest;
+            if (data.setup && data.setup.status !== "idle") await pollSetup();
+        } catch (e) {
+            runsHost.innerHTML = `<p class="lora-scripts-error">Cannot reach the status route: ${esc(e)}</p>`;
+        } finally {
+            state.busy = false;
+        }
+    }
+
+    async function onClick(ev) {
+        const row = ev.target.closest && ev.target.closest("#lora_scripts_runs_table tr[data-run-id]");
+        if (row) { select(row.dataset.runId); return; }
+        const action = ev.target.closest && ev.target.closest(".lora-scripts-action");
+        if (action) {
+            action.disabled = true;
+            const res = await fetch(`${API}/runs/${encodeURIComponent(action.dataset.runId)}/${action.dataset.action}`, {method: "POST"});
+            if (!res.ok) {
+                const data = await res.json().catch(() => ({}));
+                toastError((data.error && data.error.message) || `${action.dataset.action} failed (${res.status})`);
+            }
+            poll();
+        }
+    }
+
+    function toastError(text) {
+        const host = byId("lora_scripts_runs_live");
+        if (host) host.insertAdjacentHTML("afterbegin", `<p class="lora-scripts-error">${esc(text)}</p>`);
+    }
+
+    function start() {
+        if (window.loraScriptsStarted) return;
+        window.loraScriptsStarted = true;
+        document.addEventListener("click", onClick, true);
+        const tick = () => {
+            const active = state.lastRuns.some((r) => ["running", "cancelling", "queued"].includes(r.status));
+            poll().finally(() => setTimeout(tick, active ? 1000 : 2500));
+        };
+        tick();
+    }
+
+    if (document.readyState === "loading") document.addEventListener("DOMContentLoaded", start);
+    else start();
+})();
