@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 from .client import DaemonClient, DaemonError, DaemonNotRunning
 from .home import read_info, resolve_home
 from .states import TERMINAL
+from .ui import setup_env as ui_setup
+from .ui import standalone as ui_standalone
 
 TERMINAL_EVENTS = ("run.finished", "run.failed", "run.cancelled")
 
@@ -377,6 +379,10 @@ SUBCOMMANDS: list[Subcommand] = [
                _run_action("resume")),
     Subcommand("caption", "queue an auto-label job for an image folder", _add_caption, _run_caption),
     Subcommand("keys", "create CURVE keys for binding beyond this machine", _add_keys, _run_keys),
+    Subcommand("ui", "serve the LoRA Training tab on 127.0.0.1 (needs gradio)", ui_standalone.add_arguments,
+               ui_standalone.run),
+    Subcommand("setup", "give the training engine its own venv with the WebUI's torch build", ui_setup.add_arguments,
+               ui_setup.run),
 ]
 
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from daemon.home import resolve_home
+
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -115,8 +117,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="print the commands instead of running them")
 
 
-def main(args: argparse.Namespace, home: Path) -> int:
-    venv_dir = Path(args.venv).expanduser().resolve() if args.venv else home / "venv"
+def run(args: argparse.Namespace) -> int:
+    """``lora-daemon setup``: create and fill the engine's venv, or print the commands with --print."""
+    venv_dir = Path(args.venv).expanduser().resolve() if args.venv else resolve_home(getattr(args, "home", None)) / "venv"
     torch_version = args.torch or installed_torch()
     if args.print_only:
         for command in setup_commands(venv_dir, torch_version):

@@ -83,7 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth", help="user:password to require a login (like the WebUI's --gradio-auth)")
 
 
-def main(args: argparse.Namespace, home: Optional[Path] = None) -> int:
+def run(args: argparse.Namespace) -> int:
+    """``lora-daemon ui``: serve the tab until Ctrl+C."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     try:
         import gradio  # noqa: F401  (only to report a missing install clearly)
@@ -97,7 +99,7 @@ def main(args: argparse.Namespace, home: Optional[Path] = None) -> int:
     from .setup_env import SetupJob
     from .tab import build_tab
 
-    home = home or resolve_home(None)
+    home = resolve_home(getattr(args, "home", None))
     settings = UiSettings(home=str(home), endpoint=args.endpoint or "", lora_dir=args.lora_dir or "")
     lora_dir = Path(args.lora_dir).expanduser().resolve() if args.lora_dir else home / "Lora"
     checkpoints = Path(args.checkpoints).expanduser().resolve() if args.checkpoints else None
@@ -120,13 +122,3 @@ def main(args: argparse.Namespace, home: Optional[Path] = None) -> int:
         watcher.stop()
     return 0
 
-
-if __name__ == "__main__":
-    import sys
-
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="lora-daemon ui", description=__doc__.splitlines()[0])
-    parser.add_argument("--home", help="daemon state folder")
-    add_arguments(parser)
-    parsed = parser.parse_args()
-    sys.exit(main(parsed, resolve_home(parsed.home)))
