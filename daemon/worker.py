@@ -95,7 +95,7 @@ def job_command(run: dict) -> list[str]:
     files = RunFiles(Path(run["run_dir"]))
     if run["kind"] == "caption":
         job = run["config"]
-        cmd = [sys.executable, "-m", "lora_core.auto_label", job["folder"]]
+        cmd = [sys.executable, "-m", "lora_core.auto_label", "--input", job["folder"]]
         for key, value in sorted((job.get("options") or {}).items()):
             flag = "--" + key.replace("_", "-")
             if value is True:
@@ -103,7 +103,8 @@ def job_command(run: dict) -> list[str]:
             elif value not in (None, False):
                 cmd += [flag, str(value)]
         return cmd
-    cmd = [sys.executable, "-m", "lora_core.train", "--config", str(files.config), "--events", str(files.events)]
+    cmd = [sys.executable, "-m", "lora_core.train", "--config", str(files.config), "--events", str(files.events),
+           "--no-progress"]
     if run["resume"] and any((files.output_dir / "checkpoints").glob("step-*")):
         cmd += ["--resume", "latest"]
     return cmd
