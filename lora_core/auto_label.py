@@ -61,7 +61,8 @@ def label_folder(folder: str | Path, captioner: Captioner, fmt: str = "csv", out
 
     ``output`` is the csv path (default ``<folder>/metadata.csv``; rows use paths relative to the folder, as
     ``data.metadata_path`` expects). ``trigger`` becomes the first tag of every new caption. Unreadable images are
-    reported in ``failed`` and skipped; ``progress(done, total)`` is called after each batch.
+    reported in ``failed`` and skipped, as are images the captioner gives an empty caption (a trigger word alone
+    is not a caption); ``progress(done, total)`` is called after each batch.
     """
     root = Path(folder)
     if not root.is_dir():
@@ -96,6 +97,9 @@ def label_folder(folder: str | Path, captioner: Captioner, fmt: str = "csv", out
                                      f"for {len(images)} images")
             report.batches += 1
             for rel, caption in zip(names, captions):
+                if not caption.strip():
+                    report.failed.append({"file": rel, "reason": f"{captioner.name} returned an empty caption"})
+                    continue
                 caption = add_trigger(caption, trigger) if trigger else caption.strip()
                 report.captions[rel] = caption
                 if fmt == "txt":
@@ -112,7 +116,7 @@ def label_folder(folder: str | Path, captioner: Captioner, fmt: str = "csv", out
 
 
 # CLI option → the captioner it belongs to (passing one to another captioner is a usage error, not silently ignored)
-CAPTIONER_OPTIONS = {"max_length": "blip", "num_beams": "blip", "prompt": "blip", "threshold": "wd14",
+CAPTIONER_OPTIONS = {"max_length": "blip", "min_length": "blip", "num_beams": "blip", "prompt": "blip", "threshold": "wd14",
                      "character_threshold": "wd14", "include_rating": "wd14", "exclude_tags": "wd14"}
 
 
@@ -132,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="relabel images that already have a caption")
     p.add_argument("--caption-extension", default=".txt")
     p.add_argument("--max-length", type=int, help="blip: most new tokens per caption (75)")
+    p.add_argument("--min-length", type=int, help="blip: fewest new tokens per caption (5)")
     p.add_argument("--num-beams", type=int, help="blip: beam search width (3)")
     p.add_argument("--prompt", help="blip: conditional prefix such as 'a photo of'")
     p.add_argument("--threshold", type=float, help="wd14: general tag threshold (0.35)")

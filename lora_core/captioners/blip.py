@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 MODEL_CLASSES = {"blip": "BlipForConditionalGeneration", "blip-2": "Blip2ForConditionalGeneration"}
 DEFAULT_MAX_LENGTH = 75  # new tokens; BLIP captions are one sentence, sd-scripts' make_captions uses the same cap
+DEFAULT_MIN_LENGTH = 5  # stops BLIP's habit of one- or two-word captions ("a dog")
 DEFAULT_NUM_BEAMS = 3
 
 
@@ -33,10 +34,14 @@ def torch_device(device: str) -> str:
 
 
 class BlipCaptioner:
+    """``max_length``/``min_length`` count new tokens; ``prompt`` conditions the caption ("a photo of") and is
+    part of the text BLIP returns."""
+
     name = "blip"
 
     def __init__(self, model_path: Path, device: str = "auto", max_length: int = DEFAULT_MAX_LENGTH,
-                 num_beams: int = DEFAULT_NUM_BEAMS, prompt: Optional[str] = None):
+                 min_length: int = DEFAULT_MIN_LENGTH, num_beams: int = DEFAULT_NUM_BEAMS,
+                 prompt: Optional[str] = None):
         import torch
         import transformers
 
@@ -47,11 +52,12 @@ class BlipCaptioner:
         if not any(model_path.glob("*.safetensors")):
             raise MissingWeightsError(f"{model_path}: no .safetensors weights (pickle .bin files are not loaded); "
                                       f"download the model's model.safetensors into this folder")
-        if max_length < 1 or num_beams < 1:
-            raise CaptionerError(f"max_length and num_beams: must be >= 1, got {max_length} and {num_beams}")
+        if num_beams < 1 or not 0 <= min_length <= max_length:
+            raise CaptionerError(f"num_beams must be >= 1 and 0 <= min_length <= max_length, got num_beams="
+                                 f"{num_beams}, min_length={min_length}, max_length={max_length}")
         self.device = torch_device(device)
         self.dtype = torch.float16 if self.device == "cuda" else torch.float32
-        self.max_length, self.num_beams, self.prompt = max_length, num_beams, prompt
+        self.max_length, self.min_length, self.num_beams, self.prompt = max_length, min_length, num_beams, prompt
         try:
             self.processor = transformers.AutoProcessor.from_pretrained(model_path, local_files_only=True)
             model_cls = getattr(transformers, MODEL_CLASSES[model_type])
@@ -69,6 +75,7 @@ class BlipCaptioner:
         inputs = self.processor(images=images, text=text, return_tensors="pt").to(self.device)
         inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
         with torch.inference_mode():
-            ids = self.model.generate(**inputs, max_new_tokens=self.max_length, num_beams=self.num_beams)
+            ids = self.model.generate(**inputs, max_new_tokens=self.max_length, min_new_tokens=self.min_length,
+                                      num_beams=self.num_beams)
         return [c.strip() for c in self.processor.batch_decode(ids, skip_special_tokens=True)]
 
