@@ -69,7 +69,7 @@ def build_tiny_llama(out_dir: str | Path, hidden_size: int = 32, num_layers: int
         vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=hidden_size * 2,
         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False, initializer_range=0.3,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
