@@ -5,6 +5,7 @@ import json
 
 import pytest
 from PIL import Image
+from safetensors import safe_open
 
 from dataset_fixtures import make_messy_folder, snapshot, textured_image, write_caption
 from lora_core.dataset import DatasetError, main as dataset_main, read_metadata_csv, scan_dataset
@@ -107,3 +108,25 @@ def test_cli_prepares_and_reports_json(messy, tmp_path, capsys):
     assert data["out"] == str(tmp_path / "clean") and len(data["left_out"]) == 4
     assert dataset_main(["prepare", str(messy), "--out", str(tmp_path / "clean")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_prepared_folder_trains_without_conversion(messy, tmp_path, tiny_sd):
+    from lora_core.caption_tools import set_caption
+    from lora_core.config import config_from_dict
+    from lora_core.train import run_training
+
+    prepare_dataset(messy, tmp_path / "clean", max_short_side=80, resolution=64, captions="csv")
+    set_caption(tmp_path / "clean", "uncaptioned.png", "a field at dusk")
+    assert check_dataset(tmp_path / "clean", resolution=64).ok
+    cfg = config_from_dict({"train_data_dir": str(tmp_path / "clean"), "base_model": str(tiny_sd),
+                            "output_dir": str(tmp_path / "out"), "resolution": 64, "enable_bucket": True,
+                            "min_bucket_reso": 32, "max_bucket_reso": 128, "lora_rank": 4, "batch_size": 2,
+                            "max_train_steps": 4, "learning_rate": 1e-3, "save_precision": "float"},
+                           base_dir=tmp_path)
+    result = run_training(cfg, show_progress=False)
+    assert result.status == "finished" and result.step == 4 and result.output.is_file()
+    with safe_open(result.output, "pt") as fh:
+        meta = fh.metadata()
+    assert meta["ss_num_train_images"] == "10"
+    assert "a field at dusk" in json.loads(meta["ss_tag_frequency"])["images"]
