@@ -25,6 +25,7 @@ __all__ = ["DaemonClient", "DaemonError", "DaemonNotRunning", "EventSubscription
 NOT_RUNNING = "daemon not running — start it with `lora-daemon start`"
 READ_ONLY = frozenset({"ping", "status", "validate", "list", "get", "logs", "metrics", "check", "captions.get",
                        "plan"})
+LIVENESS_SLICE_S = 0.4  # a daemon killed mid-request is noticed after this long, not after the whole timeout
 SLOW_TIMEOUT_S = 300.0  # dataset checks and plans run a child process; they get minutes, not 1.5 s
 
 
@@ -155,6 +156,19 @@ class DaemonClient:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
+    def _wait_reply(self, timeout: float) -> bool:
+        """Wait for the reply in slices, checking between them that the daemon's port is still open."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            if self._sock.poll(int(min(left, LIVENESS_SLICE_S) * 1000)):
+                return True
+            if not _port_open(self._info.get("endpoint", ""), timeout=0.2):
+                self._drop()
+                raise DaemonNotRunning()
+
     def _call(self, command: str, args: dict, timeout: float) -> dict:
         attempts = 1 + (self.retries if command in READ_ONLY else 0)
         reauthed = False
@@ -165,7 +179,7 @@ class DaemonClient:
                 self._sock = self._connect()
             request = make_request(command, args, token=self._info.get("token", ""))
             self._sock.send(encode(request))
-            if not self._sock.poll(int(timeout * 1000)):
+            if not self._wait_reply(timeout):
                 self._drop()  # Lazy Pirate: a REQ socket without a reply is stuck; throw it away
                 continue
             reply = decode(self._sock.recv(), limit=1 << 30)

@@ -105,15 +105,15 @@ def live_view(ctx: TabContext, since: int, run_id: Optional[str], metrics_since:
         view["setup"] = {"status": ctx.setup.status}
     try:
         client = ctx.client()
-        view["daemon"] = {"running": True, **client.status()}
+        view["daemon"] = {**client.status(), "up": True}
         view["runs"] = client.list_runs(all=True)
         if run_id:
             view["selected"] = run_view(ctx, run_id, metrics_since=metrics_since)
     except DaemonNotRunning as e:
-        view["daemon"] = {"running": False, "message": str(e)}
+        view["daemon"] = {"up": False, "message": str(e)}
         view["runs"] = []
     except DaemonError as e:
-        view["daemon"] = view.get("daemon") or {"running": False}
+        view["daemon"] = view.get("daemon") or {"up": False}
         view["error"] = {"code": e.code, "message": e.message}
     return view
 
