@@ -17,12 +17,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .caption_tools import add_trigger, read_captions, write_text_atomic
 from .captioners import (DEVICES, Captioner, CaptionerError, available_captioners, load_captioner)
 from .dataset import DatasetError, read_metadata_csv, write_metadata_csv
-from .dataset_check import flatten_on_white
+from .dataset_check import upright_rgb
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +47,8 @@ class LabelReport:
 
 
 def load_upright_rgb(path: Path) -> Image.Image:
-    """What the trainer sees: EXIF orientation applied, transparency on white, RGB."""
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        return flatten_on_white(im) if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
+        return upright_rgb(im)
 
 
 def label_folder(folder: str | Path, captioner: Captioner, fmt: str = "csv", output: str | Path | None = None,
@@ -116,8 +114,9 @@ def label_folder(folder: str | Path, captioner: Captioner, fmt: str = "csv", out
 
 
 # CLI option → the captioner it belongs to (passing one to another captioner is a usage error, not silently ignored)
-CAPTIONER_OPTIONS = {"max_length": "blip", "min_length": "blip", "num_beams": "blip", "prompt": "blip", "threshold": "wd14",
-                     "character_threshold": "wd14", "include_rating": "wd14", "exclude_tags": "wd14"}
+CAPTIONER_OPTIONS = {"max_length": "blip", "min_length": "blip", "num_beams": "blip", "prompt": "blip",
+                     "threshold": "wd14", "character_threshold": "wd14", "include_rating": "wd14",
+                     "exclude_tags": "wd14"}
 
 
 def build_parser() -> argparse.ArgumentParser:

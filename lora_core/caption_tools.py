@@ -33,6 +33,9 @@ class CaptionEntry:
     caption: Optional[str]
     source: Optional[str]  # "csv", "txt", or None when the image has no caption yet
 
+    def to_dict(self) -> dict:
+        return asdict(self)
+
 
 @dataclass
 class CaptionSet:
@@ -179,9 +182,9 @@ def write_captions(root: Path, updates: dict[str, str], captions: CaptionSet, ca
     meta = metadata_file(root, metadata_path)
     csv_captions = read_metadata_csv(meta) if meta.is_file() else {}
     csv_dirty = False
+    sources = {e.file: e.source for e in captions.entries}
     for rel, caption in updates.items():
-        entry = captions.get(rel)
-        source = entry.source or ("csv" if meta.is_file() else "txt")
+        source = sources[rel] or ("csv" if meta.is_file() else "txt")
         if source == "csv":
             csv_captions[csv_key(rel, csv_captions) or rel] = caption
             csv_dirty = True

@@ -61,13 +61,15 @@ class ImageInfo:
     mode: str
     format: str
     orientation: int
+    has_alpha: bool
     digest: str
     phash: int
     caption: Optional[str]
 
     def to_dict(self) -> dict:
         return {"file": self.file, "width": self.width, "height": self.height, "mode": self.mode,
-                "format": self.format, "orientation": self.orientation, "caption": self.caption}
+                "format": self.format, "orientation": self.orientation, "has_alpha": self.has_alpha,
+                "caption": self.caption}
 
 
 @dataclass
@@ -143,20 +145,21 @@ def inspect_image(root: Path, path: Path, csv_captions: dict[str, str], caption_
         im.load()
         orientation = im.getexif().get(EXIF_ORIENTATION, 1)
         mode, fmt = im.mode, im.format or ""
-        upright = ImageOps.exif_transpose(im)
+        has_alpha = mode in ("RGBA", "LA", "PA") or "transparency" in im.info
+        upright = upright_rgb(im)
         width, height = upright.size
-        if upright.mode in ("RGBA", "LA", "P", "PA"):
-            upright = flatten_on_white(upright)
         phash = colour_dhash(upright)
-    return ImageInfo(path.relative_to(root).as_posix(), width, height, mode, fmt, orientation, file_digest(path),
-                     phash, caption_for(root, path, csv_captions, caption_extension))
+    return ImageInfo(path.relative_to(root).as_posix(), width, height, mode, fmt, orientation, has_alpha,
+                     file_digest(path), phash, caption_for(root, path, csv_captions, caption_extension))
 
 
-def flatten_on_white(im: Image.Image) -> Image.Image:
-    """RGBA/LA/P → RGB composited on white, the way the trainer sees transparent pixels."""
-    rgba = im.convert("RGBA")
-    bg = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-    return Image.alpha_composite(bg, rgba).convert("RGB")
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """The pixels the trainer sees: EXIF orientation applied, transparency composited on white, RGB."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
 
 
 def image_problems(info: ImageInfo, resolution: int, max_aspect: float) -> list[Problem]:
@@ -171,7 +174,7 @@ def image_problems(info: ImageInfo, resolution: int, max_aspect: float) -> list[
         found.append(Problem(info.file, "extreme_aspect",
                              f"{info.width}x{info.height} has aspect ratio {long_ / short:.1f}:1 "
                              f"(over {max_aspect:g}:1); most of it is cropped away"))
-    if info.mode in ("RGBA", "LA", "PA") or (info.mode == "P" and info.format == "PNG"):
+    if info.has_alpha:
         found.append(Problem(info.file, "alpha", f"mode {info.mode}: transparent pixels train as white"))
     elif info.mode not in ("RGB", "L"):
         found.append(Problem(info.file, "colour_mode", f"mode {info.mode}: converted to RGB when loaded"))
@@ -250,7 +253,7 @@ def unsupported_files(pictures: list[Path], root: Path) -> list[Problem]:
 
 
 def tag_frequency(captions: list[str]) -> dict[str, int]:
-    """Comma-separated tags, lower-cased, most frequent first (ties alphabetical) — what ``ss_tag_frequency`` counts."""
+    """Comma-separated tags, lower-cased, most frequent first (ties alphabetical), as ``ss_tag_frequency`` counts."""
     counter = Counter(t.strip().lower() for c in captions for t in c.split(",") if t.strip())
     return dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
 

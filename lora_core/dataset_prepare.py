@@ -20,12 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from .dataset import DatasetError, IMAGE_EXTS, read_metadata_csv, write_metadata_csv
 from .dataset_check import (DEFAULT_MAX_ASPECT, DEFAULT_NEAR_THRESHOLD, UNREADABLE_EXTS, ImageInfo, Problem,
-                            duplicate_problems, flatten_on_white, image_problems, inspect_image, orphan_captions,
-                            picture_files)
+                            duplicate_problems, image_problems, inspect_image, orphan_captions,
+                            picture_files, upright_rgb)
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def safe_name(name: str) -> str:
 
 
 def unique_target(rel_parent: tuple[str, ...], stem: str, ext: str, taken: set[str]) -> str:
-    """``folder/stem.ext`` made safe and unique case-insensitively (``a.png`` and ``A.PNG`` would collide on Windows)."""
+    """``folder/stem.ext`` made safe and unique ignoring case (``a.png`` and ``A.PNG`` collide on Windows)."""
     parent = "/".join(safe_name(p) for p in rel_parent)
     base = safe_name(stem)
     candidate, n = base, 1
@@ -130,8 +130,7 @@ def write_prepared(path: Path, dst: Path, reencode: bool, new_size: Optional[tup
         shutil.copyfile(path, dst)
         return
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        im = flatten_on_white(im) if im.mode in ("RGBA", "LA", "P", "PA") else im.convert("RGB")
+        im = upright_rgb(im)
         if new_size:
             im = im.resize(new_size, Image.Resampling.LANCZOS)
         if dst.suffix == ".jpg":

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from dataset_fixtures import make_messy_folder, snapshot, textured_image, write_caption
+from dataset_fixtures import make_messy_folder, snapshot, textured_image
 from lora_core.dataset import DatasetError, main as dataset_main, read_metadata_csv, scan_dataset
 from lora_core.dataset_check import check_dataset
 from lora_core.dataset_prepare import prepare_dataset, safe_name
