@@ -101,7 +101,7 @@
 
     // ---------------------------------------------------------------- daemon, setup
     function daemonStatus(d) {
-        if (!d || !d.running) return `<div class="lora-scripts-msg lora-scripts-error" id="lora_scripts_daemon_state" data-running="false">` +
+        if (!d || !d.up) return `<div class="lora-scripts-msg lora-scripts-error" id="lora_scripts_daemon_state" data-running="false">` +
             `Daemon not running. ${esc((d && d.message) || "")}</div>`;
         const gpus = (d.gpus || []).map((g) => `${esc(g.slot)}${g.run_id ? " (busy: " + esc(g.run_id) + ")" : " (free)"}`).join(", ");
         return `<div class="lora-scripts-msg lora-scripts-ok" id="lora_scripts_daemon_state" data-running="true">` +

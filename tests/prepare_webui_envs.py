@@ -79,5 +79,18 @@ def main() -> int:
     return 0
 
 
+def require(name: str) -> Path:
+    """The interpreter of env ``name`` for a test: skip when it is missing, but fail under CI=true."""
+    import pytest
+
+    python = venv_python(name)
+    if not _ready(name):
+        message = f"{name} is missing or outdated: run `python tests/prepare_webui_envs.py`"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return python
+
+
 if __name__ == "__main__":
     sys.exit(main())

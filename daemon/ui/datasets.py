@@ -13,7 +13,7 @@ import shutil
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 log = logging.getLogger(__name__)
 
@@ -110,12 +110,16 @@ def _save_zip(archive: Path, folder: Path, report: SaveReport) -> None:
             report.saved.append(dest.name)
 
 
-def save_uploads(files: Iterable[str | Path], folder: Path) -> SaveReport:
-    """Copy uploaded images/caption files and the contents of uploaded zips into ``folder``; never overwrite."""
+def save_uploads(files: Iterable[Any], folder: Path) -> SaveReport:
+    """Copy uploaded images/caption files and the contents of uploaded zips into ``folder``; never overwrite.
+
+    ``files`` are paths, or gradio upload values: a temp-file wrapper with ``.name`` (gradio 3) or a path string
+    (gradio 4) — hence ``getattr(f, "name", f)``.
+    """
     report = SaveReport()
     folder.mkdir(parents=True, exist_ok=True)
     for upload in files:
-        path = Path(upload)
+        path = Path(getattr(upload, "name", upload))
         original = safe_name(getattr(upload, "orig_name", None) or path.name)
         if path.suffix.lower() == ".zip":
             _save_zip(path, folder, report)
