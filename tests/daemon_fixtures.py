@@ -104,7 +104,7 @@ def run_config(tiny_sd: Path, tiny_data: Path, name: str, steps: int = 6, save_s
     }
     for key, value in more.items():
         section, field = key.split("__")
-        config[section][field] = value
+        config.setdefault(section, {})[field] = value
     return config
 
 
