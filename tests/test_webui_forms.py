@@ -21,6 +21,15 @@ def test_default_form_is_a_valid_engine_config(tmp_path):
     assert cfg.output.output_name == "my_lora" and cfg.training.max_train_steps is None
 
 
+def test_the_daemons_output_overrides_do_not_clash_with_the_form(tmp_path):
+    (tmp_path / "m.safetensors").write_bytes(b"")
+    raw = form_to_config({**form_defaults(), "output_name": "my_style"}, str(tmp_path / "m.safetensors"),
+                         str(tmp_path), None)
+    cfg = config_from_dict(raw, overrides={"output.output_dir": str(tmp_path / "out"),
+                                           "output.output_name": "my_style"})
+    assert cfg.output.output_name == "my_style"
+
+
 def test_negative_learning_rate_is_reported_next_to_the_learning_rate_field(tmp_path):
     values = {**form_defaults(), "learning_rate": "-1"}
     with pytest.raises(ConfigError) as err:
@@ -33,7 +42,7 @@ def test_negative_learning_rate_is_reported_next_to_the_learning_rate_field(tmp_
 def test_other_settings_yaml_overrides_the_form_and_bad_yaml_names_the_line():
     extra = parse_extra_yaml("clip_skip: 2\nlearning_rate: 3e-4\n")
     raw = form_to_config(form_defaults(), None, None, None, extra)
-    assert raw["clip_skip"] == 2 and raw["learning_rate"] == "3e-4"
+    assert raw["clip_skip"] == 2 and raw["training"]["learning_rate"] == "3e-4"
     with pytest.raises(ValueError, match=r"line 2"):
         parse_extra_yaml("a: 1\nb: : c\n")
 

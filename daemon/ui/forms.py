@@ -63,6 +63,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("sample_every_n_steps", "sample", "Sample every N steps (0: never)", "int", 0, advanced=True),
 )
 FIELD_BY_KEY = {f.key: f for f in FIELDS}
+SECTION_NAMES = ("data", "model", "training", "output", "sample")
 # Zero means "not set" for these optional engine fields; the form has no way to show None in a number box.
 ZERO_MEANS_UNSET = {"max_train_steps", "text_encoder_lr"}
 PROBLEM_FIELD = re.compile(r"^(?P<section>[a-z_]+)\.(?P<key>[a-z_0-9]+):")
@@ -105,14 +106,26 @@ def parse_extra_yaml(text: str) -> dict:
 
 def form_to_config(values: dict[str, Any], base_model: Optional[str], train_data_dir: Optional[str],
                    output_dir: Optional[str], extra: Optional[dict] = None) -> dict:
-    """Build the flat config the daemon validates; ``extra`` (Other settings) wins over the form."""
-    config: dict[str, Any] = {"task_type": "text-to-image", "base_model": base_model or None,
-                              "train_data_dir": train_data_dir or None}
+    """Build the sectioned config the daemon validates; ``extra`` (Other settings, flat or sectioned) wins.
+
+    Sectioned, because the daemon adds its own ``output.*`` overrides in that form and a flat ``output_name``
+    beside them would count as given twice.
+    """
+    config: dict[str, Any] = {name: {} for name in SECTION_NAMES}
+    config["model"].update(task_type="text-to-image", base_model=base_model or None)
+    config["data"]["train_data_dir"] = train_data_dir or None
     if output_dir:
-        config["output_dir"] = output_dir
+        config["output"]["output_dir"] = output_dir
     for key, raw in values.items():
-        config[key] = _value(FIELD_BY_KEY[key], raw)
-    config.update(extra or {})
+        spec = FIELD_BY_KEY[key]
+        config[spec.section][key] = _value(spec, raw)
+    for key, value in (extra or {}).items():
+        if key in SECTION_NAMES and isinstance(value, dict):
+            config[key].update(value)
+        elif key in FIELD_BY_KEY:
+            config[FIELD_BY_KEY[key].section][key] = value
+        else:
+            config[key] = value
     return config
 
 
@@ -120,7 +133,7 @@ def flatten(config: dict) -> dict:
     """A flat or sectioned config as one flat dict (field names are unique across sections)."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        if isinstance(value, dict) and key in ("data", "model", "training", "output", "sample"):
+        if isinstance(value, dict) and key in SECTION_NAMES:
             flat.update(value)
         else:
             flat[key] = value
