@@ -11,10 +11,12 @@ import logging
 import sys
 from pathlib import Path
 
+from .config import ConfigError
+from .events import EXIT_CONFIG
 from .text.completion import complete
 from .text.export import ADAPTER_FILES
 from .text.model import load_base_model, load_tokenizer
-from .text.templates import resolve_chat_template
+from .text.templates import TemplateError, resolve_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +45,13 @@ def main(argv: list[str] | None = None) -> int:
     base_dir = _folder(args.base, "--base")
     adapter_dir = _folder(args.adapter, "--adapter", ADAPTER_FILES) if args.adapter else None
     has_tokenizer = adapter_dir is not None and (adapter_dir / "tokenizer_config.json").is_file()
-    tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_dir)
-    resolve_chat_template(tokenizer, args.chat_template)
-    model = load_base_model(base_dir)
+    try:
+        tokenizer = load_tokenizer(adapter_dir if has_tokenizer else base_dir)
+        resolve_chat_template(tokenizer, args.chat_template)
+        model = load_base_model(base_dir)
+    except (ConfigError, TemplateError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     if adapter_dir is not None:
         from peft import PeftModel
 

@@ -179,3 +179,12 @@ def test_generate_cli_refuses_a_folder_that_is_not_an_adapter(tmp_path, tiny_lla
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert "is not a LoRA adapter folder (missing adapter_config.json" in result.stderr
+
+
+def test_a_folder_without_a_tokenizer_names_the_base_model_field(tmp_path, tiny_llama):
+    bare = tmp_path / "bare-model"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((tiny_llama / name).read_bytes())
+    with pytest.raises(ConfigError, match="model.base_model: no usable tokenizer in"):
+        TextTask(text_config(tmp_path, bare)).setup(Accelerator(cpu=True))

@@ -24,7 +24,12 @@ def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer of a local model folder, with a pad token (the EOS when the model has none)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as e:
+        log.debug("tokenizer load failed", exc_info=e)
+        raise ConfigError([f"model.base_model: no usable tokenizer in {path} (a Hugging Face model folder has "
+                           f"tokenizer.json or tokenizer_config.json beside config.json)"]) from None
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise ConfigError([f"model.base_model: the tokenizer in {path} has neither a pad nor an EOS token"])
