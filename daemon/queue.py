@@ -56,38 +56,47 @@ def parse_submission(args: dict) -> Submission:
     return Submission(config, base, name, priority)
 
 
-def _given_output(config: Any) -> tuple[Optional[str], Optional[str]]:
-    """The user's output_dir and output_name, from either config form, without validating anything else."""
+def _given_output(config: Any) -> dict:
+    """The output settings the user wrote, from either config form, without validating anything else."""
     raw = config
     if isinstance(config, str):
         try:
             raw = yaml.safe_load(config)
         except yaml.YAMLError:
-            return None, None
+            return {}
     if not isinstance(raw, dict):
-        return None, None
+        return {}
     section = raw.get("output") if isinstance(raw.get("output"), dict) else {}
-    out_dir = raw.get("output_dir", section.get("output_dir"))
-    out_name = raw.get("output_name", section.get("output_name"))
-    return (str(out_dir) if out_dir else None), (str(out_name) if out_name else None)
+    return {key: raw.get(key, section.get(key)) for key in ("output_dir", "output_name", "logging_dir")
+            if raw.get(key, section.get(key))}
 
 
 def resolve_config(config: Any, base_dir: Optional[str], output_dir: Path, name: Optional[str] = None) -> dict:
     """Validate with the engine's schema and return the resolved, sectioned config that the run will use.
 
-    Raises ProtocolError(config_invalid) whose details hold the engine's ``problems`` (field first, then why).
+    The config is validated as written (so errors carry its line numbers), then its output folder is moved into
+    the run folder and the result validated again. Raises ProtocolError(config_invalid) whose details hold the
+    engine's ``problems`` (field first, then why).
     """
     from lora_core.config import ConfigError, config_from_dict, config_from_yaml
 
-    user_dir, user_name = _given_output(config)
-    output_name = user_name or (Path(user_dir).name if user_dir else None) or name or "lora"
-    overrides = {"output.output_dir": str(output_dir), "output.output_name": output_name}
+    given = _given_output(config)
+    overrides = {}
+    if "output_dir" not in given:
+        overrides["output.output_dir"] = str(output_dir)
+        if "output_name" not in given:
+            overrides["output.output_name"] = name or "lora"
     try:
         if isinstance(config, str):
             cfg = config_from_yaml(config, base_dir=base_dir, overrides=overrides)
         else:
             cfg = config_from_dict({k: v for k, v in config.items() if k != "config_dir"}, base_dir=base_dir,
                                    overrides=overrides)
+        resolved = cfg.to_dict()
+        resolved["output"]["output_dir"] = str(output_dir)
+        if "logging_dir" not in given:
+            resolved["output"]["logging_dir"] = str(output_dir / "logs")
+        cfg = config_from_dict(resolved, base_dir=cfg.config_dir)
     except ConfigError as e:
         raise ProtocolError(E_CONFIG, "the config has problems:\n" + "\n".join(e.problems),
                             {"problems": e.problems}) from None

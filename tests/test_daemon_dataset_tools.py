@@ -1,0 +1,35 @@
+"""The Train tab's dataset commands, served by a real daemon running the engine's tools in a child process."""
+from __future__ import annotations
+
+import pytest
+
+from daemon.client import DaemonError
+from daemon_fixtures import daemon, daemon_factory  # noqa: F401  (fixtures)
+
+
+def test_check_reports_the_folder_by_file_name(daemon, tiny_data):
+    (tiny_data / "broken.png").write_bytes(b"not a png")
+    report = daemon.client().check(str(tiny_data), resolution=64)
+    assert any(p["file"] == "broken.png" and p["kind"] == "corrupt" for p in report["problems"])
+    assert len(report["images"]) == 4
+
+
+def test_captions_can_be_read_set_and_edited_through_the_daemon(daemon, tiny_data):
+    client = daemon.client()
+    entries = client.captions_get(str(tiny_data))["entries"]
+    first = entries[0]["file"]
+    client.captions_set(str(tiny_data), first, "a pink blob")
+    assert (tiny_data / first).with_suffix(".txt").read_text().strip() == "a pink blob"
+    report = client.captions_edit(str(tiny_data), "add_trigger", {"word": "shp"})
+    assert len(report["changed"]) == len(entries)
+    assert (tiny_data / first).with_suffix(".txt").read_text().strip().startswith("shp")
+
+
+def test_dataset_tool_errors_name_the_problem(daemon, tiny_data):
+    client = daemon.client()
+    with pytest.raises(DaemonError, match="outside the dataset folder"):
+        client.captions_set(str(tiny_data), "../escape.png", "x")
+    with pytest.raises(DaemonError, match="unknown argument"):
+        client.check(str(tiny_data), run_shell="rm -rf /")
+    with pytest.raises(DaemonError, match="no such folder"):
+        client.check(str(tiny_data / "missing"))

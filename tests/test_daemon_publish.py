@@ -1,0 +1,53 @@
+"""Publishing into a Lora folder: atomic, with card sidecars, and never over another file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from daemon.publish import publish_adapter, publish_lora
+from daemon.worker import EXIT_CONFIG, EXIT_OOM, EXIT_STOPPED
+
+
+def test_a_taken_name_gets_a_new_version_and_the_old_file_is_untouched(tmp_path):
+    lora = tmp_path / "Lora"
+    lora.mkdir()
+    (lora / "style.safetensors").write_bytes(b"someone else's lora")
+    (lora / "style_v2.json").write_text("{}")  # a sidecar alone also marks the name as taken
+    src = tmp_path / "out.safetensors"
+    src.write_bytes(b"new weights")
+    done = publish_lora(src, lora, "style", trigger_words="sks style", preferred_weight=0.8)
+    assert done.path == lora / "style_v3.safetensors" and done.path.read_bytes() == b"new weights"
+    assert (lora / "style.safetensors").read_bytes() == b"someone else's lora"
+    card = json.loads((lora / "style_v3.json").read_text())
+    assert card["activation text"] == "sks style" and card["preferred weight"] == 0.8
+    assert sorted(p.name for p in lora.iterdir()) == ["style.safetensors", "style_v2.json", "style_v3.json",
+                                                      "style_v3.safetensors"]
+
+
+def test_the_last_sample_becomes_the_preview(tmp_path):
+    src = tmp_path / "out.safetensors"
+    src.write_bytes(b"w")
+    sample = tmp_path / "sample.png"
+    sample.write_bytes(b"\x89PNG fake")
+    done = publish_lora(src, tmp_path / "Lora", "shapes", preview=sample)
+    assert done.preview == tmp_path / "Lora" / "shapes.png"
+
+
+def test_text_adapters_go_to_their_own_folder_as_a_whole(tmp_path):
+    adapter = tmp_path / "out" / "chat"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.safetensors").write_bytes(b"w")
+    first = publish_adapter(adapter, tmp_path / "adapters", "chat")
+    second = publish_adapter(adapter, tmp_path / "adapters", "chat")
+    assert first.path.name == "chat" and second.path.name == "chat_v2"
+    assert (second.path / "adapter_model.safetensors").read_bytes() == b"w"
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        publish_adapter(tmp_path / "out", tmp_path / "adapters", "nope")
+
+
+def test_the_daemon_reads_the_engines_exit_codes_right():
+    from lora_core import events
+
+    assert (EXIT_CONFIG, EXIT_STOPPED, EXIT_OOM) == (events.EXIT_CONFIG, events.EXIT_STOPPED, events.EXIT_OOM)
