@@ -22,7 +22,7 @@ from PIL import Image
 from .caption_tools import add_trigger, read_captions, write_text_atomic
 from .captioners import (DEVICES, Captioner, CaptionerError, available_captioners, load_captioner)
 from .dataset import DatasetError, read_metadata_csv, write_metadata_csv
-from .dataset_check import upright_rgb
+from .dataset import upright_rgb
 
 log = logging.getLogger(__name__)
 

@@ -90,14 +90,19 @@ def find_images(root: Path) -> list[Path]:
 def read_metadata_csv(path: Path) -> dict[str, str]:
     """``filename,prompt`` rows (header optional; extra columns ignored). A bad row is an error naming its line."""
     captions: dict[str, str] = {}
+    header_columns = 0
     with open(path, newline="", encoding="utf-8-sig") as fh:
         for lineno, row in enumerate(csv.reader(fh), start=1):
             if not row or all(not c.strip() for c in row):
                 continue
             if lineno == 1 and row[0].strip().lower() in ("file_name", "filename", "file", "image"):
+                header_columns = len(row)
                 continue
             if len(row) < 2:
                 raise DatasetError(f"{path.name} line {lineno}: expected 'filename,prompt', got {','.join(row)!r}")
+            if len(row) > 2 and row[2].strip() and header_columns == 2:
+                raise DatasetError(f"{path.name} line {lineno}: more columns than the header — a caption with "
+                                   f"commas must be in double quotes: {row[0]},\"{', '.join(c.strip() for c in row[1:])}\"")
             captions[row[0].strip().replace("\\", "/")] = row[1].strip()
     return captions
 
@@ -214,6 +219,16 @@ def process_caption(caption: str, trigger_word: Optional[str], shuffle: bool, ke
     return ", ".join(tags)
 
 
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """The pixels the trainer sees (and the dataset tools report on): EXIF orientation applied, any transparency
+    (alpha modes, palette or tRNS) composited on white, RGB."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return im.convert("RGB")
+
+
 def load_image(path: Path, width: int, height: int, center_crop: bool = True, rng: Optional[random.Random] = None,
                flip: bool = False):
     """Upright RGB image scaled to cover (width, height) without stretching, then cropped to it; a [-1,1] tensor."""
@@ -221,12 +236,7 @@ def load_image(path: Path, width: int, height: int, center_crop: bool = True, rn
     import torch
 
     with Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("RGBA", "LA", "P"):
-            im = im.convert("RGBA")
-            bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
-            im = Image.alpha_composite(bg, im)
-        im = im.convert("RGB")
+        im = upright_rgb(im)
         scale = max(width / im.width, height / im.height)
         new_w, new_h = max(width, round(im.width * scale)), max(height, round(im.height * scale))
         im = im.resize((new_w, new_h), Image.Resampling.BICUBIC if scale > 1 else Image.Resampling.LANCZOS)

@@ -17,7 +17,8 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from .dataset import (IMAGE_EXTS, DatasetError, caption_for, file_digest, find_images, read_metadata_csv)
+from .dataset import (IMAGE_EXTS, DatasetError, caption_for, file_digest, find_images, read_metadata_csv,
+                      upright_rgb)
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +152,6 @@ def inspect_image(root: Path, path: Path, csv_captions: dict[str, str], caption_
         phash = colour_dhash(upright)
     return ImageInfo(path.relative_to(root).as_posix(), width, height, mode, fmt, orientation, has_alpha,
                      file_digest(path), phash, caption_for(root, path, csv_captions, caption_extension))
-
-
-def upright_rgb(im: Image.Image) -> Image.Image:
-    """The pixels the trainer sees: EXIF orientation applied, transparency composited on white, RGB."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
-        rgba = im.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return im.convert("RGB")
 
 
 def image_problems(info: ImageInfo, resolution: int, max_aspect: float) -> list[Problem]:

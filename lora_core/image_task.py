@@ -90,6 +90,9 @@ class ImageTask:
         model.unet.requires_grad_(False)
         alpha = m.alpha if m.alpha is not None else float(m.lora_rank)
         self.alpha = alpha
+        # LoRA init draws from the global RNG; seed it here so the model's source (folder or single file, which
+        # consume different amounts of randomness while loading) never changes the run
+        torch.manual_seed(cfg.training.seed + accelerator.process_index)
         self.unet_targets = add_lora(model.unet, m.unet_target_modules, m.lora_rank, alpha, m.dropout)
         self.te_targets: list[str] = []
         if m.train_text_encoder:
@@ -134,6 +137,14 @@ class ImageTask:
                 self.text_cache[caption] = emb.cpu()
             if self.progress:
                 self.progress("text", min(i + 16, len(captions)), len(captions))
+
+    def dataset_summary(self) -> dict:
+        """What the user should know about the data before the run: counts, skipped and duplicate files by name."""
+        return {"images": len(self.scan.items), "examples": len(self.examples),
+                "skipped": [{"file": n, "reason": r} for n, r in self.scan.skipped],
+                "duplicates": [{"file": n, "same_as": k} for n, k in self.scan.duplicates],
+                "reg_images": len(self.reg_scan.items) if self.reg_scan else 0,
+                "buckets": self.bucket_table}
 
     # ---- data --------------------------------------------------------------------------------------------------
     def num_examples(self) -> int:

@@ -227,6 +227,8 @@ def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional
             pos.batch_in_epoch = pos.examples_in_epoch // bs
         resumed_from = str(ckpt_path)
         log.info("resumed from %s at step %d", ckpt_path, pos.step)
+    if main and hasattr(task, "dataset_summary"):
+        events.emit("dataset", **task.dataset_summary())
     task.started_at = time.time()
     task.total_steps = total
     if main:
@@ -328,13 +330,14 @@ def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional
                 if sample_epochs and pos.epoch % sample_epochs == 0:
                     samples()
         accelerator.wait_for_everyone()
+        final_ckpt = checkpoint() if main else None  # lets a finished run be continued with more steps
         output = task.export(out_dir / name, pos.step, pos.epoch) if main else None
         metrics = task.evaluate(pos.step) if main else None
         if metrics:
             events.emit("eval", step=pos.step, **metrics)
         if main:
             events.emit("end", status="finished", step=pos.step, output=str(output), error=None, advice=None)
-        return result("finished", output)
+        return result("finished", output, checkpoint=final_ckpt)
     finally:
         progress.close()
 
