@@ -59,9 +59,6 @@ class TextTask:
         self.tokenizer = load_tokenizer(cfg.model.base_model)
         try:
             resolve_chat_template(self.tokenizer, cfg.data.chat_template)
-        except TemplateError as e:
-            raise ConfigError([str(e)]) from None
-        try:
             self.dataset = text_data.load_text_dataset(
                 cfg.data.train_data_file, self.tokenizer, cfg.data.text_format, cfg.data.max_seq_length,
                 cfg.data.packing, cfg.data.validation_split, cfg.training.seed)
