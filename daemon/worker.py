@@ -43,7 +43,7 @@ class Settings:
     adapters_dir: Path
     grace_s: float = 60.0  # how long a child may take to save its checkpoint before it is killed
     max_attempts: int = 3  # automatic resumes after crashes of the daemon, per run
-    poll_s: float = 0.05
+    poll_s: float = 0.02  # how often the child's event file is read: bounds event latency
     preferred_weight: float = 1.0
 
 
@@ -150,7 +150,7 @@ class RunFollower:
             self.store.update_run(rid, **{k: v for k, v in fields.items() if v is not None})
             self.store.add_metric(rid, int(event.get("step") or 0), event.get("loss"), event.get("lr"),
                                   event.get("time", time.time()))
-            self.bus.emit("run.progress", rid, **fields, epoch=event.get("epoch"))
+            self.bus.emit("run.progress", rid, **fields, epoch=event.get("epoch"), child_time=event.get("time"))
         elif kind == "checkpoint":
             self.store.update_run(rid, checkpoint=event.get("path"))
             self.bus.emit("run.checkpoint", rid, step=event.get("step"), path=event.get("path"),

@@ -1,0 +1,155 @@
+"""Daemon latency: request round trips under 20 concurrent clients, and child → subscriber event delay.
+
+    python benchmarks/daemon_latency.py [--clients 20] [--requests 200] [--steps 30]
+
+Baseline in the same run: a bare ZeroMQ ROUTER echo server in its own process, driven by the same clients, so the
+daemon's own cost (JSON, token check, SQLite, config validation) is the difference between the two rows.
+Event latency is the child's event timestamp (`lora_core.train --events`) to its arrival as `run.progress` at a
+subscriber, on a real tiny-model training run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import zmq
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from daemon.client import DaemonClient  # noqa: E402
+from daemon.home import read_info  # noqa: E402
+from daemon.protocol import encode, make_request  # noqa: E402
+
+ECHO_SERVER = """
+import sys, zmq
+ctx = zmq.Context(); sock = ctx.socket(zmq.ROUTER); port = sock.bind_to_random_port("tcp://127.0.0.1")
+print(port, flush=True)
+while True:
+    frames = sock.recv_multipart()
+    if frames[-1] == b"quit":
+        break
+    sock.send_multipart(frames)
+"""
+
+
+def percentiles(samples: list[float]) -> str:
+    ms = sorted(s * 1000 for s in samples)
+    p = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]  # noqa: E731
+    return f"p50 {statistics.median(ms):7.2f} ms   p99 {p(0.99):7.2f} ms   n={len(ms)}"
+
+
+def hammer(call, clients: int, requests: int) -> list[float]:
+    """`clients` threads, each with its own socket, each timing `requests` sequential round trips."""
+    samples: list[float] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(clients)
+
+    def one(index: int) -> None:
+        fn = call(index)
+        barrier.wait()
+        mine = []
+        for _ in range(requests):
+            t0 = time.perf_counter()
+            fn()
+            mine.append(time.perf_counter() - t0)
+        with lock:
+            samples.extend(mine)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return samples
+
+
+def echo_baseline(clients: int, requests: int, payload: bytes) -> list[float]:
+    server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
+    port = int(server.stdout.readline())
+    ctx = zmq.Context.instance()
+
+    def call(_: int):
+        sock = ctx.socket(zmq.REQ)
+        sock.connect(f"tcp://127.0.0.1:{port}")
+        return lambda: (sock.send(payload), sock.recv())
+
+    try:
+        return hammer(call, clients, requests)
+    finally:
+        quit_sock = ctx.socket(zmq.REQ)
+        quit_sock.connect(f"tcp://127.0.0.1:{port}")
+        quit_sock.send(b"quit")
+        server.wait(10)
+
+
+def event_latency(home: Path, work: Path, steps: int) -> list[float]:
+    from lora_core.tiny import build_tiny_sd, make_tiny_dataset
+
+    model = build_tiny_sd(work / "model")
+    data = make_tiny_dataset(work / "data", n=4, size=64)
+    client = DaemonClient(home=home)
+    sub = client.subscribe(("run.progress", "run.finished", "run.failed"))
+    config = {"base_model": str(model), "train_data_dir": str(data), "resolution": 64, "max_train_steps": steps,
+              "lora_rank": 4, "output_name": "bench"}
+    run = client.submit(config)
+    delays = []
+    while True:
+        event = sub.next(300)
+        if event is None or event["run_id"] != run["id"]:
+            continue
+        if event["type"] != "run.progress":
+            print(f"run {event['type']}")
+            break
+        delays.append(time.time() - event["child_time"])
+    sub.close()
+    return delays
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=20)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--steps", type=int, default=30, help="training steps for the event-latency run (0: skip)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        home = work / "home"
+        daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--home", str(home), "start", "--foreground",
+                                   "--gpus", "cpu", "--log-level", "WARNING"], cwd=str(ROOT))
+        try:
+            while not (read_info(home) or {}).get("endpoint"):
+                time.sleep(0.05)
+            DaemonClient(home=home, timeout=10).ping()
+            (work / "base").mkdir()
+            (work / "images").mkdir()
+            config = {"base_model": str(work / "base"), "train_data_dir": str(work / "images"), "resolution": 64}
+            token = read_info(home)["token"]
+            status_payload = encode(make_request("status", token=token))
+            print(f"{args.clients} concurrent clients × {args.requests} sequential requests each")
+            print(f"  baseline zmq echo    {percentiles(echo_baseline(args.clients, args.requests, status_payload))}")
+            status = hammer(lambda i: DaemonClient(home=home, timeout=10).status, args.clients, args.requests)
+            print(f"  daemon status        {percentiles(status)}")
+            validate = hammer(lambda i: (lambda c=DaemonClient(home=home, timeout=10): c.validate(config)),
+                              args.clients, args.requests)
+            print(f"  daemon validate      {percentiles(validate)}  (submit's validation path, nothing queued)")
+            if args.steps:
+                delays = event_latency(home, work, args.steps)
+                print(f"  event child→sub      {percentiles(delays)}  (run.progress, tiny model training)")
+            DaemonClient(home=home).shutdown()
+            daemon.wait(60)
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
