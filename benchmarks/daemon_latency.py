@@ -10,7 +10,6 @@ subscriber, on a real tiny-model training run.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys

@@ -5,7 +5,6 @@ import json
 import stat
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import zmq

@@ -130,3 +130,28 @@ def test_a_killed_child_fails_its_run_with_the_log_tail_and_the_next_run_starts(
     assert skipped["started_at"] is None and not Path(skipped["run_dir"], "events.jsonl").exists()
     assert client.status()["queue_length"] == 0
     assert not (daemon.lora_dir / "never.safetensors").exists()
+
+
+def test_stopping_the_daemon_checkpoints_the_running_job_and_the_next_start_resumes_it(daemon_factory, tiny_sd,
+                                                                                       tiny_data):
+    from daemon.store import Store
+
+    daemon = daemon_factory()
+    client = daemon.client()
+    run = client.submit(run_config(tiny_sd, tiny_data, "paused", steps=200))
+    wait_until(lambda: client.get(run["id"])["step"] >= 2, 120, 0.2, "training to start")
+    assert client.shutdown()["running"] == [run["id"]]
+    assert daemon.proc.wait(120) == 0
+    saved = Store(daemon.home / "runs.db").get_run(run["id"])
+    assert saved["status"] == "queued" and saved["resume"] == 1 and Path(saved["checkpoint"]).is_dir()
+
+    daemon = daemon_factory()
+    client = daemon.client()
+    events = Path(saved["run_dir"], "events.jsonl")
+    resumed = lambda: (events.read_text().count('"type": "start"') == 2  # noqa: E731
+                       and client.get(run["id"])["step"] > saved["step"])
+    wait_until(resumed, 120, 0.2, "the resumed run to train")
+    starts = [json.loads(line) for line in events.read_text().splitlines() if '"type": "start"' in line]
+    assert starts[-1]["resumed_from"] and starts[-1]["step"] >= saved["step"]
+    client.cancel(run["id"])
+    wait_until(lambda: status_of(client, run["id"]) == "cancelled", 120, 0.2, "the cancel")
