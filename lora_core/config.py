@@ -11,6 +11,7 @@ code. Only ``yaml.safe_load``-equivalent parsing is used (``yaml.compose`` with 
 """
 from __future__ import annotations
 
+from .errors import InputError
 import dataclasses
 import difflib
 import math
@@ -32,7 +33,7 @@ EXPORT_FORMATS = ("kohya", "diffusers")
 TEXT_FORMATS = ("auto", "text", "instruction", "chat")
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A config the user must fix. ``problems`` holds one line per bad field, each naming field, value and line."""
 
     def __init__(self, problems: list[str]):
@@ -491,6 +492,10 @@ def _validate(cfg: TrainConfig, given: dict[str, dict[str, tuple[Any, str]]], pr
                             f"got {o.output_name!r}{where('output', 'output_name')}")
     if o.logging_dir is None and o.output_dir:
         o.logging_dir = str(Path(o.output_dir) / "logs")
+    ct = d.chat_template
+    if ct is not None and ct not in ("tokenizer", "alpaca", "chatml") and "{%" not in ct and "{{" not in ct:
+        problems.append(f"data.chat_template: must be tokenizer, alpaca, chatml or a Jinja template, got {ct!r}"
+                        f"{where('data', 'chat_template')}")
     sp = s.sample_prompts
     if sp is not None and not isinstance(sp, (str, list)):
         problems.append(f"sample.sample_prompts: must be a list of prompts or a .txt file, got {sp!r}"

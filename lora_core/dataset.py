@@ -11,6 +11,7 @@ An image with none of these is an error naming it. Corrupt images are skipped an
 """
 from __future__ import annotations
 
+from .errors import InputError
 import csv
 import hashlib
 import logging
@@ -31,7 +32,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 REPEAT_DIR = re.compile(r"^(\d+)_(.*)$")
 
 
-class DatasetError(ValueError):
+class DatasetError(InputError):
     """A dataset problem the user must fix (e.g. an image without a caption), naming the file."""
 
 

@@ -251,6 +251,9 @@ def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional
         lora = task.export(out_dir / f"{name}-step{pos.step:08d}", pos.step, pos.epoch) if main else None
         if main:
             events.emit("checkpoint", step=pos.step, epoch=pos.epoch, path=str(path), lora=str(lora), reason=kind)
+            metrics = task.evaluate(pos.step)
+            if metrics:
+                events.emit("eval", step=pos.step, **metrics)
         return path, lora
 
     def samples() -> None:

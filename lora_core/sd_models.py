@@ -9,6 +9,7 @@ what was found.
 """
 from __future__ import annotations
 
+from .errors import InputError
 import json
 import logging
 import re
@@ -24,7 +25,7 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(InputError):
     """The base model cannot be used; the message says what was found and what to do."""
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError, TrainConfig, config_from_dict, load_config
+from .errors import InputError
 from .events import EXIT_ABORTED, EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_OOM, EXIT_STOPPED, EventWriter
 from .loop import OOM_ADVICE, StopFlag, TrainResult, train
 
@@ -115,6 +116,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     install_signal_handlers(stop)
     try:
         result = run_training(cfg, events, stop, show_progress=not args.no_progress)
+    except InputError as e:  # bad data or model files found while loading: the message says what to fix
+        events.emit("end", status="failed", step=0, output=None, error=str(e), advice="fix the input named above")
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     except KeyboardInterrupt:
         events.emit("end", status="stopped", step=0, output=None, error="stopped before training started",
                     advice=None)

@@ -15,6 +15,7 @@ which are logged by line.
 """
 from __future__ import annotations
 
+from ..errors import InputError
 import csv
 import json
 import logging
@@ -35,7 +36,7 @@ ROLES = ("system", "user", "assistant")
 MAX_REPORTED = 20
 
 
-class TextDataError(ValueError):
+class TextDataError(InputError):
     """Records the user must fix; ``problems`` holds one line each, naming file and line."""
 
     def __init__(self, problems: list[str]):

@@ -11,6 +11,7 @@ the wrong tokens.
 """
 from __future__ import annotations
 
+from ..errors import InputError
 from typing import Any
 
 ALPACA_TEMPLATE = (
@@ -29,7 +30,7 @@ NAMED_TEMPLATES = {"alpaca": ALPACA_TEMPLATE, "chatml": CHATML_TEMPLATE}
 END_OF_TURN = {CHATML_TEMPLATE: "<|im_end|>"}
 
 
-class TemplateError(ValueError):
+class TemplateError(InputError):
     """A chat template that cannot be used for training; the message names ``data.chat_template``."""
 
 
