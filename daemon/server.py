@@ -174,17 +174,27 @@ class Daemon:
             "version": __version__, "protocol": PROTOCOL_VERSION, "started_at": self.started_at,
             "home": str(self.home), "curve_dir": str(self.options.curve_dir) if self.options.curve_dir else None,
         }
-        reconciled = reconcile(self.store, self.bus, self.settings)
-        if reconciled:
-            log.info("settled %d runs left by a previous daemon", len(reconciled))
         write_private_json(self.home / INFO_FILE, self.info)
-        for slot in self.slots:
-            worker = Worker(slot, self.store, self.bus, self.settings, self.wake, self.stopping)
-            worker.start()
-            self.workers.append(worker)
+        self.workers = [Worker(slot, self.store, self.bus, self.settings, self.wake, self.stopping)
+                        for slot in self.slots]
+        # Settling runs a dead daemon left behind may wait for an orphaned child to checkpoint: do it beside the
+        # request loop, so clients get answers meanwhile, and start the workers only after it.
+        self._reconciler = threading.Thread(target=self._reconcile_then_work, name="reconcile", daemon=True)
+        self._reconciler.start()
         log.info("lora-daemon %s listening on %s (events %s), home %s, slots %s", __version__,
                  self.info["endpoint"], self.info["events"], self.home, ",".join(self.slots))
         return self.info
+
+    def _reconcile_then_work(self) -> None:
+        try:
+            settled = reconcile(self.store, self.bus, self.settings)
+            if settled:
+                log.info("settled %d runs left by a previous daemon", len(settled))
+        except Exception:
+            log.exception("could not settle the runs of the previous daemon; they stay as they are")
+        for worker in self.workers:
+            if not self.stopping.is_set():
+                worker.start()
 
     def serve_forever(self) -> None:
         poller = zmq.Poller()
@@ -211,7 +221,7 @@ class Daemon:
     def _shutdown(self) -> None:
         log.info("stopping: asking running jobs to save a checkpoint")
         self.bus.emit("daemon.stopping", None)
-        for worker in self.workers:
+        for worker in [self._reconciler, *self.workers]:
             while worker.is_alive():
                 worker.join(0.1)
                 self._forward_events()

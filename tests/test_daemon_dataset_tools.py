@@ -33,3 +33,27 @@ def test_dataset_tool_errors_name_the_problem(daemon, tiny_data):
         client.check(str(tiny_data), run_shell="rm -rf /")
     with pytest.raises(DaemonError, match="no such folder"):
         client.check(str(tiny_data / "missing"))
+
+
+def test_plan_returns_the_engines_plan_for_a_config(daemon, tiny_sd, tiny_data):
+    pytest.importorskip("lora_core.plan")
+    from daemon_fixtures import run_config
+
+    config = run_config(tiny_sd, tiny_data, "planned")
+    config["training"]["batch_size"] = 3
+    plan = daemon.client().plan(config)
+    assert plan["settings"]["batch_size"] == 3 and plan["device"] == "cpu"
+    assert plan["estimate_mb"] > 0 and isinstance(plan["fits"], bool)
+    assert not list((daemon.home / "plans").glob("*"))  # the temporary snapshot is gone
+
+
+def test_plan_refuses_a_bad_config_before_starting_a_child(daemon, tiny_sd, tiny_data):
+    from daemon_fixtures import run_config
+
+    config = run_config(tiny_sd, tiny_data, "planned")
+    config["training"]["batch_size"] = 0
+    with pytest.raises(DaemonError) as err:
+        daemon.client().plan(config)
+    assert err.value.code == "config_invalid"
+    assert err.value.details["problems"] == ["training.batch_size: must be at least 1, got 0"]
+    assert not list((daemon.home / "plans").glob("*"))
