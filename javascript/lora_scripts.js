@@ -4,7 +4,8 @@
 (function () {
     "use strict";
     const API = "./lora-scripts/v1";
-    const state = {since: -1, selected: localStorage.getItem("lora_scripts_run") || "", metrics: {}, metricsRun: "",
+    // `pinned` is a run the person clicked; without one, the view follows the active training run.
+    const state = {since: -1, pinned: localStorage.getItem("lora_scripts_run") || "", selected: "", metrics: {},
                    setupNext: 0, busy: false, lastRuns: []};
 
     function root() {
@@ -87,13 +88,13 @@
     }
 
     function pickDefault(runs) {
-        if (state.selected && runs.some((r) => r.id === state.selected)) return state.selected;
+        if (state.pinned && runs.some((r) => r.id === state.pinned)) return state.pinned;
         const active = runs.find((r) => ["running", "cancelling", "queued"].includes(r.status) && r.kind !== "caption");
         return active ? active.id : (runs.length ? runs[0].id : "");
     }
 
     function select(runId) {
-        state.selected = runId;
+        state.pinned = state.selected = runId;
         localStorage.setItem("lora_scripts_run", runId);
         setSelectedInput(runId);
         poll();
@@ -182,7 +183,6 @@
         if (!runsHost || state.busy) return;
         state.busy = true;
         try {
-            if (state.metricsRun !== state.selected) state.metricsRun = state.selected;
             const points = state.metrics[state.selected] || [];
             const since = points.length ? points[points.length - 1].step : 0;
             const url = `${API}/live?since=${state.since}&metrics_since=${since}` +

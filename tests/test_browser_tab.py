@@ -11,6 +11,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -75,8 +76,12 @@ def build_tiny_wd14(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """A tiny model, four uncaptioned images, a tiny tagger, a daemon (engine env) and the tab (gradio 3 env)."""
+def world():
+    """A tiny model, four uncaptioned images, a tiny tagger, a daemon (engine env) and the tab (gradio 3 env).
+
+    Its folder is not a pytest tmp_path: pytest prunes old tmp folders of other sessions, and a session running
+    beside this one must not delete the daemon's state folder mid-run.
+    """
     prerequisite(CHROMIUM.exists(), f"{CHROMIUM} is missing: run `python tests/prepare_webui_envs.py` as root")
     try:
         import playwright.sync_api  # noqa: F401
@@ -85,7 +90,8 @@ def world(tmp_path_factory):
     python3 = require(".venv-gradio3")
     from lora_core.tiny import build_tiny_sd, make_tiny_dataset
 
-    base = tmp_path_factory.mktemp("tab")
+    holder = tempfile.TemporaryDirectory(prefix="lora-scripts-tab-")
+    base = Path(holder.name)
     models, home, lora_dir = base / "models", base / "home", base / "Lora"
     build_tiny_sd(models, single_file=True)
     images = sorted(make_tiny_dataset(base / "photos", n=4, size=64, sidecars=False).glob("*.png"))
@@ -116,6 +122,18 @@ def world(tmp_path_factory):
         ui.wait(timeout=30)
         ui_log.close()
         subprocess.run([sys.executable, "-m", "daemon.cli", "--home", str(home), "stop"], env=env, timeout=120)
+        holder.cleanup()
+
+
+@pytest.fixture
+def page(browser, request):
+    """A fresh page; when the test fails, its last screen is saved next to the other screenshots."""
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+    failed_before = request.session.testsfailed
+    yield page
+    if request.session.testsfailed > failed_before:  # the call's report is logged before fixtures tear down
+        shot(page, f"failed_{request.node.name}")
+    page.close()
 
 
 @pytest.fixture(scope="module")
@@ -143,8 +161,7 @@ def daemon_client(world):
     return DaemonClient(home=world["home"], timeout=10)
 
 
-def test_a_learning_rate_of_minus_one_is_refused_next_to_its_field_and_queues_nothing(world, browser):
-    page = browser.new_page(viewport={"width": 1280, "height": 900})
+def test_a_learning_rate_of_minus_one_is_refused_next_to_its_field_and_queues_nothing(world, page):
     page.goto(world["url"])
     section(page, "Train")
     page.locator("#lora_scripts_learning_rate input").fill("-1")
@@ -155,11 +172,9 @@ def test_a_learning_rate_of_minus_one_is_refused_next_to_its_field_and_queues_no
     assert "Nothing was queued" in page.locator("#lora_scripts_train_status").first.inner_text()
     shot(page, "01_bad_learning_rate")
     assert daemon_client(world).list_runs(all=True) == []
-    page.close()
 
 
-def test_a_person_trains_a_lora_from_the_tab_and_finds_it_in_the_lora_folder(world, browser):
-    page = browser.new_page(viewport={"width": 1280, "height": 1000})
+def test_a_person_trains_a_lora_from_the_tab_and_finds_it_in_the_lora_folder(world, page):
     page.goto(world["url"])
     client = daemon_client(world)
 
@@ -190,7 +205,7 @@ def test_a_person_trains_a_lora_from_the_tab_and_finds_it_in_the_lora_folder(wor
     page.locator("#lora_scripts_output_name input, #lora_scripts_output_name textarea").fill("my_style")
     page.locator("#lora_scripts_resolution input").fill("64")
     page.locator("#lora_scripts_batch_size input").fill("1")
-    page.locator("#lora_scripts_max_train_steps input").fill("400")
+    page.locator("#lora_scripts_max_train_steps input").fill("300")
     page.locator("#lora_scripts_start").click()
     page.locator("#lora_scripts_train_status").get_by_text("Queued run").wait_for(timeout=60_000)
     run_id = re.search(r"Queued run (\S+)", page.locator("#lora_scripts_train_status").first.inner_text()).group(1)
@@ -225,4 +240,3 @@ def test_a_person_trains_a_lora_from_the_tab_and_finds_it_in_the_lora_folder(wor
     run = client.get(run_id)
     assert Path(run["published_file"]) == world["lora_dir"] / "my_style.safetensors"
     assert (world["lora_dir"] / "my_style.safetensors").stat().st_size > 0
-    page.close()
