@@ -112,6 +112,7 @@ class TrainingConfig:
     min_snr_gamma: Optional[float] = None
     oom_policy: str = "stop"
     auto_fit: bool = False
+    memory_budget_mb: Optional[float] = None
     resume_from_checkpoint: Optional[str] = None
     device: str = "auto"
 
@@ -431,6 +432,7 @@ def _validate(cfg: TrainConfig, given: dict[str, dict[str, tuple[Any, str]]], pr
     check(t.max_grad_norm >= 0, "training", "max_grad_norm", "must be >= 0 (0 turns clipping off)")
     check(t.noise_offset >= 0, "training", "noise_offset", "must be >= 0")
     check(t.min_snr_gamma is None or t.min_snr_gamma > 0, "training", "min_snr_gamma", "must be > 0")
+    check(t.memory_budget_mb is None or t.memory_budget_mb > 0, "training", "memory_budget_mb", "must be > 0")
     check(1 <= m.lora_rank <= 1024, "model", "lora_rank", "must be between 1 and 1024")
     check(m.alpha is None or m.alpha > 0, "model", "alpha", "must be > 0")
     check(0 <= m.dropout < 1, "model", "dropout", "must be in [0, 1)")

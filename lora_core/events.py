@@ -5,6 +5,7 @@ Every event has ``type`` and ``time`` (unix seconds). Types and their fields:
 ============  ==============================================================================================
 ``start``     step, total_steps, epoch, output_dir, resumed_from (checkpoint path or null), device, task_type
 ``dataset``   images, examples, skipped [{file, reason}], duplicates [{file, same_as}], reg_images, buckets
+``plan``      estimate_mb, capacity_mb, fits, applied (overrides auto_fit applied, or null)
 ``cache``     what ("latents" | "text"), done, total
 ``step``      step, total_steps, epoch, loss, lr, it_s, eta_s, peak_mem_mb
 ``checkpoint``  step, epoch, path (resume state folder), lora (the step's LoRA file)

@@ -42,6 +42,12 @@ def run_training(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: O
                  show_progress: bool = True) -> TrainResult:
     """Train, applying ``oom_policy: step_down`` by resuming from the saved step with smaller settings."""
     events = events or EventWriter(enabled=False)
+    if cfg.training.auto_fit:
+        from .plan import auto_fit
+
+        cfg, plan = auto_fit(cfg)
+        events.emit("plan", estimate_mb=round(plan.estimate_mb, 1), capacity_mb=round(plan.capacity_mb, 1),
+                    fits=plan.fits, applied=plan.suggestion)
     while True:
         result = train(cfg, events, stop, show_progress)
         if result.status != "oom":

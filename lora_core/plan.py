@@ -1,0 +1,214 @@
+"""The memory plan: will this config fit the device, and if not, which settings will?
+
+``python -m lora_core.train --config X --plan`` prints it without training; ``auto_fit: true`` applies its choice.
+The estimate is built from measurements, not a table of GPUs: the model is loaded, the LoRA added, and one forward pass
+at batch 1 and the largest training resolution records what autograd saves for backward (with and without gradient
+checkpointing). Peak ≈ frozen weights + LoRA weights/gradients/optimizer state + batch × activations (+ the VAE
+encode when latents are not cached) + a margin for the backward pass. Tests check it against the tensor memory
+actually used by training steps on the tiny models.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+import torch
+
+from .config import TrainConfig, config_from_dict
+from .memory import TensorMemoryMeter, module_bytes, saved_for_backward
+
+log = logging.getLogger(__name__)
+
+MB = 2**20
+BACKWARD_MARGIN = 1.25  # gradients of activations and temporaries alive during backward
+HEADROOM = 0.90  # plan to use at most this share of the device
+CUDA_CONTEXT_MB = 400.0
+
+
+@dataclass
+class Measurements:
+    weights: int  # frozen model weights in the compute dtype
+    lora_params: int  # number of trainable parameters
+    act_per_example: int  # saved-for-backward bytes at batch 1, no checkpointing (fp32)
+    act_per_example_gc: int  # ... with gradient checkpointing
+    vae_encode_per_example: int  # peak transient of one VAE encode (fp32)
+    latent_pixels: int
+
+
+@dataclass
+class MemoryPlan:
+    device: str
+    capacity_mb: float
+    estimate_mb: float
+    breakdown_mb: dict
+    fits: bool
+    settings: dict  # the settings the estimate is for
+    suggestion: Optional[dict] = None  # overrides that fit (None if the config fits as is or nothing fits)
+    suggestion_estimate_mb: Optional[float] = None
+    candidates: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        lines = [f"device: {self.device}, usable {self.capacity_mb * HEADROOM:,.0f} MB of {self.capacity_mb:,.0f} MB",
+                 f"estimated peak for this config: {self.estimate_mb:,.0f} MB "
+                 f"({'fits' if self.fits else 'does NOT fit'})"]
+        lines += [f"  {k:<24}{v:>10,.0f} MB" for k, v in self.breakdown_mb.items()]
+        if self.suggestion:
+            pretty = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in self.suggestion.items())
+            lines.append(f"suggested: {pretty} → {self.suggestion_estimate_mb:,.0f} MB "
+                         f"(auto_fit: true applies it)")
+        elif not self.fits:
+            lines.append("nothing tried fits: lower data.resolution or use a larger GPU")
+        return "\n".join(lines)
+
+
+def device_capacity_mb(device: torch.device) -> float:
+    """Free memory now: the WebUI may hold part of the same GPU, and the plan must fit beside it."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free / MB
+    import psutil
+
+    return psutil.virtual_memory().available / MB
+
+
+def measure(cfg: TrainConfig) -> Measurements:
+    """Load the model on the CPU, add the LoRA, and measure one batch-1 forward at the largest bucket."""
+    from .buckets import make_buckets
+    from .lora import add_lora, lora_parameters
+    from .sd_models import load_sd_model
+
+    m, d = cfg.model, cfg.data
+    sd = load_sd_model(m.base_model, m.model_family, m.prediction_type, m.allow_pickle)
+    alpha = m.alpha if m.alpha is not None else float(m.lora_rank)
+    add_lora(sd.unet, m.unet_target_modules, m.lora_rank, alpha, m.dropout)
+    params = sum(p.numel() for p in lora_parameters(sd.unet))
+    if m.train_text_encoder:
+        add_lora(sd.text_encoder, m.text_encoder_target_modules, m.lora_rank, alpha, m.dropout,
+                 field="model.text_encoder_target_modules")
+        params += sum(p.numel() for p in lora_parameters(sd.text_encoder))
+    lora_bytes = params * 4
+    weights = module_bytes(sd.unet) + module_bytes(sd.vae) + module_bytes(sd.text_encoder) - lora_bytes
+    buckets = make_buckets(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps) \
+        if d.enable_bucket else []
+    width, height = max(((b.width, b.height) for b in buckets), key=lambda s: s[0] * s[1],
+                        default=(d.resolution, d.resolution))
+    scale = 2 ** (len(sd.vae.config.block_out_channels) - 1)
+    latents = torch.zeros(1, sd.unet.config.in_channels, height // scale, width // scale)
+    text = torch.zeros(1, sd.tokenizer.model_max_length, sd.unet.config.cross_attention_dim)
+    act = activation_bytes(sd.unet, latents, text, checkpointing=False)
+    act_gc = activation_bytes(sd.unet, latents, text, checkpointing=True)
+    meter = TensorMemoryMeter()
+    with torch.no_grad(), meter:
+        sd.vae.encode(torch.zeros(1, 3, height, width)).latent_dist.mean
+    return Measurements(weights, params, act, act_gc, meter.peak_bytes, latents[0, 0].numel())
+
+
+def activation_bytes(unet: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor, checkpointing: bool) -> int:
+    """What autograd keeps for backward in one training forward, minus the frozen weights it references."""
+    weights = {p.untyped_storage().data_ptr() for p in unet.parameters()}
+    if checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    try:
+        with saved_for_backward(exclude=weights) as saved:
+            unet(latents, torch.tensor([500]), text)
+    finally:
+        if checkpointing:
+            unet.disable_gradient_checkpointing()
+    return saved["bytes"]
+
+
+def estimate_mb(meas: Measurements, settings: dict, device: torch.device) -> tuple[float, dict]:
+    """Peak memory for one set of settings (batch_size, gradient_checkpointing, cache_latents, optimizer,
+    mixed_precision, lora_rank scale)."""
+    half = settings["mixed_precision"] in ("fp16", "bf16")
+    weights = meas.weights * (0.5 if half else 1.0)
+    rank_scale = settings.get("rank_scale", 1.0)
+    state_bytes = 2 if settings["optimizer"] == "adamw8bit" else 8
+    lora = meas.lora_params * rank_scale * (4 + 4 + state_bytes)
+    per_example = meas.act_per_example_gc if settings["gradient_checkpointing"] else meas.act_per_example
+    if settings["gradient_checkpointing"]:
+        per_example += meas.act_per_example / 8  # one block's activations are recomputed at a time
+    acts = settings["batch_size"] * per_example * (0.55 if half else 1.0) * BACKWARD_MARGIN
+    # the image task encodes uncached images one at a time, so the VAE's transient does not grow with the batch
+    vae = 0.0 if settings["cache_latents"] else meas.vae_encode_per_example * (0.5 if half else 1.0)
+    context = CUDA_CONTEXT_MB * MB if device.type == "cuda" else 0.0
+    parts = {"model weights": weights, "LoRA + optimizer": lora, "activations": acts, "VAE encode": vae,
+             "CUDA context": context}
+    return sum(parts.values()) / MB, {k: v / MB for k, v in parts.items()}
+
+
+def current_settings(cfg: TrainConfig) -> dict:
+    t = cfg.training
+    return {"batch_size": t.batch_size, "gradient_checkpointing": t.gradient_checkpointing,
+            "cache_latents": cfg.data.cache_latents and not cfg.data.flip_aug, "optimizer": t.optimizer,
+            "mixed_precision": t.mixed_precision}
+
+
+def candidate_changes(cfg: TrainConfig, device: torch.device) -> list[dict]:
+    """Overrides to try, mildest first: caching and checkpointing cost little, a smaller batch costs throughput,
+    8-bit optimizer and half precision need CUDA, a lower rank changes the LoRA."""
+    t = cfg.training
+    steps: list[dict] = []
+    if not cfg.data.cache_latents:
+        steps.append({"data.cache_latents": True})
+    if not t.gradient_checkpointing:
+        steps.append({"training.gradient_checkpointing": True})
+    bs = t.batch_size
+    while bs > 1:
+        bs //= 2
+        steps.append({"training.batch_size": bs,
+                      "training.gradient_accumulation_steps": t.gradient_accumulation_steps * (t.batch_size // bs)})
+    if device.type == "cuda":
+        if t.optimizer != "adamw8bit":
+            steps.append({"training.optimizer": "adamw8bit"})
+        if t.mixed_precision == "no":
+            steps.append({"training.mixed_precision": "bf16" if torch.cuda.is_bf16_supported() else "fp16"})
+    if cfg.model.lora_rank > 4:
+        steps.append({"model.lora_rank": 4})
+    return steps
+
+
+def _apply(settings: dict, change: dict, cfg: TrainConfig) -> dict:
+    s = dict(settings)
+    for key, value in change.items():
+        name = key.split(".")[-1]
+        if name == "lora_rank":
+            s["rank_scale"] = value / cfg.model.lora_rank
+        elif name in s:
+            s[name] = value
+    return s
+
+
+def make_plan(cfg: TrainConfig, meas: Optional[Measurements] = None) -> MemoryPlan:
+    device = torch.device("cuda" if (cfg.training.device != "cpu" and torch.cuda.is_available()) else "cpu")
+    meas = meas or measure(cfg)
+    capacity = cfg.training.memory_budget_mb or device_capacity_mb(device)
+    settings = current_settings(cfg)
+    estimate, parts = estimate_mb(meas, settings, device)
+    plan = MemoryPlan(str(device), capacity, estimate, parts, estimate <= capacity * HEADROOM, settings)
+    if plan.fits:
+        return plan
+    applied: dict = {}
+    for change in candidate_changes(cfg, device):
+        applied.update(change)
+        s = _apply(settings, applied, cfg)
+        est, _ = estimate_mb(meas, s, device)
+        plan.candidates.append({"overrides": dict(applied), "estimate_mb": est})
+        if est <= capacity * HEADROOM:
+            plan.suggestion, plan.suggestion_estimate_mb = dict(applied), est
+            break
+    return plan
+
+
+def auto_fit(cfg: TrainConfig) -> tuple[TrainConfig, MemoryPlan]:
+    """Apply the plan's suggestion (if any) and return the config to train with."""
+    plan = make_plan(cfg)
+    if plan.suggestion:
+        log.info("auto_fit: %s", plan.suggestion)
+        cfg = config_from_dict(cfg.to_dict(), base_dir=cfg.config_dir, overrides=plan.suggestion)
+    return cfg, plan

@@ -1,0 +1,81 @@
+"""The memory plan: its estimate is checked against the tensor memory training steps really use, and its advice
+(and auto_fit) lands under the budget."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lora_core.events import EventWriter, read_events
+from lora_core.image_task import ImageTask
+from lora_core.loop import make_accelerator, make_optimizer
+from lora_core.memory import TensorMemoryMeter, module_bytes
+from lora_core.plan import make_plan
+from lora_core.train import run_training
+
+TOLERANCE = 0.25  # the estimate must be within ±25% of the measured peak
+
+
+def measured_peak_mb(cfg) -> float:
+    """Frozen weights + the peak of live tensors over two real training steps of the image task."""
+    task = ImageTask(cfg)
+    task.setup(make_accelerator(cfg))
+    static = sum(module_bytes(m) for m in (task.model.unet, task.model.vae, task.model.text_encoder))
+    optimizer = make_optimizer(cfg, task.param_groups(cfg.training.learning_rate))
+    generator = torch.Generator().manual_seed(0)
+    meter = TensorMemoryMeter()
+    with meter:
+        for batch_indices in task.epoch_batches(0, cfg.training.batch_size)[:2]:
+            loss = task.loss(task.collate(batch_indices, 0), generator)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            del loss
+    return (static + meter.peak_bytes) / 2**20
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"batch_size": 1}, {"gradient_checkpointing": True}, {"cache_latents": False}, {"resolution": 128},
+], ids=["default", "batch1", "checkpointing", "uncached", "128px"])
+def test_plan_estimate_is_within_tolerance_of_the_measured_peak(train_config, overrides):
+    cfg = train_config(**{"batch_size": 4, **overrides})
+    estimate = make_plan(cfg).estimate_mb
+    measured = measured_peak_mb(cfg)
+    assert abs(estimate - measured) <= TOLERANCE * measured, f"estimate {estimate:.1f} MB vs measured {measured:.1f} MB"
+
+
+def test_plan_suggests_settings_that_fit_a_small_budget(train_config):
+    full = make_plan(train_config(batch_size=4)).estimate_mb
+    plan = make_plan(train_config(batch_size=4, memory_budget_mb=full * 0.9))
+    assert not plan.fits
+    assert plan.suggestion and plan.suggestion_estimate_mb <= full * 0.9 * 0.9
+    assert "training.gradient_checkpointing" in plan.suggestion or "training.batch_size" in plan.suggestion
+    assert "suggested:" in plan.describe() and "does NOT fit" in plan.describe()
+
+
+def test_auto_fit_applies_the_suggestion_before_training(train_config, tmp_path):
+    full = make_plan(train_config(batch_size=4)).estimate_mb
+    events = tmp_path / "events.jsonl"
+    cfg = train_config(batch_size=4, max_train_steps=2, auto_fit=True, memory_budget_mb=full * 0.9)
+    result = run_training(cfg, EventWriter(events), show_progress=False)
+    assert result.status == "finished"
+    plan = next(e for e in read_events(events) if e["type"] == "plan")
+    assert plan["applied"]
+    saved = (tmp_path / "out" / "config.yaml").read_text()
+    for key, value in plan["applied"].items():
+        assert f"{key.split('.')[-1]}: {str(value).lower()}" in saved
+
+
+def test_plan_cli_prints_json_without_training(train_config, tmp_path):
+    cfg = train_config()
+    path = tmp_path / "c.yaml"
+    path.write_text(cfg.to_yaml())
+    proc = subprocess.run([sys.executable, "-m", "lora_core.train", "--config", str(path), "--plan", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    plan = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert plan["fits"] and plan["estimate_mb"] > 0 and "activations" in plan["breakdown_mb"]
+    assert not (tmp_path / "out").exists()
