@@ -8,6 +8,7 @@ captions) is the daemon's `check` command, so the rules live in the engine once.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shutil
 import zipfile
@@ -119,7 +120,7 @@ def save_uploads(files: Iterable[Any], folder: Path) -> SaveReport:
     report = SaveReport()
     folder.mkdir(parents=True, exist_ok=True)
     for upload in files:
-        path = Path(getattr(upload, "name", upload))
+        path = Path(upload if isinstance(upload, (str, os.PathLike)) else getattr(upload, "name", upload))
         original = safe_name(getattr(upload, "orig_name", None) or path.name)
         if path.suffix.lower() == ".zip":
             _save_zip(path, folder, report)

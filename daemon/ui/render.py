@@ -56,3 +56,27 @@ def check_report(report: dict) -> str:
         parts.append('<table class="lora-scripts-table"><thead><tr><th></th><th>file</th><th>problem</th>'
                      f"<th>detail</th></tr></thead><tbody>{rows}</tbody></table>")
     return "".join(parts)
+
+
+def _memory_part(plan: dict) -> dict:
+    if "estimate_mb" in plan:
+        return plan
+    return next((v for v in plan.values() if isinstance(v, dict) and "estimate_mb" in v), {})
+
+
+def vram_plan(plan: dict) -> str:
+    """The engine's plan (``lora_core.train --plan``) in one line: steps, estimated peak memory, the suggestion."""
+    parts = []
+    if plan.get("total_steps"):
+        parts.append(f"{plan['total_steps']} steps")
+    memory = _memory_part(plan)
+    if memory:
+        usable = memory.get("capacity_mb", 0) * 0.9
+        parts.append(f"estimated peak {memory['estimate_mb']:,.0f} MB of {usable:,.0f} MB usable on "
+                     f"{memory.get('device', '?')} ({'fits' if memory.get('fits') else 'does NOT fit'})")
+        if memory.get("suggestion"):
+            pretty = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in memory["suggestion"].items())
+            parts.append(f"suggested: {pretty}")
+    if not parts:
+        return message("VRAM plan: " + ", ".join(f"{k}={v}" for k, v in plan.items() if not isinstance(v, dict)))
+    return message("VRAM plan: " + "; ".join(parts), "ok" if memory.get("fits", True) else "error")

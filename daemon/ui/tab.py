@@ -395,8 +395,7 @@ class TrainTab:
             plan = client.plan(config)
         except (DaemonNotRunning, DaemonError) as e:
             return render.message(f"No VRAM plan: {_daemon_message(e)}")
-        text = plan.get("summary") or plan.get("message") or ""
-        return render.message(f"VRAM plan: {text}" if text else "VRAM plan: " + yaml.safe_dump(plan), "info")
+        return render.vram_plan(plan)
 
     def validate(self, base_model, folder, extra_text, *values) -> list:
         config, errors, plan = self._checked(base_model, folder, extra_text, values)
