@@ -233,6 +233,12 @@ def upright_rgb(im: Image.Image) -> Image.Image:
 def load_image(path: Path, width: int, height: int, center_crop: bool = True, rng: Optional[random.Random] = None,
                flip: bool = False):
     """Upright RGB image scaled to cover (width, height) without stretching, then cropped to it; a [-1,1] tensor."""
+    return load_image_with_crop(path, width, height, center_crop, rng, flip)[0]
+
+
+def load_image_with_crop(path: Path, width: int, height: int, center_crop: bool = True,
+                         rng: Optional[random.Random] = None, flip: bool = False):
+    """`load_image` plus the crop's (top, left) offset in the scaled image — SDXL is conditioned on it."""
     import numpy as np
     import torch
 
@@ -249,7 +255,7 @@ def load_image(path: Path, width: int, height: int, center_crop: bool = True, rn
         if flip:
             im = ImageOps.mirror(im)
         arr = np.asarray(im, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous(), (top, left)
 
 
 def assign_buckets(items: list[ImageItem], resolution: int, enable_bucket: bool, min_reso: int, max_reso: int,

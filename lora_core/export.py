@@ -49,6 +49,29 @@ def peft_to_kohya(state: dict[str, torch.Tensor], prefix: str, alpha: float,
     return out
 
 
+def kohya_lora_tensors(family: str, unet_state: dict[str, torch.Tensor], text_states: list[dict[str, torch.Tensor]],
+                       alpha: float, unet_config) -> dict[str, torch.Tensor]:
+    """The whole file's tensors in the naming each family's loaders expect: SD1/SD2 UNet keys with diffusers module
+    names and ``lora_te_``; SDXL UNet keys with the original SGM names (``input_blocks_4_1_…``, as sd-scripts writes
+    them, since kohya trains SDXL on the SGM UNet) and ``lora_te1_``/``lora_te2_`` for its two text encoders."""
+    if family != "sdxl":
+        tensors = peft_to_kohya(unet_state, "lora_unet", alpha)
+        for state in text_states:
+            tensors.update(peft_to_kohya(state, "lora_te", alpha))
+        return tensors
+    from .ldm_keys import ldm_unet_name
+
+    up_attn = ["CrossAttn" in t for t in unet_config.up_block_types]
+
+    def sgm(path: str) -> str:
+        return ldm_unet_name(path + ".weight", unet_config.layers_per_block, up_attn)[: -len(".weight")]
+
+    tensors = peft_to_kohya(unet_state, "lora_unet", alpha, rename=sgm)
+    for i, state in enumerate(text_states, start=1):
+        tensors.update(peft_to_kohya(state, f"lora_te{i}", alpha))
+    return tensors
+
+
 def data_section_sha256(blob: bytes) -> str:
     """sha256 of everything after the safetensors header — sd-scripts' and A1111's ``sshs_model_hash``."""
     (header_len,) = struct.unpack("<Q", blob[:8])
@@ -150,11 +173,13 @@ def training_metadata(*, output_name: str, base_model_version: str, prediction_t
     return {k: str(v) for k, v in meta.items()}
 
 
-def save_diffusers_lora(folder: str | Path, unet_state: dict[str, torch.Tensor], te_state: dict[str, torch.Tensor],
-                        rank: int, alpha: float, precision: str = "fp16") -> Path:
+def save_diffusers_lora(folder: str | Path, unet_state: dict[str, torch.Tensor],
+                        te_states: list[dict[str, torch.Tensor]], rank: int, alpha: float,
+                        precision: str = "fp16") -> Path:
     """``format: diffusers``: peft-named weights that ``pipe.load_lora_weights(folder)`` reads, saved through diffusers'
-    own writer with the adapter metadata that restores ``lora_alpha`` (without it the LoRA loads at the wrong scale)."""
-    from diffusers import StableDiffusionPipeline
+    own writer with the adapter metadata that restores ``lora_alpha`` (without it the LoRA loads at the wrong scale).
+    Two text-encoder states mean SDXL (StableDiffusionXLPipeline's writer, ``text_encoder_2``)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     folder = Path(folder)
     dtype = DTYPES[precision]
@@ -163,12 +188,17 @@ def save_diffusers_lora(folder: str | Path, unet_state: dict[str, torch.Tensor],
         targets = sorted({k.split(".lora_")[0] for k in state})
         return {"r": rank, "lora_alpha": alpha, "target_modules": targets}
 
+    def layers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v.to(dtype) for k, v in state.items()}
+
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
-    StableDiffusionPipeline.save_lora_weights(
-        tmp, unet_lora_layers={k: v.to(dtype) for k, v in unet_state.items()},
-        text_encoder_lora_layers={k: v.to(dtype) for k, v in te_state.items()} or None,
-        unet_lora_adapter_metadata=meta(unet_state),
-        text_encoder_lora_adapter_metadata=meta(te_state) if te_state else None)
+    kwargs = dict(unet_lora_layers=layers(unet_state), unet_lora_adapter_metadata=meta(unet_state))
+    for i, state in enumerate(te_states):
+        name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
+        kwargs[f"{name}_lora_layers"] = layers(state)
+        kwargs[f"{name}_lora_adapter_metadata"] = meta(state)
+    writer = StableDiffusionXLPipeline if len(te_states) == 2 else StableDiffusionPipeline
+    writer.save_lora_weights(tmp, **kwargs)
     if folder.exists():
         import shutil
 

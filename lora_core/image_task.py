@@ -22,8 +22,8 @@ import torch.nn.functional as F
 
 from .buckets import Bucket, bucket_info, format_bucket_table
 from .config import TrainConfig
-from .dataset import (DatasetScan, ImageItem, assign_buckets, load_image, process_caption, scan_dataset)
-from .export import peft_to_kohya, save_diffusers_lora, save_lora_file, training_metadata
+from .dataset import (DatasetScan, ImageItem, assign_buckets, load_image_with_crop, process_caption, scan_dataset)
+from .export import kohya_lora_tensors, save_diffusers_lora, save_lora_file, training_metadata
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state
 from .sample_prompts import parse_sample_prompts
 from .sd_models import SDModel, load_sd_model
@@ -54,6 +54,8 @@ class ImageTask:
         self.examples: list[Example] = []
         self.latent_cache: dict[int, torch.Tensor] = {}
         self.text_cache: dict[str, torch.Tensor] = {}
+        self.pooled_cache: dict[str, torch.Tensor] = {}  # SDXL: the second encoder's pooled embedding per caption
+        self.crops: dict[int, tuple[int, int]] = {}  # SDXL: (top, left) of each item's latest crop, for time ids
         self.bucket_table: Optional[dict] = None
 
     # ---- setup -------------------------------------------------------------------------------------------------
@@ -86,7 +88,9 @@ class ImageTask:
         model.vae.requires_grad_(False).to(self.device).eval()
         if self.weight_dtype != torch.float32:
             model.vae.to(dtype=self.weight_dtype)
-        model.text_encoder.requires_grad_(False)
+        text_encoders = [e for e in (model.text_encoder, model.text_encoder_2) if e is not None]
+        for encoder in text_encoders:
+            encoder.requires_grad_(False)
         model.unet.requires_grad_(False)
         alpha = m.alpha if m.alpha is not None else float(m.lora_rank)
         self.alpha = alpha
@@ -98,15 +102,20 @@ class ImageTask:
         if m.train_text_encoder:
             self.te_targets = add_lora(model.text_encoder, m.text_encoder_target_modules, m.lora_rank, alpha,
                                        m.dropout, field="model.text_encoder_target_modules")
+            if model.text_encoder_2 is not None:  # SDXL: both encoders, one learning rate (text_encoder_lr)
+                add_lora(model.text_encoder_2, m.text_encoder_target_modules, m.lora_rank, alpha, m.dropout,
+                         field="model.text_encoder_target_modules")
         # base weights in the compute dtype, LoRA weights stay fp32 (they are what the optimizer updates)
-        for module in (model.unet, model.text_encoder):
+        for module in (model.unet, *text_encoders):
             for name, param in module.named_parameters():
                 param.data = param.data.to(self.device, torch.float32 if ".lora_" in name else self.weight_dtype)
         if cfg.training.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             if m.train_text_encoder:
-                model.text_encoder.gradient_checkpointing_enable()
-        model.text_encoder.train(m.train_text_encoder)
+                for encoder in text_encoders:
+                    encoder.gradient_checkpointing_enable()
+        for encoder in text_encoders:
+            encoder.train(m.train_text_encoder)
         model.unet.train()
         self.cache_latents = d.cache_latents and not d.flip_aug and d.center_crop
         self.cache_text = (d.cache_text_encoder_outputs and not m.train_text_encoder and not d.shuffle_caption
@@ -118,6 +127,8 @@ class ImageTask:
         self.unet = accelerator.prepare_model(model.unet)
         self.text_encoder = accelerator.prepare_model(model.text_encoder) if m.train_text_encoder \
             else model.text_encoder
+        self.text_encoder_2 = accelerator.prepare_model(model.text_encoder_2) \
+            if m.train_text_encoder and model.text_encoder_2 is not None else model.text_encoder_2
         self.alphas_cumprod = model.noise_scheduler.alphas_cumprod.to(self.device)
 
     def _cache_all_latents(self) -> None:
@@ -132,9 +143,11 @@ class ImageTask:
         for i in range(0, len(captions), 16):
             chunk = captions[i:i + 16]
             with torch.no_grad():
-                embeds = self._encode_text(self._tokenize(chunk))
-            for caption, emb in zip(chunk, embeds):
-                self.text_cache[caption] = emb.cpu()
+                embeds, pooled = self._encode_text(self._tokenize(chunk))
+            for j, caption in enumerate(chunk):
+                self.text_cache[caption] = embeds[j].cpu()
+                if pooled is not None:
+                    self.pooled_cache[caption] = pooled[j].cpu()
             if self.progress:
                 self.progress("text", min(i + 16, len(captions)), len(captions))
 
@@ -174,7 +187,8 @@ class ImageTask:
         bucket = item.bucket
         rng = random.Random(_seed_for(self.cfg.training.seed, "crop", epoch, index))
         flip = d.flip_aug and rng.random() < 0.5
-        pixels = load_image(item.path, bucket.width, bucket.height, d.center_crop, rng, flip)
+        pixels, self.crops[item_index] = load_image_with_crop(item.path, bucket.width, bucket.height, d.center_crop,
+                                                              rng, flip)
         pixels = pixels.unsqueeze(0).to(self.device, self.weight_dtype)
         gen = torch.Generator().manual_seed(_seed_for(self.cfg.training.seed, "latent", item_index))
         with torch.no_grad():
@@ -184,19 +198,28 @@ class ImageTask:
         return (latent * self.model.vae.config.scaling_factor)[0].float()
 
     def _tokenize(self, captions: list[str]) -> torch.Tensor:
-        tok = self.model.tokenizer
-        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+        """Token ids (batch, 77); SDXL: (batch, 2, 77), one row per tokenizer (the second pads with '!')."""
+        ids = [tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                    return_tensors="pt").input_ids
+               for tok in (self.model.tokenizer, self.model.tokenizer_2) if tok is not None]
+        return ids[0] if len(ids) == 1 else torch.stack(ids, dim=1)
 
-    def _encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def _encode_text(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(encoder_hidden_states, pooled embedding or None). SDXL conditions on both encoders' penultimate hidden
+        states side by side and on the second encoder's projected pooled embedding (``clip_skip`` does not apply)."""
         te = self.text_encoder if hasattr(self, "text_encoder") else self.model.text_encoder
+        if self.model.family == "sdxl":
+            te2 = self.text_encoder_2 if hasattr(self, "text_encoder_2") else self.model.text_encoder_2
+            out1 = te(input_ids[:, 0].to(self.device), output_hidden_states=True)
+            out2 = te2(input_ids[:, 1].to(self.device), output_hidden_states=True)
+            return torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1), out2.text_embeds
         clip_skip = self.cfg.model.clip_skip
         out = te(input_ids.to(self.device), output_hidden_states=clip_skip > 1)
         if clip_skip > 1:
             inner = getattr(te, "module", te)
-            return inner.text_model.final_layer_norm(out.hidden_states[-clip_skip]) if hasattr(inner, "text_model") \
-                else inner.final_layer_norm(out.hidden_states[-clip_skip])
-        return out[0]
+            return (inner.text_model.final_layer_norm(out.hidden_states[-clip_skip]) if hasattr(inner, "text_model")
+                    else inner.final_layer_norm(out.hidden_states[-clip_skip])), None
+        return out[0], None
 
     def collate(self, indices: list[int], epoch: int) -> dict:
         latents, captions, is_reg = [], [], []
@@ -211,18 +234,33 @@ class ImageTask:
         batch = {"latents": torch.stack(latents), "is_reg": torch.tensor(is_reg)}
         if self.cache_text:
             batch["text"] = torch.stack([self.text_cache[c] for c in captions])
+            if self.pooled_cache:
+                batch["pooled"] = torch.stack([self.pooled_cache[c] for c in captions])
         else:
             batch["input_ids"] = self._tokenize(captions)
+        if self.model.family == "sdxl":
+            batch["time_ids"] = torch.tensor([self._time_ids(self.examples[idx]) for idx in indices],
+                                             dtype=torch.float32)
         return batch
+
+    def _time_ids(self, ex: Example) -> tuple[int, int, int, int, int, int]:
+        """SDXL's size conditioning: (original h, w, crop top, left, target h, w), as sd-scripts feeds it — the
+        image's own size, the crop offset in the scaled image, the bucket it was cropped to."""
+        item = ex.item
+        top, left = self.crops[ex.item_index]
+        return item.height, item.width, top, left, item.bucket.height, item.bucket.width
 
     # ---- training ----------------------------------------------------------------------------------------------
     def trainable_modules(self) -> list[torch.nn.Module]:
-        return [self.unet] + ([self.text_encoder] if self.te_targets else [])
+        return [self.unet] + (self._text_encoders() if self.te_targets else [])
+
+    def _text_encoders(self) -> list:
+        return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
     def param_groups(self, learning_rate: float) -> list[dict]:
         groups = [{"params": lora_parameters(self.unet), "lr": learning_rate}]
         if self.te_targets:
-            groups.append({"params": lora_parameters(self.text_encoder),
+            groups.append({"params": [p for e in self._text_encoders() for p in lora_parameters(e)],
                            "lr": self.cfg.model.text_encoder_lr or learning_rate})
         return groups
 
@@ -231,9 +269,10 @@ class ImageTask:
         latents = batch["latents"].to(self.device, self.weight_dtype)
         if "text" in batch:
             text = batch["text"].to(self.device, self.weight_dtype)
+            pooled = batch["pooled"].to(self.device, self.weight_dtype) if "pooled" in batch else None
         else:
             with torch.set_grad_enabled(bool(self.te_targets)):
-                text = self._encode_text(batch["input_ids"])
+                text, pooled = self._encode_text(batch["input_ids"])
         bsz = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
         if t.noise_offset:
@@ -246,7 +285,10 @@ class ImageTask:
             target = sched.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        pred = self.unet(noisy, timesteps, text).sample
+        added = None
+        if pooled is not None:  # SDXL: pooled text embedding + size/crop time ids
+            added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(self.device, pooled.dtype)}
+        pred = self.unet(noisy, timesteps, text, added_cond_kwargs=added).sample
         per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if t.min_snr_gamma:
             ac = self.alphas_cumprod[timesteps]
@@ -264,24 +306,28 @@ class ImageTask:
         state = {f"unet.{k}": v for k, v in lora_state(self.unet).items()}
         if self.te_targets:
             state.update({f"text_encoder.{k}": v for k, v in lora_state(self.text_encoder).items()})
+            if self.text_encoder_2 is not None:
+                state.update({f"text_encoder_2.{k}": v for k, v in lora_state(self.text_encoder_2).items()})
         return state
 
     def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         load_lora_state(self.unet, {k[5:]: v for k, v in state.items() if k.startswith("unet.")})
         if self.te_targets:
             load_lora_state(self.text_encoder, {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+            if self.text_encoder_2 is not None:
+                load_lora_state(self.text_encoder_2,
+                                {k[15:]: v for k, v in state.items() if k.startswith("text_encoder_2.")})
 
     # ---- outputs -----------------------------------------------------------------------------------------------
     def export(self, path_stem: Path, step: int, epoch: int) -> Path:
         cfg, m = self.cfg, self.cfg.model
         unet_state = lora_state(self.unet)
-        te_state = lora_state(self.text_encoder) if self.te_targets else {}
+        te_states = [lora_state(e) for e in self._text_encoders()] if self.te_targets else []
         if cfg.output.format == "diffusers":
-            return save_diffusers_lora(path_stem, unet_state, te_state, m.lora_rank, self.alpha,
+            return save_diffusers_lora(path_stem, unet_state, te_states, m.lora_rank, self.alpha,
                                        cfg.output.save_precision)
-        tensors = peft_to_kohya(unet_state, "lora_unet", self.alpha)
-        if te_state:
-            tensors.update(peft_to_kohya(te_state, "lora_te", self.alpha))
+        tensors = kohya_lora_tensors(self.model.family, unet_state, te_states, self.alpha,
+                                     getattr(self.unet, "module", self.unet).config)
         t = cfg.training
         meta = training_metadata(
             output_name=path_stem.name, base_model_version=self.model.base_model_version,
@@ -304,13 +350,20 @@ class ImageTask:
         prompts = parse_sample_prompts(self.cfg.sample.sample_prompts, self.cfg)
         if not prompts:
             return []
-        from diffusers import DDIMScheduler, StableDiffusionPipeline
+        from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
         unet = getattr(self.unet, "module", self.unet)
         te = getattr(self.text_encoder, "module", self.text_encoder)
-        pipe = StableDiffusionPipeline(vae=self.model.vae, text_encoder=te, tokenizer=self.model.tokenizer, unet=unet,
-                                       scheduler=DDIMScheduler.from_config(self.model.noise_scheduler.config),
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        scheduler = DDIMScheduler.from_config(self.model.noise_scheduler.config)
+        if self.model.family == "sdxl":
+            pipe = StableDiffusionXLPipeline(vae=self.model.vae, text_encoder=te,
+                                             text_encoder_2=getattr(self.text_encoder_2, "module", self.text_encoder_2),
+                                             tokenizer=self.model.tokenizer, tokenizer_2=self.model.tokenizer_2,
+                                             unet=unet, scheduler=scheduler)
+        else:
+            pipe = StableDiffusionPipeline(vae=self.model.vae, text_encoder=te, tokenizer=self.model.tokenizer,
+                                           unet=unet, scheduler=scheduler, safety_checker=None,
+                                           feature_extractor=None, requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
         out_dir.mkdir(parents=True, exist_ok=True)
         written = []

@@ -1,7 +1,7 @@
 """Load a Stable Diffusion base model from a local diffusers folder or a WebUI single-file checkpoint, offline.
 
-Single-file checkpoints (what A1111/Forge keep in ``models/Stable-diffusion``) carry weights but no configs. The
-configs are inferred from the tensor shapes (channels, blocks, context width, linear vs conv projections), the
+Families: SD 1.x, SD 2.x (512 epsilon and 768 v-prediction) and SDXL (two text encoders). Single-file checkpoints
+(what A1111/Forge keep in ``models/Stable-diffusion``) carry weights but no configs. The configs are inferred from the tensor shapes (channels, blocks, context width, linear vs conv projections), the
 weights are renamed with diffusers' own ``convert_ldm_*`` functions, and the CLIP tokenizer comes from the BPE table
 shipped with the package — so nothing is fetched from a hub, and a pruned or unusual checkpoint loads as long as it
 has the SD layout. ``.ckpt`` (pickle) is refused unless the config allows it; an unknown layout gets an error that says
@@ -39,6 +39,8 @@ class SDModel:
     noise_scheduler: Any
     prediction_type: str  # epsilon | v_prediction
     source: str
+    text_encoder_2: Any = None  # SDXL: OpenCLIP-bigG-style CLIPTextModelWithProjection (pooled embeddings)
+    tokenizer_2: Any = None
 
     @property
     def base_model_version(self) -> str:
@@ -55,18 +57,21 @@ def load_sd_model(path: str | Path, family: str = "auto", prediction_type: str =
     if path.is_dir():
         model = _load_diffusers_folder(path)
     elif path.suffix.lower() == ".safetensors":
-        model = _load_single_file(read_safetensors(path), str(path))
+        model = _load_single_file(read_safetensors(path), str(path), safetensors_metadata(path))
     elif path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         if not allow_pickle:
             raise ModelLoadError(f"{path.name} is a pickle checkpoint, which can run code when loaded; convert it to "
                                  f".safetensors or set model.allow_pickle: true")
         raw = torch.load(path, map_location="cpu", weights_only=False)
-        model = _load_single_file(raw.get("state_dict", raw), str(path))
+        model = _load_single_file(raw.get("state_dict", raw), str(path), {})
     else:
         raise ModelLoadError(f"{path}: not a diffusers folder, .safetensors or .ckpt file")
     if family != "auto" and family != model.family:
         raise ModelLoadError(f"model.model_family is {family!r} but {path.name} is a {model.family} model")
     if prediction_type != "auto":
+        if prediction_type != model.prediction_type:
+            log.info("model.prediction_type %s overrides the %s detected for %s", prediction_type,
+                     model.prediction_type, path.name)
         model.prediction_type = prediction_type
     model.noise_scheduler.register_to_config(prediction_type=model.prediction_type)
     return model
@@ -81,6 +86,13 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         raise ModelLoadError(f"{path.name}: cannot read as safetensors ({e})") from None
 
 
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata() or {}
+
+
 def _noise_scheduler(prediction_type: str):
     from diffusers import DDPMScheduler
 
@@ -89,26 +101,36 @@ def _noise_scheduler(prediction_type: str):
 
 
 def _load_diffusers_folder(path: Path) -> SDModel:
+    """A diffusers folder: SDXL when it has ``text_encoder_2`` (StableDiffusionXLPipeline layout), SD 2.x when the
+    text encoder is OpenCLIP-style (``gelu``; SD1's CLIP ViT-L uses ``quick_gelu``), else SD1. The prediction type
+    comes from the scheduler config."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(f"{path}: no model_index.json — expected a diffusers model folder (unet/, vae/, "
                              f"text_encoder/, tokenizer/, scheduler/)")
     names = json.loads(index.read_text())
-    if "text_encoder_2" in names:
-        raise ModelLoadError(f"{path}: SDXL folders are not supported yet")
     unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
     vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
     text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    text_encoder_2 = tokenizer_2 = None
+    if "text_encoder_2" in names:
+        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
+                                                                     local_files_only=True)
+        tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
     sched_cfg = path / "scheduler" / "scheduler_config.json"
     prediction = json.loads(sched_cfg.read_text()).get("prediction_type", "epsilon") if sched_cfg.is_file() else "epsilon"
     scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=True) \
         if sched_cfg.is_file() else _noise_scheduler(prediction)
-    family = "sd2" if text_encoder.config.hidden_size == 1024 else "sd1"
-    return SDModel(family, unet, vae, text_encoder, tokenizer, scheduler, prediction, str(path))
+    if text_encoder_2 is not None:
+        family = "sdxl"
+    else:
+        family = "sd2" if text_encoder.config.hidden_act == "gelu" else "sd1"
+    return SDModel(family, unet, vae, text_encoder, tokenizer, scheduler, prediction, str(path), text_encoder_2,
+                   tokenizer_2)
 
 
 def detect_family(keys: list[str]) -> str:
@@ -140,7 +162,10 @@ def _count(keys: list[str], pattern: str) -> set[int]:
 
 
 def infer_ldm_config(state: dict[str, torch.Tensor], family: str) -> dict:
-    """The parts of an LDM ``original_config`` that diffusers' converters need, read off the tensor shapes."""
+    """The parts of an LDM ``original_config`` that diffusers' converters need, read off the tensor shapes.
+
+    What the weights cannot tell — the width of an attention head — is taken from the family: SD1 has 8 heads per
+    block, SD 2.x and SDXL heads of 64 channels."""
     keys = list(state)
     u = UNET_PREFIX
     model_channels, in_channels = state[u + "input_blocks.0.0.weight"].shape[:2]
@@ -155,12 +180,17 @@ def infer_ldm_config(state: dict[str, torch.Tensor], family: str) -> dict:
         if u + f"input_blocks.{first}.1.proj_in.weight" in state:
             attention_resolutions.append(2 ** level)
             depth.append(len(_count(keys, re.escape(u + f"input_blocks.{first}.1.transformer_blocks.") + r"(\d+)\.")))
+        else:
+            depth.append(0)
+    attn_depths = [d for d in depth if d]
+    # one depth for all blocks (SD1/SD2), or per block like SDXL's [1, 2, 10] (1 where a block has no attention)
+    transformer_depth = attn_depths[0] if len(set(attn_depths)) <= 1 else [d or 1 for d in depth]
     attn2 = next(k for k in keys if k.startswith(u) and k.endswith("attn2.to_k.weight"))
     proj_in = next(k for k in keys if k.startswith(u) and k.endswith("proj_in.weight"))
     unet = {"in_channels": int(in_channels), "out_channels": int(state[u + "out.2.weight"].shape[0]),
             "model_channels": int(model_channels), "channel_mult": channel_mult,
             "num_res_blocks": num_res_blocks, "attention_resolutions": attention_resolutions,
-            "context_dim": int(state[attn2].shape[1]), "transformer_depth": depth[0] if depth else 1,
+            "context_dim": int(state[attn2].shape[1]), "transformer_depth": transformer_depth or 1,
             "use_linear_in_transformer": state[proj_in].ndim == 2}
     if family == "sd1":
         unet["num_heads"] = 8
@@ -174,49 +204,149 @@ def infer_ldm_config(state: dict[str, torch.Tensor], family: str) -> dict:
                 "z_channels": int(state[v + "decoder.conv_in.weight"].shape[1]),
                 "ch_mult": [state[v + f"encoder.down.{i}.block.0.conv2.weight"].shape[0] // ch for i in vae_levels],
                 "num_res_blocks": len(_count(keys, re.escape(v) + r"encoder\.down\.0\.block\.(\d+)\."))}
-    return {"model": {"params": {"unet_config": {"params": unet}, "scale_factor": 0.18215,
+    scale_factor = 0.13025 if family == "sdxl" else 0.18215
+    return {"model": {"params": {"unet_config": {"params": unet}, "scale_factor": scale_factor,
                                  "first_stage_config": {"params": {"ddconfig": ddconfig}}}}}
 
 
-def _load_single_file(state: dict[str, torch.Tensor], source: str) -> SDModel:
+V_NAME = re.compile(r"768|(^|[-_. ])v([-_. ]|$)", re.IGNORECASE)
+
+
+def detect_prediction_type(source: str, state: dict[str, torch.Tensor], metadata: dict[str, str],
+                           family: str) -> tuple[str, str]:
+    """(prediction type, why) for a single-file checkpoint, first rule that applies:
+
+    1. a ``v_pred`` tensor — the marker sd-scripts and ComfyUI put into v-prediction checkpoints;
+    2. ``modelspec.prediction_type`` in the safetensors header (``v`` or ``epsilon``);
+    3. an A1111-style config next to the file (``<name>.yaml`` with ``parameterization: "v"``);
+    4. SD 2.x only: the file name — Stability's v-prediction files are the 768 ones (``v2-1_768-ema-pruned``,
+       ``768-v-ema``), and nothing in their keys tells them from the 512 epsilon files (same shapes), so a name with
+       ``768`` or a standalone ``v`` token means v-prediction;
+    5. otherwise epsilon.
+    ``model.prediction_type`` in the config always wins over all of these (`load_sd_model`)."""
+    if "v_pred" in state:
+        return "v_prediction", "the file has a v_pred marker"
+    spec = metadata.get("modelspec.prediction_type", "").lower()
+    if spec in ("v", "v_prediction", "epsilon"):
+        return ("epsilon" if spec == "epsilon" else "v_prediction"), f"modelspec.prediction_type is {spec!r}"
+    sidecar = Path(source).with_suffix(".yaml")
+    if sidecar.is_file():
+        import yaml
+
+        try:
+            params = (yaml.safe_load(sidecar.read_text(encoding="utf-8")) or {}).get("model", {}).get("params", {})
+        except (yaml.YAMLError, AttributeError) as e:
+            raise ModelLoadError(f"{sidecar.name}: cannot read the model config next to the checkpoint ({e})") from None
+        parameterization = str(params.get("parameterization", "eps")) if isinstance(params, dict) else "eps"
+        return ("v_prediction" if parameterization == "v" else "epsilon"), \
+            f"{sidecar.name} sets parameterization {parameterization!r}"
+    if family == "sd2" and V_NAME.search(Path(source).stem):
+        return "v_prediction", f"SD 2.x file named like a 768-v model ({Path(source).name})"
+    return "epsilon", "no v-prediction marker, modelspec, config or 768-v name"
+
+
+def clip_text_model(hidden: int, layers: int, intermediate: int, act: str, projection_dim: Optional[int] = None,
+                    vocab_size: int = 49408, max_positions: int = 77):
+    """A CLIP text encoder of the given shape: ``quick_gelu`` is OpenAI CLIP (SD1, SDXL's first encoder), ``gelu``
+    OpenCLIP (SD2, SDXL's second encoder, which has a projection for the pooled embedding). Heads are 64 wide."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                            num_attention_heads=max(1, hidden // 64), vocab_size=vocab_size,
+                            max_position_embeddings=max_positions, hidden_act=act, bos_token_id=49406,
+                            eos_token_id=49407, pad_token_id=49407, projection_dim=projection_dim or hidden)
+    return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+
+
+def _strip_text_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers 5's CLIPTextModel has no ``text_model`` level (CLIPTextModelWithProjection still has it)."""
+    return {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in state.items()
+            if not k.endswith("position_ids")}
+
+
+def _load_clip(state: dict[str, torch.Tensor], source: str, what: str):
+    """SD1's / SDXL's first encoder (OpenAI CLIP keys, already HF-named in the checkpoint)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
+
+    te_state = _strip_text_model(convert_ldm_clip_checkpoint(state))
+    text_encoder = clip_text_model(
+        te_state["embeddings.token_embedding.weight"].shape[1], len(_count(list(te_state), r"encoder\.layers\.(\d+)\.")),
+        te_state["encoder.layers.0.mlp.fc1.weight"].shape[0], "quick_gelu",
+        vocab_size=te_state["embeddings.token_embedding.weight"].shape[0],
+        max_positions=te_state["embeddings.position_embedding.weight"].shape[0])
+    _load_strict(text_encoder, te_state, what, source)
+    return text_encoder
+
+
+def _load_open_clip(state: dict[str, torch.Tensor], source: str, prefix: str, what: str, penultimate: bool):
+    """SD2's / SDXL's OpenCLIP encoder via diffusers' ``convert_open_clip_checkpoint``. SD2 conditions on the
+    penultimate layer, so (like diffusers' SD2 models) its last block is dropped; SDXL keeps every block (the
+    pipeline reads the penultimate hidden state) and gets the projection for the pooled embedding."""
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+
+    blocks = sorted(_count(list(state), re.escape(prefix + "transformer.resblocks.") + r"(\d+)\."))
+    if not blocks:
+        raise ModelLoadError(f"{Path(source).name}: no {what} blocks under {prefix}transformer.resblocks")
+    dropped = f"{prefix}transformer.resblocks.{blocks[-1]}."
+    part = {k: v for k, v in state.items() if k.startswith(prefix)
+            and not (penultimate and (k.startswith(dropped) or k == prefix + "text_projection"))}
+    token = part[prefix + "token_embedding.weight"]
+    projection = part.get(prefix + "text_projection")
+    text_encoder = clip_text_model(
+        token.shape[1], len(blocks) - 1 if penultimate else len(blocks),
+        part[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0], "gelu",
+        projection_dim=None if penultimate or projection is None else int(projection.shape[1]),
+        vocab_size=token.shape[0], max_positions=part[prefix + "positional_embedding"].shape[0])
+    te_state = convert_open_clip_checkpoint(text_encoder, part, prefix=prefix)
+    if penultimate:
+        te_state = _strip_text_model(te_state)
+    _load_strict(text_encoder, te_state, what, source)
+    return text_encoder
+
+
+def _load_single_file(state: dict[str, torch.Tensor], source: str, metadata: dict[str, str]) -> SDModel:
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                     convert_ldm_vae_checkpoint,
+    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
                                                      create_unet_diffusers_config_from_ldm,
                                                      create_vae_diffusers_config_from_ldm)
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     from .clip_tokenizer import load_clip_tokenizer
 
     family = detect_family(list(state))
-    if family != "sd1":
-        raise ModelLoadError(f"{Path(source).name}: {family} single-file checkpoints are not supported yet")
     try:
         original = infer_ldm_config(state, family)
     except (KeyError, StopIteration, IndexError) as e:
         raise ModelLoadError(f"{Path(source).name}: an SD layout was expected but tensor {e} is missing — is the "
                              f"file complete?") from None
+    prediction, why = detect_prediction_type(source, state, metadata, family)
+    log.info("%s: %s model, %s (%s)", Path(source).name, family, prediction, why)
     unet_cfg = create_unet_diffusers_config_from_ldm(original, state)
+    unet_cfg["sample_size"] = {"sdxl": 128}.get(family, 96 if prediction == "v_prediction" else 64)
+    if family == "sdxl":
+        # diffusers recognises SDXL's size/crop conditioning only at SDXL's real widths; read it off the shapes:
+        # label_emb takes the pooled embedding plus six sinusoidal time-id embeddings
+        adm_in = int(state[UNET_PREFIX + "label_emb.0.0.weight"].shape[1])
+        pooled = int(state["conditioner.embedders.1.model.text_projection"].shape[1])
+        unet_cfg.update(addition_embed_type="text_time", class_embed_type=None,
+                        addition_time_embed_dim=(adm_in - pooled) // 6, projection_class_embeddings_input_dim=adm_in)
     vae_cfg = create_vae_diffusers_config_from_ldm(original, state)
     unet = UNet2DConditionModel(**unet_cfg)
     _load_strict(unet, convert_ldm_unet_checkpoint(state, unet_cfg), "UNet", source)
     vae = AutoencoderKL(**vae_cfg)
     _load_strict(vae, convert_ldm_vae_checkpoint(state, vae_cfg), "VAE", source)
-
-    te_state = convert_ldm_clip_checkpoint(state)
-    te_state = {k[len("text_model."):] if k.startswith("text_model.") else k: v for k, v in te_state.items()}
-    te_state.pop("embeddings.position_ids", None)
-    hidden = te_state["embeddings.token_embedding.weight"].shape[1]
-    layers = len(_count(list(te_state), r"encoder\.layers\.(\d+)\."))
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=hidden, intermediate_size=te_state["encoder.layers.0.mlp.fc1.weight"].shape[0],
-        num_hidden_layers=layers, num_attention_heads=max(1, hidden // 64),
-        vocab_size=te_state["embeddings.token_embedding.weight"].shape[0],
-        max_position_embeddings=te_state["embeddings.position_embedding.weight"].shape[0], hidden_act="quick_gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=hidden))
-    _load_strict(text_encoder, te_state, "text encoder", source)
-    return SDModel(family, unet, vae, text_encoder, load_clip_tokenizer(), _noise_scheduler("epsilon"), "epsilon",
-                   source)
+    scheduler = _noise_scheduler(prediction)
+    if family == "sd1":
+        return SDModel(family, unet, vae, _load_clip(state, source, "text encoder"), load_clip_tokenizer(),
+                       scheduler, prediction, source)
+    if family == "sd2":
+        text_encoder = _load_open_clip(state, source, "cond_stage_model.model.", "text encoder", penultimate=True)
+        return SDModel(family, unet, vae, text_encoder, load_clip_tokenizer(pad_token="!"), scheduler, prediction,
+                       source)
+    text_encoder = _load_clip(state, source, "first text encoder")
+    text_encoder_2 = _load_open_clip(state, source, "conditioner.embedders.1.model.", "second text encoder",
+                                     penultimate=False)
+    return SDModel(family, unet, vae, text_encoder, load_clip_tokenizer(), scheduler, prediction, source,
+                   text_encoder_2, load_clip_tokenizer(pad_token="!"))
 
 
 def _load_strict(module: torch.nn.Module, state: dict, what: str, source: str) -> None:

@@ -5,7 +5,11 @@ architectures (UNet2DConditionModel with cross-attention blocks, AutoencoderKL w
 encoder with the real 49408-token CLIP tokenizer), only narrow. ``size="mid"`` keeps SD1.5's block layout and
 cross-attention width (4 blocks, 2 layers each, 768-wide context) with fewer channels, for benchmarks.
 
-    python -m lora_core.tiny --out DIR [--single-file] [--family sd1] [--dataset DIR]
+``family="sd2"`` (OpenCLIP-style text encoder, linear UNet projections, ``prediction_type`` epsilon or v_prediction)
+and ``family="sdxl"`` (two text encoders, pooled embeddings, size/crop conditioning) come in size ``tiny``.
+
+    python -m lora_core.tiny --out DIR [--single-file] [--family sd1|sd2|sdxl] [--prediction-type v_prediction]
+                             [--dataset DIR]
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from typing import Optional
 from PIL import Image, ImageDraw
 
 from .clip_tokenizer import write_clip_tokenizer
+from .sd_models import clip_text_model
 
 SIZES = {
     "tiny": dict(unet_channels=(32, 64), layers_per_block=1, down=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -31,65 +36,160 @@ SIZES = {
 }
 
 
-def build_components(family: str = "sd1", size: str = "tiny", seed: int = 0) -> dict:
-    """UNet, VAE, text encoder, tokenizer and noise scheduler with seeded random weights."""
+# SD 2.x and SDXL shapes: attention heads of 64 channels as in the real models (the number of heads is not in the
+# weights, so the single-file loader assumes 64 — these widths keep folder and file identical)
+FAMILIES = {
+    "sd2": dict(unet_channels=(64, 128), layers_per_block=1, down=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up=("UpBlock2D", "CrossAttnUpBlock2D"), text_hidden=64, text_layers=2, text_intermediate=128),
+    "sdxl": dict(unet_channels=(64, 128), layers_per_block=2, down=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up=("CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers=(1, 2), text_hidden=32, text_layers=2,
+                 text_intermediate=64, text2_hidden=64, text2_layers=2, text2_intermediate=128, text2_projection=32,
+                 time_embed_dim=8),
+}
+FAMILY_NAMES = ("sd1", "sd2", "sdxl")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def _tiny_vae(channels: tuple, scaling_factor: float):
+    from diffusers import AutoencoderKL
+
+    n = len(channels)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
+                         down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
+                         layers_per_block=1, norm_num_groups=32, sample_size=64, scaling_factor=scaling_factor)
+
+
+def _ddpm(prediction_type: str):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, prediction_type=prediction_type, steps_offset=1)
+
+
+def build_components(family: str = "sd1", size: str = "tiny", seed: int = 0,
+                     prediction_type: str = "epsilon") -> dict:
+    """UNet, VAE, text encoder(s), tokenizer(s) and noise scheduler with seeded random weights — the keyword
+    arguments of the family's diffusers pipeline (StableDiffusionPipeline, or StableDiffusionXLPipeline for sdxl)."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import UNet2DConditionModel
 
     from .clip_tokenizer import load_clip_tokenizer
 
+    if family not in FAMILY_NAMES:
+        raise ValueError(f"tiny models: family {family!r} is not available ({', '.join(FAMILY_NAMES)})")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"tiny models: prediction_type {prediction_type!r} is not one of {PREDICTION_TYPES}")
     if family != "sd1":
-        raise ValueError(f"tiny models: family {family!r} is not available (sd1)")
+        if size != "tiny":
+            raise ValueError(f"tiny models: family {family} comes in size 'tiny' only")
+        return _build_sd2(seed, prediction_type) if family == "sd2" else _build_sdxl(seed, prediction_type)
     s = SIZES[size]
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        hidden_size=s["text_hidden"], intermediate_size=s["text_intermediate"], num_hidden_layers=s["text_layers"],
-        num_attention_heads=s["text_heads"], vocab_size=49408, max_position_embeddings=77, hidden_act="quick_gelu",
-        bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=s["text_hidden"]))
+    text_encoder = clip_text_model(s["text_hidden"], s["text_layers"], s["text_intermediate"], "quick_gelu")
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, block_out_channels=s["unet_channels"],
         layers_per_block=s["layers_per_block"], down_block_types=s["down"], up_block_types=s["up"],
         cross_attention_dim=s["text_hidden"], attention_head_dim=s["unet_heads"], norm_num_groups=32)
-    n = len(s["vae_channels"])
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=s["vae_channels"],
-                        down_block_types=("DownEncoderBlock2D",) * n, up_block_types=("UpDecoderBlock2D",) * n,
-                        layers_per_block=1, norm_num_groups=32, sample_size=64, scaling_factor=0.18215)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                              beta_schedule="scaled_linear", clip_sample=False, prediction_type="epsilon",
-                              steps_offset=1)
+    vae = _tiny_vae(s["vae_channels"], 0.18215)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": load_clip_tokenizer(),
-            "scheduler": scheduler}
+            "scheduler": _ddpm(prediction_type)}
+
+
+def _build_sd2(seed: int, prediction_type: str) -> dict:
+    """SD 2.x: OpenCLIP-style text encoder (gelu; the diffusers model ends at SD2's penultimate layer), linear
+    projections in the UNet, a tokenizer that pads with '!', 512 (epsilon) or 768 (v-prediction) sample size."""
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from .clip_tokenizer import load_clip_tokenizer
+
+    s = FAMILIES["sd2"]
+    torch.manual_seed(seed)
+    text_encoder = clip_text_model(s["text_hidden"], s["text_layers"], s["text_intermediate"], "gelu")
+    unet = UNet2DConditionModel(
+        sample_size=96 if prediction_type == "v_prediction" else 64, in_channels=4, out_channels=4,
+        block_out_channels=s["unet_channels"], layers_per_block=s["layers_per_block"], down_block_types=s["down"],
+        up_block_types=s["up"], cross_attention_dim=s["text_hidden"], use_linear_projection=True,
+        attention_head_dim=tuple(c // 64 for c in s["unet_channels"]), norm_num_groups=32)
+    return {"unet": unet, "vae": _tiny_vae((32, 32, 32, 32), 0.18215), "text_encoder": text_encoder,
+            "tokenizer": load_clip_tokenizer(pad_token="!"), "scheduler": _ddpm(prediction_type)}
+
+
+def _build_sdxl(seed: int, prediction_type: str) -> dict:
+    """SDXL: CLIP-L-style encoder + OpenCLIP-bigG-style encoder with projection (pooled embeddings), a UNet with
+    ``text_time`` added conditioning (pooled embeddings + size/crop time ids), SDXL's VAE scaling factor."""
+    import torch
+    from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
+
+    from .clip_tokenizer import load_clip_tokenizer
+
+    s = FAMILIES["sdxl"]
+    torch.manual_seed(seed)
+    text_encoder = clip_text_model(s["text_hidden"], s["text_layers"], s["text_intermediate"], "quick_gelu")
+    text_encoder_2 = clip_text_model(s["text2_hidden"], s["text2_layers"], s["text2_intermediate"], "gelu",
+                                      projection_dim=s["text2_projection"])
+    unet = UNet2DConditionModel(
+        sample_size=128, in_channels=4, out_channels=4, block_out_channels=s["unet_channels"],
+        layers_per_block=s["layers_per_block"], down_block_types=s["down"], up_block_types=s["up"],
+        transformer_layers_per_block=s["transformer_layers"], use_linear_projection=True,
+        attention_head_dim=tuple(c // 64 for c in s["unet_channels"]),
+        cross_attention_dim=s["text_hidden"] + s["text2_hidden"], addition_embed_type="text_time",
+        addition_time_embed_dim=s["time_embed_dim"],
+        projection_class_embeddings_input_dim=s["text2_projection"] + 6 * s["time_embed_dim"], norm_num_groups=32)
+    scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                                       beta_schedule="scaled_linear", prediction_type=prediction_type,
+                                       steps_offset=1, timestep_spacing="leading")
+    return {"unet": unet, "vae": _tiny_vae((32, 32, 32, 32), 0.13025), "text_encoder": text_encoder,
+            "text_encoder_2": text_encoder_2, "tokenizer": load_clip_tokenizer(),
+            "tokenizer_2": load_clip_tokenizer(pad_token="!"), "scheduler": scheduler}
 
 
 def build_tiny_sd(out_dir: str | Path, single_file: bool = False, family: str = "sd1", size: str = "tiny",
-                  seed: int = 0) -> Path:
-    """Write a diffusers folder (``<out_dir>``) or a WebUI-style single-file checkpoint; returns its path."""
-    from diffusers import StableDiffusionPipeline
+                  seed: int = 0, prediction_type: str = "epsilon") -> Path:
+    """Write a diffusers folder (``<out_dir>``) or a WebUI-style single-file checkpoint; returns its path.
+
+    A v-prediction single file is named like Stability's SD 2.x 768-v files (``…-768-v.safetensors``): real ones
+    cannot be told from epsilon files by their keys, and the loader's heuristic reads the name."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     out = Path(out_dir)
-    parts = build_components(family, size, seed)
+    parts = build_components(family, size, seed, prediction_type)
     if single_file:
-        return write_single_file(parts, out / f"{size}-{family}.safetensors")
-    pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+        suffix = "-768-v" if prediction_type == "v_prediction" else ""
+        return write_single_file(parts, out / f"{size}-{family}{suffix}.safetensors", family)
+    if family == "sdxl":
+        pipe = StableDiffusionXLPipeline(**parts)
+    else:
+        pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
     pipe.save_pretrained(out, safe_serialization=True)
-    write_clip_tokenizer(out / "tokenizer")
+    write_clip_tokenizer(out / "tokenizer", pad_token="!" if family == "sd2" else "<|endoftext|>")
+    if family == "sdxl":
+        write_clip_tokenizer(out / "tokenizer_2", pad_token="!")
     return out
 
 
-def write_single_file(parts: dict, path: Path) -> Path:
-    """Save components with the original LDM key names, the way WebUI checkpoints are stored."""
+def write_single_file(parts: dict, path: Path, family: str = "sd1") -> Path:
+    """Save components with the original LDM/SGM key names, the way WebUI checkpoints are stored: SD1's CLIP under
+    ``cond_stage_model.transformer``, SD2's OpenCLIP under ``cond_stage_model.model``, SDXL's two encoders under
+    ``conditioner.embedders.0.transformer`` and ``conditioner.embedders.1.model``."""
     from safetensors.torch import save_file
 
-    from .ldm_keys import clip_to_ldm, unet_to_ldm, vae_to_ldm
+    from .ldm_keys import clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 
     unet, vae = parts["unet"], parts["vae"]
     up_attn = ["CrossAttn" in t for t in unet.config.up_block_types]
     state = {}
     state.update(unet_to_ldm(unet.state_dict(), unet.config.layers_per_block, up_attn))
     state.update(vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels)))
-    state.update(clip_to_ldm(parts["text_encoder"].state_dict()))
+    te_state = parts["text_encoder"].state_dict()
+    if family == "sd2":
+        state.update(open_clip_to_ldm(te_state, "cond_stage_model.model.", unused_final_block=True))
+    elif family == "sdxl":
+        state.update(clip_to_ldm(te_state, "conditioner.embedders.0.transformer."))
+        state.update(open_clip_to_ldm(parts["text_encoder_2"].state_dict(), "conditioner.embedders.1.model."))
+    else:
+        state.update(clip_to_ldm(te_state))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
@@ -134,13 +234,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_core.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="folder to write the model into")
     parser.add_argument("--single-file", action="store_true", help="write one WebUI-style .safetensors checkpoint")
-    parser.add_argument("--family", default="sd1")
+    parser.add_argument("--family", default="sd1", choices=FAMILY_NAMES)
+    parser.add_argument("--prediction-type", default="epsilon", choices=PREDICTION_TYPES,
+                        help="v_prediction builds an SD 2.x 768-v-style model")
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset", help="also write a tiny dataset of coloured shapes into this folder")
     parser.add_argument("--images", type=int, default=4)
     args = parser.parse_args(argv)
-    path = build_tiny_sd(args.out, args.single_file, args.family, args.size, args.seed)
+    path = build_tiny_sd(args.out, args.single_file, args.family, args.size, args.seed, args.prediction_type)
     print(path)
     if args.dataset:
         print(make_tiny_dataset(args.dataset, n=args.images))
