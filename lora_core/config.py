@@ -351,6 +351,25 @@ def _coerce(section: str, f: dataclasses.Field, value: Any, where: str, problems
     return value
 
 
+def _apply_overrides(raw: dict, overrides: dict) -> dict:
+    """Set each override (flat ``batch_size`` or dotted ``training.batch_size``) in its section, removing the same
+    field wherever the original config had it (flat, sectioned or under an alias), so an override replaces a value
+    instead of colliding with it."""
+    for key, value in overrides.items():
+        name = ALIASES.get(key.split(".")[-1], key.split(".")[-1])
+        section = key.split(".")[0] if "." in key else FIELD_SECTION.get(name)
+        if section is None:
+            raw[key] = value  # unknown: let validation report it with a hint
+            continue
+        for flat in [name] + [a for a, target in ALIASES.items() if target == name]:
+            raw.pop(flat, None)
+            for sec in SECTIONS:
+                if isinstance(raw.get(sec), dict):
+                    raw[sec] = {k: v for k, v in raw[sec].items() if k != flat}
+        raw[section] = {**(raw.get(section) or {}), name: value}
+    return raw
+
+
 def config_from_dict(raw: dict, base_dir: str | Path | None = None, overrides: Optional[dict] = None,
                      lines: Optional[dict[str, int]] = None) -> TrainConfig:
     """Build and validate a TrainConfig from a flat or sectioned dict (what the daemon and the tab send).
@@ -360,14 +379,7 @@ def config_from_dict(raw: dict, base_dir: str | Path | None = None, overrides: O
     """
     lines = lines or {}
     problems: list[str] = []
-    raw = dict(raw)
-    for k, v in (overrides or {}).items():
-        if "." in k:
-            sec, name = k.split(".", 1)
-            raw.setdefault(sec, {})
-            raw[sec] = {**(raw[sec] or {}), name: v}
-        else:
-            raw[k] = v
+    raw = _apply_overrides(dict(raw), overrides or {})
     if base_dir is None and raw.get("config_dir"):
         base_dir = raw["config_dir"]
     given = _normalise(raw, lines, problems)

@@ -138,7 +138,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     finally:
         events.close()
     if result.status == "finished":
-        print(result.output)
+        if result.output is not None:  # only the main process of a multi-process run writes the file
+            print(result.output)
         return EXIT_OK
     if result.status == "stopped":
         print(f"stopped at step {result.step}; checkpoint {result.checkpoint}; LoRA so far {result.output}",

@@ -148,3 +148,11 @@ def test_dict_configs_from_the_daemon_validate_the_same_way(project):
         config_from_dict({"training": {"learning_rate": -1}}, base_dir=project)
     assert "training.learning_rate: must be > 0, got -1.0" in err.value.problems
     assert any(p.startswith("data.train_data_dir: required") for p in err.value.problems)
+
+
+def test_an_override_replaces_a_flat_or_aliased_value_instead_of_colliding(project):
+    raw = {"train_data_dir": "data/style_train", "base_model": "models/Stable-diffusion/v1-5-pruned.safetensors",
+           "output_dir": "out", "output_name": "mine", "network_dim": 16}
+    cfg = config_from_dict(raw, base_dir=project, overrides={"output.output_name": "theirs", "lora_rank": 4,
+                                                             "training.batch_size": 2})
+    assert (cfg.output.output_name, cfg.model.lora_rank, cfg.training.batch_size) == ("theirs", 4, 2)
