@@ -1,11 +1,9 @@
 """Auto-labeling with real captioners built in the test: a tiny random BLIP and a tiny ONNX tagger, from folders."""
 from __future__ import annotations
 
-import csv
 import json
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from dataset_fixtures import textured_image, write_caption
+from dataset_fixtures import colour_folder, make_tagger_dir, textured_image, write_caption
 from lora_core.auto_label import label_folder, main as label_main
 from lora_core.captioners import (CaptionerSpec, MissingWeightsError, available_captioners, load_captioner,
                                   register_captioner)
 from lora_core.dataset import read_metadata_csv, scan_dataset
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + "a red blue cat dog on the table photo of".split()
-TAGS = [("general", 9, 2.0), ("sensitive", 9, -2.0), ("red_theme", 0, None), ("blue_theme", 0, None),
-        ("solo", 0, 3.0), ("hatsune_miku", 4, 0.0), ("^_^", 0, 1.0), ("rare_tag", 0, -3.0)]
 
 
 @pytest.fixture(scope="module")
@@ -47,39 +43,6 @@ def blip_dir(tmp_path_factory) -> Path:
     return out
 
 
-class TinyTagger(torch.nn.Module):
-    """WD14's interface (NHWC BGR 0–255 in, one sigmoid per tag out) with hand-set weights: red and blue images
-    get their colour tag (grey and white do not), every image gets the tags with a fixed bias."""
-
-    def __init__(self):
-        super().__init__()
-        self.head = torch.nn.Linear(3, len(TAGS))
-        with torch.no_grad():
-            self.head.weight.zero_()
-            for i, (name, _, bias) in enumerate(TAGS):
-                self.head.bias[i] = -10.0 if bias is None else bias
-            self.head.weight[2, 2], self.head.weight[2, 1] = 20.0, -20.0  # red_theme ← R − G (BGR order)
-            self.head.weight[3, 0], self.head.weight[3, 1] = 20.0, -20.0  # blue_theme ← B − G
-
-    def forward(self, x):
-        return torch.sigmoid(self.head(x.mean(dim=(1, 2)) / 255.0))
-
-
-def make_tagger_dir(out: Path, dynamic_batch: bool = True) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # the TorchScript exporter needs no onnxscript
-        torch.onnx.export(TinyTagger().eval(), (torch.zeros(1, 32, 32, 3),), str(out / "model.onnx"),
-                          input_names=["input"], output_names=["output"], dynamo=False,
-                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}} if dynamic_batch else None)
-    with open(out / "selected_tags.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["tag_id", "name", "category", "count"])
-        for i, (name, category, _) in enumerate(TAGS):
-            writer.writerow([i, name, category, 100 - i])
-    return out
-
-
 @pytest.fixture(scope="module")
 def tagger_dir(tmp_path_factory) -> Path:
     return make_tagger_dir(tmp_path_factory.mktemp("wd14"))
@@ -91,14 +54,6 @@ def ten_images(tmp_path) -> Path:
     root.mkdir()
     for i in range(10):
         textured_image(i, size=(48 + 4 * i, 64)).save(root / f"img_{i}.png")
-    return root
-
-
-def colour_folder(root: Path) -> Path:
-    root.mkdir()
-    Image.new("RGB", (64, 64), (255, 0, 0)).save(root / "red.png")
-    Image.new("RGB", (64, 64), (0, 0, 255)).save(root / "blue.png")
-    Image.new("RGB", (64, 64), (128, 128, 128)).save(root / "grey.png")
     return root
 
 

@@ -5,7 +5,6 @@ run trains the tiny SD model at 64 px. Screenshots land in test-artifacts/browse
 """
 from __future__ import annotations
 
-import csv
 import os
 import re
 import socket
@@ -18,14 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from dataset_fixtures import make_tagger_dir
 from prepare_webui_envs import CHROMIUM, require
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync"]
-TAGS = [("red_shape", 0, (4.0, -2.0, -2.0)), ("blue_shape", 0, (-2.0, -2.0, 4.0)),
-        ("simple_background", 0, (0.0, 0.0, 0.0))]
+# The tiny tagger's tags for coloured shapes on a background: (name, category, bias, weight on mean R, G, B)
+SHAPE_TAGS = [("red_shape", 0, 0.0, (4.0, -2.0, -2.0)), ("blue_shape", 0, 0.0, (-2.0, -2.0, 4.0)),
+              ("simple_background", 0, 3.0, (0.0, 0.0, 0.0))]
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -42,37 +43,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def build_tiny_wd14(folder: Path) -> Path:
-    """A WD14-layout tagger small enough to build here: mean colour → linear → sigmoid, one score per tag."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = np.array([t[2] for t in TAGS], dtype=np.float32).T / 255.0  # (3, tags), input is 0-255 BGR
-    bias = np.array([0.0, 0.0, 3.0], dtype=np.float32)
-    bgr_weights = weights[::-1].copy()  # the tagger feeds BGR; rows above are RGB
-    graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input", "axes"], ["mean"], keepdims=0),
-         helper.make_node("MatMul", ["mean", "w"], ["logits0"]),
-         helper.make_node("Add", ["logits0", "b"], ["logits"]),
-         helper.make_node("Sigmoid", ["logits"], ["output"])],
-        "tiny_wd14",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 32, 32, 3])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", len(TAGS)])],
-        [numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
-         numpy_helper.from_array(bgr_weights, "w"), numpy_helper.from_array(bias, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.save(model, folder / "model.onnx")
-    with open(folder / "selected_tags.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["tag_id", "name", "category", "count"])
-        for i, (name, category, _) in enumerate(TAGS):
-            writer.writerow([i, name, category, 100])
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +66,7 @@ def world():
     build_tiny_sd(models, single_file=True)
     images = sorted(make_tiny_dataset(base / "photos", n=4, size=64, sidecars=False).glob("*.png"))
     captioners = base / "captioners"
-    build_tiny_wd14(captioners / "wd14")
+    make_tagger_dir(captioners / "wd14", SHAPE_TAGS)
     env = {**os.environ, "LORA_SCRIPTS_CAPTIONERS": str(captioners), "PYTHONPATH": str(ROOT)}
     subprocess.run([sys.executable, "-m", "daemon.cli", "--home", str(home), "start", "--lora-dir", str(lora_dir)],
                    check=True, env=env, timeout=120)

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 from daemon_fixtures import daemon, daemon_factory, wait_until  # noqa: F401  (fixtures)
+from dataset_fixtures import colour_folder, make_tagger_dir
 from lora_core.dataset import read_metadata_csv
 from lora_core.tiny_text import write_tiny_instruction_set
-from test_auto_label import colour_folder, make_tagger_dir
 from text_fixtures import tiny_llama  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
