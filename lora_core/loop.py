@@ -189,9 +189,19 @@ def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional
     _np.random.seed((t.seed + rank) % 2**32)
     generator = torch.Generator().manual_seed(t.seed + rank)
 
+    cache_bars: dict = {}
+
     def caching(what: str, done: int, total: int) -> None:
+        """Progress of the one-off latent/text caching; a stop request cancels it (nothing is trained yet)."""
         if stop.is_set():
             raise KeyboardInterrupt("stopped while caching")
+        if main and show_progress:
+            from tqdm.auto import tqdm
+
+            bar = cache_bars.setdefault(what, tqdm(total=total, desc=f"caching {what}", unit="item", leave=False))
+            bar.update(done - bar.n)
+            if done == total:
+                bar.close()
         if main and (done == total or done % 10 == 0):
             events.emit("cache", what=what, done=done, total=total)
 
