@@ -206,7 +206,12 @@ def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional
             events.emit("cache", what=what, done=done, total=total)
 
     task = make_task(cfg, progress=caching)
-    task.setup(accelerator)
+    try:
+        task.setup(accelerator)
+    except KeyboardInterrupt:  # cancelled while caching: nothing trained, nothing to save
+        if main:
+            events.emit("end", status="stopped", step=0, output=None, error="stopped while caching", advice=None)
+        return TrainResult("stopped", None, 0, 0, 0)
     optimizer = accelerator.prepare_optimizer(make_optimizer(cfg, task.param_groups(t.learning_rate)))
     ga, bs = t.gradient_accumulation_steps, t.batch_size
 

@@ -123,3 +123,15 @@ def test_min_snr_gamma_weights_down_low_noise_timesteps(train_config):
 
 def test_noise_offset_changes_the_noise(train_config):
     assert _first_batch_loss(train_config(noise_offset=0.5)) != _first_batch_loss(train_config())
+
+
+def test_a_stop_during_caching_cancels_it_before_any_step(train_config, tmp_path):
+    from lora_core.loop import StopFlag
+
+    stop = StopFlag()
+    stop.set()
+    events = tmp_path / "events.jsonl"
+    result = run_training(train_config(max_train_steps=3), EventWriter(events), stop, show_progress=False)
+    assert result.status == "stopped" and result.step == 0 and result.output is None
+    assert read_events(events)[-1]["error"] == "stopped while caching"
+    assert not [e for e in read_events(events) if e["type"] == "step"]
