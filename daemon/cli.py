@@ -172,6 +172,9 @@ def _run_status(args: argparse.Namespace) -> int:
     for gpu in status["gpus"]:
         print(f"  {gpu['slot']}: {gpu['run_id'] or 'idle'}")
     print(f"queue: {status['queue_length']} waiting, {status['running']} running; LoRAs go to {status['lora_dir']}")
+    for captioner in status.get("captioners") or []:
+        where = "ready" if captioner["ready"] else f"no weights in {captioner['model_dir']}"
+        print(f"  captioner {captioner['name']}: {where}")
     return 0
 
 

@@ -2,7 +2,8 @@
 
 Why a child: the daemon stays free of numpy/PIL/torch imports and a crash on a hostile image cannot take it down.
 The request arrives as JSON on stdin; the child prints one JSON object: ``{"result": ...}`` or ``{"error": ...}``.
-``plan`` runs the engine's own ``python -m lora_core.train --plan --json``.
+``plan`` runs the engine's own ``python -m lora_core.train --plan --json``; ``captioners`` lists the engine's
+captioners and whether their weights are in place, for the tab's captioner menu.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ OPS: dict[str, tuple[str, str]] = {
     "captions.get": ("lora_core.caption_tools", "read_captions"),
     "captions.set": ("lora_core.caption_tools", "set_caption"),
     "captions.edit": ("lora_core.caption_tools", "apply_edit"),
+    "captioners": ("daemon.core_bridge", "captioner_list"),
 }
 
 
@@ -28,7 +30,22 @@ class BridgeError(RuntimeError):
     """The engine refused the request (its message names the file or field) or the child failed."""
 
 
+def captioner_list() -> list[dict]:
+    """In the child: every registered captioner, with ``ready`` when its default model folder has its files."""
+    from lora_core.captioners import available_captioners, default_model_dir
+
+    found = []
+    for spec in available_captioners():
+        folder = default_model_dir(spec.name) if spec.needs_model_path else None
+        ready = folder is None or all((folder / name).exists() for name in spec.required_files)
+        found.append({"name": spec.name, "description": spec.description, "ready": ready,
+                      "model_dir": str(folder) if folder else None})
+    return found
+
+
 def _jsonable(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
     if hasattr(value, "to_dict"):
         return value.to_dict()
     import dataclasses

@@ -153,6 +153,10 @@ def write_snapshot(record: dict) -> Path:
     return path
 
 
+# auto_label options the daemon sets itself: the folder to label and where the job's events go
+DAEMON_CAPTION_OPTIONS = ("input", "events")
+
+
 def caption_job(folder: Any, options: Any, base_dir: Optional[str]) -> dict:
     """Check a caption request: an existing folder and flat, scalar options for ``python -m lora_core.auto_label``."""
     if not isinstance(folder, str) or not folder:
@@ -166,6 +170,8 @@ def caption_job(folder: Any, options: Any, base_dir: Optional[str]) -> dict:
     for key, value in options.items():
         if not isinstance(key, str) or not key.replace("_", "").replace("-", "").isalnum() or key.startswith("-"):
             raise ProtocolError(E_BAD_REQUEST, f"options.{key}: not an option name")
+        if key in DAEMON_CAPTION_OPTIONS:
+            raise ProtocolError(E_BAD_REQUEST, f"options.{key}: set by the daemon; give the folder instead")
         if not (value is None or isinstance(value, (bool, int, float, str))):
             raise ProtocolError(E_BAD_REQUEST, f"options.{key}: must be a single value, got {value!r}")
     return {"folder": str(path), "options": options}

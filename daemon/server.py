@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 EVENTS_INPROC = "inproc://lora-daemon-events"
 REPLIES_INPROC = "inproc://lora-daemon-replies"
 SLOW_COMMANDS = ("check", "captions.get", "captions.set", "captions.edit", "plan")
+CAPTIONERS_MAX_AGE_S = 60.0  # `status` re-asks the engine after this long, so weights put in place later show up
 
 
 class DaemonStartError(RuntimeError):
@@ -99,6 +100,8 @@ class Daemon:
         self._reply_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slow")
         self._auth = None
+        self.captioners: Optional[list[dict]] = None  # asked of the engine in a child: the daemon never imports it
+        self._captioners_asked = 0.0
         self.handlers: dict[str, Callable[[dict], Any]] = {
             "ping": self.cmd_ping, "status": self.cmd_status, "submit": self.cmd_submit,
             "validate": self.cmd_validate, "list": self.cmd_list, "get": self.cmd_get, "logs": self.cmd_logs,
@@ -181,6 +184,7 @@ class Daemon:
         # request loop, so clients get answers meanwhile, and start the workers only after it.
         self._reconciler = threading.Thread(target=self._reconcile_then_work, name="reconcile", daemon=True)
         self._reconciler.start()
+        self._ask_captioners()
         log.info("lora-daemon %s listening on %s (events %s), home %s, slots %s", __version__,
                  self.info["endpoint"], self.info["events"], self.home, ",".join(self.slots))
         return self.info
@@ -195,6 +199,17 @@ class Daemon:
         for worker in self.workers:
             if not self.stopping.is_set():
                 worker.start()
+
+    def _ask_captioners(self) -> None:
+        """Refresh `captioners` in the background: one short child (`core_bridge`), never in the request loop."""
+        self._captioners_asked = time.monotonic()
+        self._pool.submit(self._learn_captioners)
+
+    def _learn_captioners(self) -> None:
+        try:
+            self.captioners = core_bridge.run_op("captioners", {}, self.home, timeout=60.0)
+        except core_bridge.BridgeError as e:
+            log.warning("could not list the engine's captioners: %s", e)
 
     def serve_forever(self) -> None:
         poller = zmq.Poller()
@@ -343,7 +358,10 @@ class Daemon:
         return {"pong": True, "version": __version__, "pid": os.getpid(), "time": time.time()}
 
     def cmd_status(self, args: dict) -> dict:
+        """Daemon, devices, queue, and the engine's captioners (null for the moment after start, until known)."""
         busy = {w.slot: w.current for w in self.workers}
+        if time.monotonic() - self._captioners_asked > CAPTIONERS_MAX_AGE_S and not self.stopping.is_set():
+            self._ask_captioners()
         return {
             "version": __version__, "protocol": PROTOCOL_VERSION, "pid": os.getpid(),
             "uptime_s": round(time.time() - self.started_at, 1), "started_at": self.started_at,
@@ -352,6 +370,7 @@ class Daemon:
             "gpus": [{"slot": slot, "run_id": busy.get(slot)} for slot in self.slots],
             "queue_length": self.store.count(states.QUEUED),
             "running": len(self.store.runs_in(states.ACTIVE)), "host": socket.gethostname(),
+            "captioners": self.captioners,
         }
 
     def _publish_targets(self, args: dict) -> dict:

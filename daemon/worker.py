@@ -95,7 +95,7 @@ def job_command(run: dict) -> list[str]:
     files = RunFiles(Path(run["run_dir"]))
     if run["kind"] == "caption":
         job = run["config"]
-        cmd = [sys.executable, "-m", "lora_core.auto_label", "--input", job["folder"]]
+        cmd = [sys.executable, "-m", "lora_core.auto_label", "--input", job["folder"], "--events", str(files.events)]
         for key, value in sorted((job.get("options") or {}).items()):
             flag = "--" + key.replace("_", "-")
             if value is True:
@@ -151,6 +151,12 @@ class RunFollower:
             self.store.add_metric(rid, int(event.get("step") or 0), event.get("loss"), event.get("lr"),
                                   event.get("time", time.time()))
             self.bus.emit("run.progress", rid, **fields, epoch=event.get("epoch"), child_time=event.get("time"))
+        elif kind == "caption":  # an auto-label job's batch: images done of total, shown like training steps
+            fields = {"step": event.get("done"), "total_steps": event.get("total"), "it_s": event.get("it_s"),
+                      "eta_s": event.get("eta_s")}
+            fields = {k: v for k, v in fields.items() if v is not None}
+            self.store.update_run(rid, **fields)
+            self.bus.emit("run.progress", rid, **fields, child_time=event.get("time"))
         elif kind == "checkpoint":
             self.store.update_run(rid, checkpoint=event.get("path"))
             self.bus.emit("run.checkpoint", rid, step=event.get("step"), path=event.get("path"),

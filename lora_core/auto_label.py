@@ -6,6 +6,10 @@ without a caption are labelled (``--overwrite`` relabels all), so a run can be r
 output is rewritten atomically after every batch: stopping a long run keeps every caption made so far.
 
 `label_folder` takes any `Captioner` object, which is how the WebUI tab runs the WebUI's own interrogators.
+
+``--events FILE`` appends JSON lines (`lora_core.events`) for a caller that follows the job, as the daemon does for
+training runs: a ``caption`` event after every batch (done, total, it_s in images per second, eta_s) and one
+``end`` event (status "finished" or "failed", done, total, output, failed, error).
 """
 from __future__ import annotations
 
@@ -13,6 +17,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -23,6 +28,7 @@ from .caption_tools import add_trigger, read_captions, write_text_atomic
 from .captioners import (DEVICES, Captioner, CaptionerError, available_captioners, load_captioner)
 from .dataset import DatasetError, read_metadata_csv, write_metadata_csv
 from .dataset import upright_rgb
+from .events import EventWriter
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--include-rating", action="store_true", default=None, help="wd14: add the rating tag")
     p.add_argument("--exclude-tags", help="wd14: comma-separated tags never to write")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--events", help="append JSON-lines progress events (caption per batch, end) to this file")
     return p
 
 
@@ -165,6 +172,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.output and fmt == "txt":
         print("lora-label: --output names a csv file; it cannot be used with --format txt", file=sys.stderr)
         return 2
+    events = EventWriter(args.events)
+    started = time.monotonic()
+    counts = {"done": 0, "total": None}
     try:
         captioner = load_captioner(args.captioner, args.model, args.device, **captioner_options(args))
         from tqdm import tqdm
@@ -173,12 +183,23 @@ def main(argv: Optional[list[str]] = None) -> int:
             def progress(done: int, total: int) -> None:
                 bar.total = total
                 bar.update(done - bar.n)
+                counts.update(done=done, total=total)
+                rate = done / max(time.monotonic() - started, 1e-6)
+                events.emit("caption", done=done, total=total, it_s=round(rate, 3),
+                            eta_s=round((total - done) / rate, 1) if rate else None)
 
             report = label_folder(args.input, captioner, fmt, args.output, args.batch_size, args.trigger,
                                   args.overwrite, args.caption_extension, progress)
     except (CaptionerError, DatasetError) as e:
         print(f"lora-label: {e}", file=sys.stderr)
+        events.emit("end", status="failed", **counts, output=None, failed=[], error=str(e))
+        events.close()
         return 2
+    failed_error = f"{len(report.failed)} image(s) not labelled: " + "; ".join(
+        f"{f['file']}: {f['reason']}" for f in report.failed[:5]) if report.failed else None
+    events.emit("end", status="failed" if report.failed else "finished", **counts, output=report.output,
+                failed=report.failed, error=failed_error)
+    events.close()
     if args.json:
         print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
     else:

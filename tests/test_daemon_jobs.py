@@ -23,10 +23,18 @@ def test_a_caption_job_labels_the_folder_in_a_child_and_a_missing_model_fails_cl
     client = daemon.client()
     folder = colour_folder(tmp_path / "colours")
     tagger = make_tagger_dir(tmp_path / "wd14")
-    job = client.caption(str(folder), captioner="wd14", model=str(tagger), device="cpu", prefix="sks")
-    assert job["kind"] == "caption" and job["status"] == "queued"
-    done = finished(client, job["id"])
+    with client.subscribe(("run.",)) as events:
+        job = client.caption(str(folder), captioner="wd14", model=str(tagger), device="cpu", prefix="sks",
+                             batch_size=1)
+        assert job["kind"] == "caption" and job["status"] == "queued"
+        done = finished(client, job["id"])
+        progress = []
+        while (event := events.next(timeout=2.0)) is not None:
+            if event["type"] == "run.progress" and event["run_id"] == job["id"]:
+                progress.append((event["step"], event["total_steps"]))
     assert done["status"] == "finished", done["error"]
+    assert progress == [(1, 3), (2, 3), (3, 3)]
+    assert (done["step"], done["total_steps"]) == (3, 3) and done["it_s"] > 0
     assert read_metadata_csv(folder / "metadata.csv")["red.png"].startswith("sks, red theme")
 
     missing = client.caption(str(folder), captioner="wd14", model=str(tmp_path / "no-model"))

@@ -13,7 +13,8 @@ from daemon.client import DaemonClient, DaemonError, DaemonNotRunning
 from daemon.home import read_info
 from daemon.protocol import encode, make_request
 from daemon.server import Daemon, DaemonOptions, DaemonStartError
-from daemon_fixtures import daemon, daemon_factory, run_config  # noqa: F401  (fixtures)
+from daemon_fixtures import daemon, daemon_factory, run_config, wait_until  # noqa: F401  (fixtures)
+from dataset_fixtures import make_tagger_dir
 
 
 def raw_request(endpoint: str, payload: bytes, timeout_ms: int = 3000) -> dict:
@@ -35,6 +36,21 @@ def test_status_reports_version_devices_and_queue(daemon):
     assert status["gpus"] == [{"slot": "cpu", "run_id": None}]
     assert status["queue_length"] == 0
     assert status["lora_dir"] == str(daemon.lora_dir.resolve())
+
+
+def test_status_lists_the_engines_captioners_and_which_have_weights_without_loading_torch(daemon_factory,
+                                                                                        tmp_path, monkeypatch):
+    monkeypatch.setenv("LORA_SCRIPTS_CAPTIONERS", str(tmp_path / "captioners"))
+    make_tagger_dir(tmp_path / "captioners" / "wd14")
+    daemon = daemon_factory()
+    captioners = wait_until(lambda: daemon.client().status()["captioners"], 30, 0.1, "the captioner list")
+    by_name = {c["name"]: c for c in captioners}
+    assert {"blip", "wd14"} <= set(by_name)
+    assert by_name["wd14"]["ready"] and by_name["wd14"]["model_dir"] == str(tmp_path / "captioners" / "wd14")
+    assert not by_name["blip"]["ready"]
+    if sys.platform.startswith("linux"):  # the daemon asked a child: no torch or onnxruntime library is mapped in
+        maps = open(f"/proc/{daemon.proc.pid}/maps").read()
+        assert "libtorch" not in maps and "onnxruntime" not in maps
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX permission bits")

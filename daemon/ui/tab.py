@@ -30,8 +30,6 @@ log = logging.getLogger(__name__)
 TITLE = "LoRA Training"
 ELEM_ID = "lora_scripts"
 CAPTION_WAIT_S = 600.0
-# The engine's captioners (lora_core.captioners), for daemons whose status does not list them.
-ENGINE_CAPTIONERS = ("wd14", "blip")
 DAEMON_DOWN = "The training daemon is not running: start it in the Daemon section."
 
 
@@ -92,6 +90,8 @@ class TrainTab:
                     self._daemon_section()
             self._wire_dataset()
             self._wire_train()
+            captioner = self.ds.c["captioner"]
+            blocks.load(self.refresh_captioners, inputs=[captioner], outputs=[captioner])
         return blocks
 
     def _dataset_section(self) -> None:
@@ -110,8 +110,8 @@ class TrainTab:
         d.add("report", gr.HTML(elem_id="lora_scripts_check_report"))
         with gr.Group():
             with gr.Row():
-                d.add("captioner", gr.Dropdown(label="Captioner", choices=self._captioners(),
-                                               value=(self._captioners() or [None])[0],
+                names = self._captioners()
+                d.add("captioner", gr.Dropdown(label="Captioner", choices=names, value=(names or [None])[0],
                                                elem_id="lora_scripts_captioner"))
                 d.add("overwrite", gr.Checkbox(label="Replace existing captions", value=False,
                                                elem_id="lora_scripts_caption_overwrite"))
@@ -209,13 +209,20 @@ class TrainTab:
         d["do_replace"].click(self.replace, inputs=[d["folder"], d["find"], d["replace"]], outputs=refresh_outputs)
 
     def _captioners(self) -> list[str]:
-        names: list[str] = []
+        """The engine's captioners as the daemon reports them, those with weights in place first, then the
+        WebUI's own interrogators. None from the engine while the daemon is down (the page load asks again)."""
+        engine: list[dict] = []
         try:
-            names = list(self.ctx.client(timeout=1.0).status().get("captioners") or ENGINE_CAPTIONERS)
+            engine = self.ctx.client(timeout=1.0).status().get("captioners") or []
         except (DaemonNotRunning, DaemonError, OSError) as e:
             log.info("captioner list from the daemon unavailable: %s", e)
-            names = list(ENGINE_CAPTIONERS)
+        names = [c["name"] for c in sorted(engine, key=lambda c: not c.get("ready"))]
         return names + [n for n in self.ctx.interrogators if n not in names]
+
+    def refresh_captioners(self, current: Optional[str]):
+        """On page load: the daemon may have started (or weights arrived) since the tab was built."""
+        names = self._captioners()
+        return gr.update(choices=names, value=current if current in names else (names or [None])[0])
 
     def _folder(self, name: str, folder: str) -> Path:
         if folder and folder.strip():
