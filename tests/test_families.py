@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -53,7 +54,7 @@ def test_single_file_loads_the_same_weights_as_the_diffusers_folder(family_model
         assert a.unet.config.addition_embed_type == b.unet.config.addition_embed_type == "text_time"
 
 
-def test_sd2_single_file_has_the_open_clip_layout_with_the_unused_final_block(family_model):
+def test_single_file_keeps_the_webui_text_encoder_layout(family_model):
     name, folder, single = family_model
     keys = set(load_file(str(single)))
     if name == "sdxl":
@@ -198,3 +199,17 @@ def test_trained_file_loads_in_diffusers_and_matches_the_peft_trained_model(fami
         te_base, te_trained, te_loaded = (_text_outputs(getattr(p, encoder)) for p in (base, trained, loaded))
         assert (te_trained - te_base).abs().max() > 1e-4, f"{encoder}: its LoRA changed nothing"
         assert (te_loaded - te_trained).abs().max() < 1e-4, f"{encoder}: diffusers did not apply its keys"
+
+
+def test_samples_render_through_the_family_pipeline_with_the_current_lora(family_model, train_config, tmp_path):
+    from lora_core.events import EventWriter, read_events
+
+    _, folder, _ = family_model
+    events = tmp_path / "events.jsonl"
+    cfg = train_config(base_model=str(folder), max_train_steps=2, sample_every_n_steps=2,
+                       sample_prompts=["a red circle --w 64 --h 64 --s 2 --d 1"])
+    assert run_training(cfg, EventWriter(events), show_progress=False).status == "finished"
+    samples = [e for e in read_events(events) if e["type"] == "sample"]
+    assert len(samples) == 1 and samples[0]["prompt"] == "a red circle"
+    with Image.open(samples[0]["path"]) as im:
+        assert im.size == (64, 64)
