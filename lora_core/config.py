@@ -293,6 +293,19 @@ def _normalise(raw: dict, lines: dict[str, int], problems: list[str]) -> dict[st
     return out
 
 
+def _number(value: Any, whole: bool) -> Optional[float]:
+    """A finite number (whole if asked) from a YAML value, which may be a string like '2e-4'; None if it is not."""
+    if isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    if not math.isfinite(number) or (whole and number != int(number)):
+        return None
+    return number
+
+
 def _coerce(section: str, f: dataclasses.Field, value: Any, where: str, problems: list[str]) -> Any:
     """Turn a YAML value into the field's type; YAML reads `2e-4` as a string, so numbers are parsed here."""
     name = f"{section}.{f.name}"
@@ -310,32 +323,13 @@ def _coerce(section: str, f: dataclasses.Field, value: Any, where: str, problems
             return value.lower() in ("true", "yes", "on")
         problems.append(f"{name}: must be true or false, got {value!r}{where}")
         return default
-    if "int" in ftype and "float" not in ftype:
-        if isinstance(value, bool):
-            problems.append(f"{name}: must be a whole number, got {value!r}{where}")
+    if "int" in ftype or "float" in ftype:
+        whole = "float" not in ftype
+        number = _number(value, whole)
+        if number is None:
+            problems.append(f"{name}: must be a {'whole number' if whole else 'finite number'}, got {value!r}{where}")
             return default
-        try:
-            as_float = float(value)
-        except (TypeError, ValueError):
-            problems.append(f"{name}: must be a whole number, got {value!r}{where}")
-            return default
-        if not math.isfinite(as_float) or as_float != int(as_float):
-            problems.append(f"{name}: must be a whole number, got {value!r}{where}")
-            return default
-        return int(as_float)
-    if "float" in ftype:
-        if isinstance(value, bool):
-            problems.append(f"{name}: must be a number, got {value!r}{where}")
-            return default
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            problems.append(f"{name}: must be a number, got {value!r}{where}")
-            return default
-        if not math.isfinite(number):
-            problems.append(f"{name}: must be a finite number, got {value!r}{where}")
-            return default
-        return number
+        return int(number) if whole else number
     if "list" in ftype:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

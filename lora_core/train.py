@@ -97,6 +97,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--resume", help="'latest' or a checkpoint folder (overrides training.resume_from_checkpoint)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a setting, e.g. --set training.batch_size=2 (repeatable)")
+    parser.add_argument("--format", choices=["kohya", "diffusers"],
+                        help="kohya .safetensors (default; A1111/Forge/ComfyUI/diffusers) or a diffusers/peft folder")
     parser.add_argument("--plan", action="store_true", help="print the memory plan and exit without training")
     parser.add_argument("--json", action="store_true", help="with --plan: print JSON")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (events and logs only)")
@@ -105,6 +107,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     events = EventWriter(args.events)
     try:
         overrides = _parse_set(args.set)
+        if args.format:
+            overrides["output.format"] = args.format
         if args.resume:
             overrides["training.resume_from_checkpoint"] = args.resume
         cfg = load_config(args.config, overrides=overrides)

@@ -226,3 +226,18 @@ def test_config_error_exits_2_before_any_model_is_loaded(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "training.learning_rate: must be > 0, got -1.0 (line" in proc.stderr
+
+
+def test_diffusers_format_writes_a_peft_folder_that_load_lora_weights_reads(train_config, tiny_sd):
+    from diffusers import StableDiffusionPipeline
+
+    kohya = run_training(train_config(max_train_steps=3, learning_rate=2e-2, alpha=2), show_progress=False)
+    peft = run_training(train_config(max_train_steps=3, learning_rate=2e-2, alpha=2, format="diffusers",
+                                     output_dir=str(kohya.output.parent.parent / "peft")), show_progress=False)
+    assert peft.output.is_dir() and (peft.output / "pytorch_lora_weights.safetensors").is_file()
+    outputs = []
+    for source in (kohya.output, peft.output):
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd, local_files_only=True)
+        pipe.load_lora_weights(str(source))
+        outputs.append(_unet_outputs(pipe))
+    assert (outputs[0] - outputs[1]).abs().max() < 1e-4, "both formats must load at the same (alpha/rank) scale"
