@@ -1,8 +1,7 @@
-"""A1111's launch module as install.py sees it: is_installed and run_pip (which records instead of installing)."""
+"""A1111's launch module as install.py sees it: is_installed, and run_pip, which prints the pip command it was
+given (A1111 prints "Installing ..." and runs pip; here nothing is installed, so tests can read what would be)."""
 import importlib.metadata
 import importlib.util
-
-pip_commands = []
 
 
 def is_installed(package):
@@ -14,4 +13,4 @@ def is_installed(package):
 
 
 def run_pip(command, desc=None, live=False):
-    pip_commands.append(command)
+    print(f"run_pip: {command}", flush=True)
