@@ -11,6 +11,7 @@ import argparse
 import importlib.metadata
 import logging
 import os
+import shlex
 import subprocess
 import threading
 import venv
@@ -32,6 +33,13 @@ def venv_python(venv_dir: Path) -> Path:
     return venv_dir / "bin" / "python"
 
 
+def shown(command: list[str]) -> str:
+    """A command as the user would type it in their shell (quoted: venv paths often hold spaces)."""
+    if os.name == "nt":  # Windows-only: cmd.exe quoting
+        return subprocess.list2cmdline(command)
+    return shlex.join(command)
+
+
 def torch_requirement(version: str) -> tuple[str, Optional[str]]:
     """``"2.1.2+cu121"`` → (``"torch==2.1.2"``, the cu121 wheel index); a plain version uses the default index."""
     base, _, flavour = version.partition("+")
@@ -46,24 +54,40 @@ def installed_torch() -> Optional[str]:
         return None
 
 
-def setup_commands(venv_dir: Path, torch_version: Optional[str], source: Path = REPO_ROOT) -> list[list[str]]:
-    """The pip commands that fill a fresh venv: torch first (pinned to the flavour), then the engine."""
-    python = str(venv_python(venv_dir))
-    commands = []
-    if torch_version:
-        requirement, index = torch_requirement(torch_version)
-        commands.append([python, "-m", "pip", "install", requirement] + (["--index-url", index] if index else []))
-    commands.append([python, "-m", "pip", "install", str(source)])
-    return commands
+@dataclass
+class SetupPlan:
+    """What setup installs where: the venv, the torch build, the engine's source, and extra pip arguments.
+
+    ``pip_args`` go to every ``pip install`` (e.g. ``--find-links DIR --no-index`` on a machine without internet);
+    ``system_site_packages`` lets the venv see the packages of the Python that creates it, pip included, so a torch
+    already installed there is used instead of downloaded again.
+    """
+
+    venv_dir: Path
+    torch_version: Optional[str]
+    source: Path = REPO_ROOT
+    pip_args: tuple[str, ...] = ()
+    system_site_packages: bool = False
+
+    def commands(self) -> list[list[str]]:
+        """The pip commands that fill the venv: torch first (pinned to the flavour), then the engine."""
+        pip_install = [str(venv_python(self.venv_dir)), "-m", "pip", "install", *self.pip_args]
+        commands = []
+        if self.torch_version:
+            requirement, index = torch_requirement(self.torch_version)
+            commands.append(pip_install + [requirement] + (["--index-url", index] if index else []))
+        commands.append(pip_install + [str(self.source)])
+        return commands
 
 
-def run_setup(venv_dir: Path, torch_version: Optional[str], say: Callable[[str], None] = print) -> int:
-    """Create the venv and run `setup_commands`, passing every output line to ``say``; returns pip's exit code."""
-    if not venv_python(venv_dir).exists():
-        say(f"creating a virtual environment in {venv_dir}")
-        venv.EnvBuilder(with_pip=True).create(venv_dir)
-    for command in setup_commands(venv_dir, torch_version):
-        say("$ " + " ".join(command))
+def run_setup(plan: SetupPlan, say: Callable[[str], None] = print) -> int:
+    """Create the venv and run the plan's commands, passing every output line to ``say``; returns pip's exit code."""
+    if not venv_python(plan.venv_dir).exists():
+        say(f"creating a virtual environment in {plan.venv_dir}")
+        venv.EnvBuilder(with_pip=not plan.system_site_packages,
+                        system_site_packages=plan.system_site_packages).create(plan.venv_dir)
+    for command in plan.commands():
+        say("$ " + shown(command))
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 encoding="utf-8", errors="replace")
         for line in proc.stdout:
@@ -100,7 +124,7 @@ class SetupJob:
 
     def _run(self, torch_version: Optional[str]) -> None:
         try:
-            code = run_setup(self.venv_dir, torch_version, self.lines.append)
+            code = run_setup(SetupPlan(self.venv_dir, torch_version), self.lines.append)
         except OSError as e:
             self.lines.append(f"setup failed: {e}")
             code = 1
@@ -113,6 +137,11 @@ class SetupJob:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--venv", help="where to create the engine's venv (default: <state folder>/venv)")
     parser.add_argument("--torch", help="torch version to install, e.g. 2.1.2+cu121 (default: this Python's torch)")
+    parser.add_argument("--source", help="the engine to install: a folder or wheel (default: this checkout)")
+    parser.add_argument("--pip-arg", action="append", default=[], dest="pip_args", metavar="ARG",
+                        help="pass ARG to every pip install, e.g. --pip-arg=--find-links=DIR --pip-arg=--no-index")
+    parser.add_argument("--system-site-packages", action="store_true",
+                        help="let the venv see this Python's packages (pip and torch included) instead of its own")
     parser.add_argument("--print", action="store_true", dest="print_only",
                         help="print the commands instead of running them")
 
@@ -120,10 +149,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``lora-daemon setup``: create and fill the engine's venv, or print the commands with --print."""
     venv_dir = Path(args.venv).expanduser().resolve() if args.venv else resolve_home(getattr(args, "home", None)) / "venv"
-    torch_version = args.torch or installed_torch()
+    plan = SetupPlan(venv_dir, args.torch or installed_torch(),
+                     Path(args.source).expanduser().resolve() if args.source else REPO_ROOT, tuple(args.pip_args),
+                     args.system_site_packages)
     if args.print_only:
-        for command in setup_commands(venv_dir, torch_version):
-            print(" ".join(command))
+        for command in plan.commands():
+            print(shown(command))
         return 0
-    return run_setup(venv_dir, torch_version)
-
+    return run_setup(plan)
