@@ -46,6 +46,7 @@ class ImageItem:
     height: int = 0
     is_reg: bool = False
     bucket: Optional[Bucket] = None
+    digest: str = ""  # sha256 of the file: duplicate detection and the disk latent cache key
 
 
 @dataclass
@@ -191,7 +192,7 @@ def scan_dataset(train_data_dir: str | Path, metadata_path: str | Path | None = 
         if caption is None:
             missing.append(rel)
             continue
-        scan.items.append(ImageItem(image, caption, repeats, subset, width, height, is_reg))
+        scan.items.append(ImageItem(image, caption, repeats, subset, width, height, is_reg, digest=digest))
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise DatasetError(f"no caption for {shown}: add a line to metadata.csv, a {caption_extension} file next to "

@@ -24,6 +24,7 @@ from .buckets import Bucket, bucket_info, format_bucket_table
 from .config import TrainConfig
 from .dataset import (DatasetScan, ImageItem, assign_buckets, load_image_with_crop, process_caption, scan_dataset)
 from .export import kohya_lora_tensors, save_diffusers_lora, save_lora_file, training_metadata
+from .latent_cache import DiskLatentCache
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state
 from .sample_prompts import parse_sample_prompts
 from .sd_models import SDModel, load_sd_model
@@ -84,6 +85,8 @@ class ImageTask:
         self.buckets = buckets
 
         model = load_sd_model(m.base_model, m.model_family, m.prediction_type, m.allow_pickle)
+        if model.family == "sdxl" and m.clip_skip > 1:
+            log.warning("model.clip_skip %d is ignored for SDXL, which always uses the penultimate layer", m.clip_skip)
         self.model = model
         model.vae.requires_grad_(False).to(self.device).eval()
         if self.weight_dtype != torch.float32:
@@ -132,11 +135,25 @@ class ImageTask:
         self.alphas_cumprod = model.noise_scheduler.alphas_cumprod.to(self.device)
 
     def _cache_all_latents(self) -> None:
+        d = self.cfg.data
+        disk = DiskLatentCache(d.train_data_dir, self.model.vae, self.weight_dtype) if d.cache_latents_to_disk \
+            else None
         total = len(self.items)
         for i, item in enumerate(self.items):
-            self.latent_cache[i] = self._encode_latent(i, item, epoch=0, index=0).cpu()
+            key = disk.key(item.digest, item.bucket.width, item.bucket.height, d.center_crop) if disk else None
+            cached = disk.load(key) if disk else None
+            if cached is not None:
+                mean, std, crop = cached
+                self.crops[i] = tuple(crop) if crop else (0, 0)
+            else:
+                mean, std = self._latent_dist(i, item, epoch=0, index=0)
+                if disk:
+                    disk.save(key, mean, std, list(self.crops[i]))
+            self.latent_cache[i] = self._sample_latent(i, mean, std)
             if self.progress:
                 self.progress("latents", i + 1, total)
+        if disk:
+            self.disk_cache_stats = {"reused": disk.hits, "encoded": disk.misses, "folder": str(disk.folder)}
 
     def _cache_all_text(self) -> None:
         captions = sorted({self._caption(ex, epoch=0, index=0) for ex in self.examples})
@@ -157,6 +174,7 @@ class ImageTask:
                 "skipped": [{"file": n, "reason": r} for n, r in self.scan.skipped],
                 "duplicates": [{"file": n, "same_as": k} for n, k in self.scan.duplicates],
                 "reg_images": len(self.reg_scan.items) if self.reg_scan else 0,
+                "latent_disk_cache": getattr(self, "disk_cache_stats", None),
                 "buckets": self.bucket_table}
 
     # ---- data --------------------------------------------------------------------------------------------------
@@ -183,6 +201,17 @@ class ImageTask:
                                rng)
 
     def _encode_latent(self, item_index: int, item: ImageItem, epoch: int, index: int) -> torch.Tensor:
+        return self._sample_latent(item_index, *self._latent_dist(item_index, item, epoch, index))
+
+    def _sample_latent(self, item_index: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """One latent per image, drawn with a generator seeded by the image's place: cached, disk-cached and
+        uncached runs all train on the same latents."""
+        gen = torch.Generator().manual_seed(_seed_for(self.cfg.training.seed, "latent", item_index))
+        noise = torch.randn(mean.shape, generator=gen).to(mean.device, mean.dtype)
+        return ((mean + std * noise) * self.model.vae.config.scaling_factor).float()
+
+    def _latent_dist(self, item_index: int, item: ImageItem, epoch: int, index: int) -> tuple[torch.Tensor,
+                                                                                             torch.Tensor]:
         d = self.cfg.data
         bucket = item.bucket
         rng = random.Random(_seed_for(self.cfg.training.seed, "crop", epoch, index))
@@ -190,12 +219,9 @@ class ImageTask:
         pixels, self.crops[item_index] = load_image_with_crop(item.path, bucket.width, bucket.height, d.center_crop,
                                                               rng, flip)
         pixels = pixels.unsqueeze(0).to(self.device, self.weight_dtype)
-        gen = torch.Generator().manual_seed(_seed_for(self.cfg.training.seed, "latent", item_index))
         with torch.no_grad():
             dist = self.model.vae.encode(pixels).latent_dist
-            noise = torch.randn(dist.mean.shape, generator=gen).to(self.device, dist.mean.dtype)
-            latent = dist.mean + dist.std * noise
-        return (latent * self.model.vae.config.scaling_factor)[0].float()
+        return dist.mean[0].cpu(), dist.std[0].cpu()
 
     def _tokenize(self, captions: list[str]) -> torch.Tensor:
         """Token ids (batch, 77); SDXL: (batch, 2, 77), one row per tokenizer (the second pads with '!')."""

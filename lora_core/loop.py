@@ -77,7 +77,10 @@ def make_accelerator(cfg: TrainConfig):
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"training.device is {device!r} but no CUDA device is available")
     return Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=cpu,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+                       # text-encoder LoRA in a layer whose output is unused (SDXL and clip_skip > 1 condition on the
+                       # penultimate layer) gets no gradient; DDP must be told, or it waits for it forever
+                       kwargs_handlers=[DistributedDataParallelKwargs(
+                           find_unused_parameters=cfg.model.train_text_encoder)])
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]):

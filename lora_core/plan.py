@@ -86,12 +86,14 @@ def measure(cfg: TrainConfig) -> Measurements:
     alpha = m.alpha if m.alpha is not None else float(m.lora_rank)
     add_lora(sd.unet, m.unet_target_modules, m.lora_rank, alpha, m.dropout)
     params = sum(p.numel() for p in lora_parameters(sd.unet))
+    encoders = [te for te in (sd.text_encoder, sd.text_encoder_2) if te is not None]
     if m.train_text_encoder:
-        add_lora(sd.text_encoder, m.text_encoder_target_modules, m.lora_rank, alpha, m.dropout,
-                 field="model.text_encoder_target_modules")
-        params += sum(p.numel() for p in lora_parameters(sd.text_encoder))
+        for te in encoders:
+            add_lora(te, m.text_encoder_target_modules, m.lora_rank, alpha, m.dropout,
+                     field="model.text_encoder_target_modules")
+            params += sum(p.numel() for p in lora_parameters(te))
     lora_bytes = params * 4
-    weights = module_bytes(sd.unet) + module_bytes(sd.vae) + module_bytes(sd.text_encoder) - lora_bytes
+    weights = module_bytes(sd.unet) + module_bytes(sd.vae) + sum(module_bytes(te) for te in encoders) - lora_bytes
     buckets = make_buckets(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps) \
         if d.enable_bucket else []
     width, height = max(((b.width, b.height) for b in buckets), key=lambda s: s[0] * s[1],
@@ -113,9 +115,14 @@ def activation_bytes(unet: torch.nn.Module, latents: torch.Tensor, text: torch.T
     if checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: pooled text embedding + 6 size/crop numbers
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        extra["added_cond_kwargs"] = {"text_embeds": torch.zeros(latents.shape[0], pooled),
+                                      "time_ids": torch.zeros(latents.shape[0], 6)}
     try:
         with saved_for_backward(exclude=weights) as saved:
-            unet(latents, torch.tensor([500]), text)
+            unet(latents, torch.tensor([500]), text, **extra)
     finally:
         if checkpointing:
             unet.disable_gradient_checkpointing()

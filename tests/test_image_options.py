@@ -135,3 +135,39 @@ def test_a_stop_during_caching_cancels_it_before_any_step(train_config, tmp_path
     assert result.status == "stopped" and result.step == 0 and result.output is None
     assert read_events(events)[-1]["error"] == "stopped while caching"
     assert not [e for e in read_events(events) if e["type"] == "step"]
+
+
+def _dataset_event(path):
+    return next(e for e in read_events(path) if e["type"] == "dataset")
+
+
+def test_disk_latent_cache_is_reused_and_invalidated_by_image_resolution_or_vae(train_config, tiny_data, tmp_path,
+                                                                               tiny_sd_file):
+    def run(name, **overrides):
+        events = tmp_path / f"{name}.jsonl"
+        result = run_training(train_config(max_train_steps=2, cache_latents_to_disk=True,
+                                           output_dir=str(tmp_path / name), **overrides), EventWriter(events),
+                              show_progress=False)
+        return result, _dataset_event(events)["latent_disk_cache"]
+
+    first, stats = run("first")
+    assert stats == {"reused": 0, "encoded": 4, "folder": str(tiny_data / ".lora_cache" / "latents")}
+    files = sorted((tiny_data / ".lora_cache" / "latents").glob("*.safetensors"))
+    assert len(files) == 4
+    second, stats = run("second")
+    assert (stats["reused"], stats["encoded"]) == (4, 0)
+    assert first.losses == second.losses
+
+    image = sorted(tiny_data.glob("*.png"))[0]
+    Image.open(image).rotate(90).save(image)  # an edited image gets a new entry, the rest are reused
+    _, stats = run("edited")
+    assert (stats["reused"], stats["encoded"]) == (3, 1)
+    _, stats = run("bigger", resolution=128)
+    assert (stats["reused"], stats["encoded"]) == (0, 4)
+    from safetensors.torch import load_file, save_file
+
+    other = load_file(str(tiny_sd_file))
+    other = {k: (v + 0.01 if k.startswith("first_stage_model.encoder.conv_in") else v) for k, v in other.items()}
+    save_file(other, str(tmp_path / "other-vae.safetensors"))
+    _, stats = run("other_vae", base_model=str(tmp_path / "other-vae.safetensors"))
+    assert (stats["reused"], stats["encoded"]) == (0, 4)

@@ -23,7 +23,8 @@ def measured_peak_mb(cfg) -> float:
     """Frozen weights + the peak of live tensors over two real training steps of the image task."""
     task = ImageTask(cfg)
     task.setup(make_accelerator(cfg))
-    static = sum(module_bytes(m) for m in (task.model.unet, task.model.vae, task.model.text_encoder))
+    models = (task.model.unet, task.model.vae, task.model.text_encoder, task.model.text_encoder_2)
+    static = sum(module_bytes(m) for m in models if m is not None)
     optimizer = make_optimizer(cfg, task.param_groups(cfg.training.learning_rate))
     generator = torch.Generator().manual_seed(0)
     meter = TensorMemoryMeter()
@@ -79,3 +80,12 @@ def test_plan_cli_prints_json_without_training(train_config, tmp_path):
     plan = json.loads(proc.stdout.strip().splitlines()[-1])
     assert plan["fits"] and plan["estimate_mb"] > 0 and "activations" in plan["breakdown_mb"]
     assert not (tmp_path / "out").exists()
+
+
+def test_plan_estimate_holds_for_sdxl_with_text_encoder_lora(train_config, tmp_path):
+    from lora_core.tiny import build_tiny_sd
+
+    model = build_tiny_sd(tmp_path / "sdxl", family="sdxl")
+    cfg = train_config(base_model=str(model), batch_size=2, train_text_encoder=True)
+    estimate, measured = make_plan(cfg).estimate_mb, measured_peak_mb(cfg)
+    assert abs(estimate - measured) <= TOLERANCE * measured, f"estimate {estimate:.1f} MB vs measured {measured:.1f} MB"
