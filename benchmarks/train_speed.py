@@ -112,6 +112,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per variant, alternating; the best counts")
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--no-cache", action="store_true", help="run our loop without caching (ablation)")
     parser.add_argument("--variant", choices=["ours", "baseline"], help=argparse.SUPPRESS)
@@ -128,8 +129,9 @@ def main() -> int:
         tmp = Path(tmp)
         model = build_tiny_sd(tmp / "model", size=args.size)
         data = make_tiny_dataset(tmp / "data", n=args.images, size=args.resolution)
-        results = {}
-        for variant in ("baseline", "ours"):
+        results: dict[str, dict] = {}
+        # alternate the variants and keep each one's best run: on a shared machine, noise only ever slows a run down
+        for variant in ["baseline", "ours"] * args.repeats:
             cmd = [sys.executable, __file__, "--variant", variant, "--model", str(model), "--data", str(data),
                    "--out", str(tmp / variant), "--resolution", str(args.resolution), "--batch-size",
                    str(args.batch_size), "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -138,7 +140,9 @@ def main() -> int:
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
                 return 1
-            results[variant] = json.loads(proc.stdout.strip().splitlines()[-1])
+            run = json.loads(proc.stdout.strip().splitlines()[-1])
+            if variant not in results or run["steps_s"] > results[variant]["steps_s"]:
+                results[variant] = run
     ours, base = results["ours"], results["baseline"]
     print(json.dumps({"bench": f"train_speed_{args.size}_{args.resolution}px_bs{args.batch_size}"
                                f"{'_nocache' if args.no_cache else ''}",
