@@ -37,7 +37,7 @@
             return `<tr data-run-id="${esc(r.id)}" data-status="${esc(r.status)}" class="${r.id === state.selected ? "selected" : ""}">` +
                 `<td>${esc(r.name)}</td><td class="lora-scripts-status-${esc(r.status)}">${esc(r.status)}</td>` +
                 `<td><div class="lora-scripts-progress"><div style="width:${pct}%"></div></div>${step}/${total || "?"}</td>` +
-                `<td>${esc(fmtTime(r.eta_s))}</td><td>${esc(fmtNum(r.loss, 4))}</td><td>${esc(fmtNum(r.it_s, 2))}</td>` +
+                `<td>${r.status === "running" ? esc(fmtTime(r.eta_s)) : ""}</td><td>${esc(fmtNum(r.loss, 4))}</td><td>${esc(fmtNum(r.it_s, 2))}</td>` +
                 `<td>${esc(r.kind)}</td></tr>`;
         }).join("");
         return '<table id="lora_scripts_runs_table" class="lora-scripts-table"><thead><tr><th>run</th><th>status</th>' +

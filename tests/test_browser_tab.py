@@ -5,6 +5,7 @@ run trains the tiny SD model at 64 px. Screenshots land in test-artifacts/browse
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
@@ -45,19 +46,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def world():
-    """A tiny model, four uncaptioned images, a tiny tagger, a daemon (engine env) and the tab (gradio 3 env).
-
-    Its folder is not a pytest tmp_path: pytest prunes old tmp folders of other sessions, and a session running
-    beside this one must not delete the daemon's state folder mid-run.
-    """
+def browser_prerequisites() -> None:
     prerequisite(CHROMIUM.exists(), f"{CHROMIUM} is missing: run `python tests/prepare_webui_envs.py` as root")
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError:
         prerequisite(False, "the playwright python package is missing: pip install -e '.[test]'")
-    python3 = require(".venv-gradio3")
+
+
+@contextlib.contextmanager
+def serve_tab(env_name: str):
+    """A tiny model, images with and without captions, a tiny tagger, a daemon (engine env) and the standalone tab
+    served from the WebUI-like environment ``env_name``.
+
+    Its folder is not a pytest tmp_path: pytest prunes old tmp folders of other sessions, and a session running
+    beside this one must not delete the daemon's state folder mid-run.
+    """
+    browser_prerequisites()
+    python = require(env_name)
     from lora_core.tiny import build_tiny_sd, make_tiny_dataset
 
     holder = tempfile.TemporaryDirectory(prefix="lora-scripts-tab-")
@@ -65,6 +71,7 @@ def world():
     models, home, lora_dir = base / "models", base / "home", base / "Lora"
     build_tiny_sd(models, single_file=True)
     images = sorted(make_tiny_dataset(base / "photos", n=4, size=64, sidecars=False).glob("*.png"))
+    captioned = make_tiny_dataset(base / "captioned", n=4, size=64)
     captioners = base / "captioners"
     make_tagger_dir(captioners / "wd14", SHAPE_TAGS)
     env = {**os.environ, "LORA_SCRIPTS_CAPTIONERS": str(captioners), "PYTHONPATH": str(ROOT)}
@@ -72,7 +79,7 @@ def world():
                    check=True, env=env, timeout=120)
     port = free_port()
     ui_log = open(base / "ui.log", "wb")
-    ui = subprocess.Popen([str(python3), "-m", "daemon.cli", "--home", str(home), "ui", "--port", str(port),
+    ui = subprocess.Popen([str(python), "-m", "daemon.cli", "--home", str(home), "ui", "--port", str(port),
                            "--checkpoints", str(models), "--lora-dir", str(lora_dir)],
                           cwd=str(base), env=env, stdout=ui_log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -86,13 +93,21 @@ def world():
                 if ui.poll() is not None or time.monotonic() > deadline:
                     raise AssertionError("the tab did not start:\n" + (base / "ui.log").read_text(errors="replace"))
                 time.sleep(0.5)
-        yield {"url": url, "home": home, "lora_dir": lora_dir, "images": images, "base": base}
+        yield {"url": url, "home": home, "lora_dir": lora_dir, "images": images, "captioned": captioned,
+               "base": base}
     finally:
         ui.terminate()
         ui.wait(timeout=30)
         ui_log.close()
         subprocess.run([sys.executable, "-m", "daemon.cli", "--home", str(home), "stop"], env=env, timeout=120)
         holder.cleanup()
+
+
+@pytest.fixture(scope="module")
+def world():
+    """The tab on gradio 3.41.2, as A1111 1.10 serves it."""
+    with serve_tab(".venv-gradio3") as served:
+        yield served
 
 
 @pytest.fixture
@@ -131,8 +146,8 @@ def daemon_client(world):
     return DaemonClient(home=world["home"], timeout=10)
 
 
-def test_a_learning_rate_of_minus_one_is_refused_next_to_its_field_and_queues_nothing(world, page):
-    page.goto(world["url"])
+def refuse_a_learning_rate_of_minus_one(page) -> None:
+    """Train section: learning rate -1, Start; the engine's message appears next to the field."""
     section(page, "Train")
     page.locator("#lora_scripts_learning_rate input").fill("-1")
     page.locator("#lora_scripts_start").click()
@@ -140,8 +155,25 @@ def test_a_learning_rate_of_minus_one_is_refused_next_to_its_field_and_queues_no
     error.get_by_text("must be > 0").wait_for(timeout=60_000)
     assert "training.learning_rate: must be > 0, got -1.0" in error.inner_text()
     assert "Nothing was queued" in page.locator("#lora_scripts_train_status").first.inner_text()
+
+
+def runs_section_shows_no_hidden_plumbing(page) -> None:
+    """The run id box the JS writes into is in the page but takes no space: only its button shows."""
+    section(page, "Runs")
+    assert page.locator("#lora_scripts_selected_run textarea, #lora_scripts_selected_run input").count() == 1
+    assert page.locator("#lora_scripts_selected_run_box").is_hidden()
+    button = page.locator("#lora_scripts_load_run_config").bounding_box()
+    row = page.locator("#lora_scripts_load_run_config").locator("xpath=..").bounding_box()
+    assert button and row and row["height"] <= button["height"] + 2
+
+
+def test_a_learning_rate_of_minus_one_is_refused_next_to_its_field_and_queues_nothing(world, page):
+    page.goto(world["url"])
+    refuse_a_learning_rate_of_minus_one(page)
     shot(page, "01_bad_learning_rate")
     assert daemon_client(world).list_runs(all=True) == []
+    runs_section_shows_no_hidden_plumbing(page)
+    shot(page, "01_runs_section_empty")
 
 
 def test_a_person_trains_a_lora_from_the_tab_and_finds_it_in_the_lora_folder(world, page):

@@ -175,8 +175,11 @@ class TrainTab:
         gr.HTML('<div id="lora_scripts_runs_live" class="lora-scripts-runs">Loading runs…</div>',
                 elem_id="lora_scripts_runs_host")
         with gr.Row():
-            run = self.train.add("selected_run", gr.Textbox(label="Selected run", elem_id="lora_scripts_selected_run",
-                                                            interactive=True, elem_classes=["lora-scripts-hidden"]))
+            # The run the JS selected, for "Load this config": a textbox the JS writes into, hidden with its form
+            # wrapper by style.css (visible=False would leave nothing in the page for the JS to write into).
+            with gr.Column(elem_id="lora_scripts_selected_run_box", min_width=0):
+                run = self.train.add("selected_run", gr.Textbox(label="Selected run", interactive=True,
+                                                                elem_id="lora_scripts_selected_run"))
             load = gr.Button("Load this config", elem_id="lora_scripts_load_run_config")
         load.click(self.load_run_config, inputs=[run], outputs=self._form_outputs())
 
