@@ -5,13 +5,12 @@ Runs table, and its Cancel button stops it the engine's way: it saves a checkpoi
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
 
 from test_browser_tab import (browser, daemon_client, page, refuse_a_learning_rate_of_minus_one,  # noqa: F401
-                              runs_section_shows_no_hidden_plumbing, section, serve_tab, shot)
+                              runs_section_shows_no_hidden_plumbing, section, serve_tab, shot, start_a_run)
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -34,15 +33,7 @@ def test_on_gradio_4_a_run_started_in_the_form_shows_live_and_cancel_keeps_a_che
     page.locator("#lora_scripts_learning_rate input").fill("0.001")
     section(page, "Dataset")
     page.locator("#lora_scripts_dataset_dir textarea, #lora_scripts_dataset_dir input").fill(str(world["captioned"]))
-    section(page, "Train")
-    page.locator("#lora_scripts_output_name input, #lora_scripts_output_name textarea").fill("forge_style")
-    page.locator("#lora_scripts_resolution input").fill("64")
-    page.locator("#lora_scripts_batch_size input").fill("1")
-    page.locator("#lora_scripts_max_train_steps input").fill("100000")
-    page.locator("#lora_scripts_start").click()
-    status = page.locator("#lora_scripts_train_status").first
-    status.get_by_text("Queued run").wait_for(timeout=60_000)
-    run_id = re.search(r"Queued run (\S+)", status.inner_text()).group(1)
+    run_id = start_a_run(page, "forge_style", steps=100000)
 
     section(page, "Runs")
     row = page.locator(f'#lora_scripts_runs_table tr[data-run-id="{run_id}"]')

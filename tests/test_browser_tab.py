@@ -167,6 +167,19 @@ def runs_section_shows_no_hidden_plumbing(page) -> None:
     assert button and row and row["height"] <= button["height"] + 2
 
 
+def start_a_run(page, output_name: str, steps: int) -> str:
+    """Train section: the tiny model at 64 px, batch 1, ``steps`` steps; Start; returns the queued run's id."""
+    section(page, "Train")
+    page.locator("#lora_scripts_output_name input, #lora_scripts_output_name textarea").fill(output_name)
+    page.locator("#lora_scripts_resolution input").fill("64")
+    page.locator("#lora_scripts_batch_size input").fill("1")
+    page.locator("#lora_scripts_max_train_steps input").fill(str(steps))
+    page.locator("#lora_scripts_start").click()
+    status = page.locator("#lora_scripts_train_status").first
+    status.get_by_text("Queued run").wait_for(timeout=60_000)
+    return re.search(r"Queued run (\S+)", status.inner_text()).group(1)
+
+
 def test_a_learning_rate_of_minus_one_is_refused_next_to_its_field_and_queues_nothing(world, page):
     page.goto(world["url"])
     refuse_a_learning_rate_of_minus_one(page)
@@ -203,14 +216,7 @@ def test_a_person_trains_a_lora_from_the_tab_and_finds_it_in_the_lora_folder(wor
     shot(page, "02_dataset_captioned")
 
     # Train: tiny model at 64 px, long enough to watch and to reload the page mid-run
-    section(page, "Train")
-    page.locator("#lora_scripts_output_name input, #lora_scripts_output_name textarea").fill("my_style")
-    page.locator("#lora_scripts_resolution input").fill("64")
-    page.locator("#lora_scripts_batch_size input").fill("1")
-    page.locator("#lora_scripts_max_train_steps input").fill("300")
-    page.locator("#lora_scripts_start").click()
-    page.locator("#lora_scripts_train_status").get_by_text("Queued run").wait_for(timeout=60_000)
-    run_id = re.search(r"Queued run (\S+)", page.locator("#lora_scripts_train_status").first.inner_text()).group(1)
+    run_id = start_a_run(page, "my_style", steps=300)
     shot(page, "03_train_form")
 
     # Runs: progress and the loss curve move while it trains
