@@ -30,7 +30,7 @@ OOM_ADVICE = ("if the system ran out of memory: lower training.batch_size or dat
               "training.gradient_checkpointing, or set training.oom_policy: step_down")
 LOG_TAIL_LINES = 30
 # Exit codes of `python -m lora_core.train`, mirrored from `lora_core.events` (the daemon must not import the engine
-# outside config validation; tests/test_daemon_worker.py checks the two agree).
+# outside config validation; tests/test_daemon_publish.py checks the two agree).
 EXIT_CONFIG = 2
 EXIT_STOPPED = 3
 EXIT_OOM = 4
