@@ -77,7 +77,10 @@ def test_three_runs_train_by_priority_stream_in_order_and_publish_without_overwr
         steps = [e["step"] for e in events if e.get("run_id") == run_id and e["type"] == "run.progress"]
         assert steps == list(range(1, 7))
         assert client.metrics(run_id)[-1]["step"] == 6
-    shown = client.get(urgent["id"][:17])
+    # the shortest prefix no other run shares (runs submitted in the same second share 16 characters)
+    prefix = next(urgent["id"][:n] for n in range(17, len(urgent["id"]) + 1)
+                  if not any(other.startswith(urgent["id"][:n]) for other in ids if other != urgent["id"]))
+    shown = client.get(prefix)
     assert shown["id"] == urgent["id"] and shown["total_steps"] == 6 and shown["loss"] is not None
     assert client.status()["queue_length"] == 0
     assert any("finished" in line or "safetensors" in line for line in client.logs(first["id"]))
