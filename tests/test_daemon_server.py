@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import stat
 import sys
-import time
 
 import pytest
 import zmq
@@ -110,14 +109,13 @@ def test_unknown_command_and_unknown_run_are_clear_errors(daemon):
     assert err.value.code == "not_found"
 
 
-def test_a_dead_daemon_is_reported_in_under_two_seconds(daemon):
-    client = daemon.client()
+@pytest.mark.timeout(20)  # a hang guard: the client is told to wait up to 60 s, so only early detection passes
+def test_a_dead_daemon_is_noticed_by_its_closed_port_not_by_waiting_out_the_timeout(daemon):
+    client = daemon.client(timeout=60, retries=0)
     client.ping()
     daemon.kill9()
-    began = time.monotonic()
     with pytest.raises(DaemonNotRunning, match="start it with `lora-daemon start`"):
         client.status()
-    assert time.monotonic() - began < 2.0
 
 
 def test_no_daemon_at_all_is_reported_at_once(tmp_path):
