@@ -18,7 +18,6 @@ import zmq
 
 from .home import default_home, read_info, resolve_home
 from .protocol import E_AUTH, decode, encode, make_request
-from .states import TERMINAL
 
 __all__ = ["DaemonClient", "DaemonError", "DaemonNotRunning", "EventSubscription", "default_home"]
 
@@ -276,11 +275,3 @@ class DaemonClient:
             raise DaemonNotRunning()
         return EventSubscription(self._ctx, info["events"], tuple(prefixes), _curve_keys(info))
 
-    def wait_for(self, run_id: str, timeout: float = 600.0, poll_s: float = 0.5) -> dict:
-        """Block until a run reaches a final state (finished, failed, cancelled); returns its record."""
-        deadline = time.monotonic() + timeout
-        while True:
-            run = self.get(run_id)
-            if run["status"] in TERMINAL or time.monotonic() > deadline:
-                return run
-            time.sleep(poll_s)

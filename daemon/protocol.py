@@ -25,11 +25,6 @@ from typing import Any, Optional
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # 1 MiB: a config snapshot is a few KiB; anything near this is garbage or an attack
 
-COMMANDS = (
-    "ping", "status", "submit", "validate", "list", "get", "logs", "metrics", "cancel", "retry", "resume",
-    "caption", "check", "captions.get", "captions.set", "captions.edit", "plan", "shutdown",
-)
-
 EVENT_TYPES = (
     "run.queued", "run.started", "run.progress", "run.checkpoint", "run.sample", "run.log", "run.finished",
     "run.failed", "run.cancelled", "run.requeued", "lora.published", "daemon.stopping",
@@ -46,7 +41,6 @@ E_NOT_FOUND = "not_found"
 E_CONFIG = "config_invalid"
 E_STATE = "invalid_state"
 E_INTERNAL = "internal"
-E_UNAVAILABLE = "unavailable"
 
 
 class ProtocolError(ValueError):
