@@ -27,7 +27,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._ ()+-]+")
 
 
 class DatasetPathError(ValueError):
-    """A dataset name or path that would leave the datasets folder."""
+    """A user-given name or path that would leave the folder it belongs in (a dataset, or a run's folder)."""
 
 
 @dataclass
@@ -54,7 +54,7 @@ def confined(root: Path, *parts: str) -> Path:
     root = Path(root).resolve()
     path = root.joinpath(*parts).resolve()
     if path != root and root not in path.parents:
-        raise DatasetPathError(f"dataset: {'/'.join(parts)!r} is outside {root}")
+        raise DatasetPathError(f"{'/'.join(parts)!r} is outside {root}")
     return path
 
 

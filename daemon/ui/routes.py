@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 
 PREFIX = "/lora-scripts/v1"
 SAMPLE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+# The run buttons of the Runs section; each is the `DaemonClient` method of the same name.
+RUN_ACTIONS = ("cancel", "resume", "retry")
 HTTP_STATUS = {"not_found": 404, "config_invalid": 422, "invalid_state": 409, "bad_request": 400,
                "unauthorized": 403, "unavailable": 503}
 
@@ -173,11 +175,10 @@ def make_router(ctx: TabContext, auth: AuthPolicy) -> APIRouter:
 
     @router.post("/runs/{run_id}/{action}")
     def run_action(run_id: str, action: str):
-        actions = {"cancel": "cancel", "resume": "resume", "retry": "retry"}
-        if action not in actions:
-            return JSONResponse({"error": {"code": "bad_request", "message": f"action: one of cancel, resume, "
-                                           f"retry, got {action!r}"}}, status_code=404)
-        return call(lambda: getattr(ctx.client(), actions[action])(run_id))
+        if action not in RUN_ACTIONS:
+            return JSONResponse({"error": {"code": "not_found", "message": f"action: one of "
+                                           f"{', '.join(RUN_ACTIONS)}, got {action!r}"}}, status_code=404)
+        return call(lambda: getattr(ctx.client(), action)(run_id))
 
     @router.get("/runs/{run_id}/file")
     def run_file(run_id: str, path: str):

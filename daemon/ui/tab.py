@@ -186,7 +186,7 @@ class TrainTab:
     def _daemon_section(self) -> None:
         gr.HTML('<div id="lora_scripts_daemon_live">Checking the daemon…</div>', elem_id="lora_scripts_daemon_host")
         gr.Markdown(f"State folder: `{self.ctx.home()}` · Lora folder: `{self.ctx.lora_dir()}`",
-                             elem_id="lora_scripts_state_folder")
+                    elem_id="lora_scripts_state_folder")
         with gr.Row():
             start = gr.Button("Start daemon", elem_id="lora_scripts_daemon_start")
             stop = gr.Button("Stop daemon", elem_id="lora_scripts_daemon_stop")
@@ -237,9 +237,8 @@ class TrainTab:
         entries: list[dict] = []
         tags = ""
         try:
-            result = self.ctx.client().captions_get(str(folder))
-            entries = result.get("entries", [])
-            tags = render.tag_table(result.get("tag_frequency") or render.count_tags(entries))
+            entries = self.ctx.client().captions_get(str(folder)).get("entries", [])
+            tags = render.tag_table(render.count_tags(entries))
         except (DaemonNotRunning, DaemonError) as e:
             entries = [{"file": p.relative_to(folder).as_posix(), "caption": None} for p in list_images(folder)]
             tags = render.message(_daemon_message(e), "error")
