@@ -80,24 +80,29 @@ def child_main(op: str) -> int:
     return 0
 
 
-def _run_child(cmd: list[str], stdin: str, timeout: float, cwd: Path) -> subprocess.CompletedProcess:
+def _run_child(op: str, cmd: list[str], stdin: str, timeout: float, cwd: Path) -> subprocess.CompletedProcess:
     try:
         return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=timeout,
                               env=procs.python_env(), cwd=str(cwd))
     except subprocess.TimeoutExpired:
-        raise BridgeError(f"{' '.join(cmd[2:4])} took longer than {timeout:.0f} s; gave up") from None
+        raise BridgeError(f"{op} took longer than {timeout:.0f} s; gave up") from None
+
+
+def _json_output(op: str, done: subprocess.CompletedProcess) -> Any:
+    """The child's JSON answer; a child that crashed before printing one is reported with its last output lines."""
+    try:
+        return json.loads(done.stdout)
+    except ValueError:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise BridgeError(f"{op} failed (exit {done.returncode}): " + " | ".join(tail)) from None
 
 
 def run_op(op: str, args: dict, cwd: Path, timeout: float = 300.0) -> Any:
     """In the daemon: run one dataset operation in a child and return its JSON result."""
     if op not in OPS:
         raise BridgeError(f"unknown operation {op!r}")
-    done = _run_child([sys.executable, "-m", "daemon.core_bridge", op], json.dumps(args), timeout, cwd)
-    try:
-        out = json.loads(done.stdout)
-    except ValueError:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        raise BridgeError(f"{op} failed (exit {done.returncode}): " + " | ".join(tail)) from None
+    done = _run_child(op, [sys.executable, "-m", "daemon.core_bridge", op], json.dumps(args), timeout, cwd)
+    out = _json_output(op, done)
     if "error" in out:
         raise BridgeError(out["error"])
     return out["result"]
@@ -106,12 +111,7 @@ def run_op(op: str, args: dict, cwd: Path, timeout: float = 300.0) -> Any:
 def run_plan(config_file: Path, cwd: Path, timeout: float = 300.0) -> Any:
     """The engine's training plan for a config (steps, memory estimate, …) without training."""
     cmd = [sys.executable, "-m", "lora_core.train", "--config", str(config_file), "--plan", "--json"]
-    done = _run_child(cmd, "", timeout, cwd)
-    try:
-        return json.loads(done.stdout)
-    except ValueError:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        raise BridgeError(f"plan failed (exit {done.returncode}): " + " | ".join(tail)) from None
+    return _json_output("plan", _run_child("plan", cmd, "", timeout, cwd))
 
 
 if __name__ == "__main__":
