@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 from .dataset import IMAGE_EXTS, DatasetError, caption_for, find_images, read_metadata_csv, write_metadata_csv
+from .dataset_check import tag_frequency
 
 log = logging.getLogger(__name__)
 
@@ -206,10 +206,6 @@ def set_caption(folder: str | Path, file: str, caption: str, caption_extension: 
     return read_captions(root, caption_extension, metadata_path).get(rel)
 
 
-def folder_tag_frequency(captions: CaptionSet) -> dict[str, int]:
-    return dict(Counter(t.lower() for e in captions.entries if e.caption for t in split_tags(e.caption)))
-
-
 def apply_edit(folder: str | Path, op: str, params: Optional[dict] = None, caption_extension: str = ".txt",
                metadata_path: str | Path | None = None, dry_run: bool = False) -> EditReport:
     """Apply one edit (``EDIT_OPS``) to every caption in the folder; uncaptioned images are left alone.
@@ -230,7 +226,7 @@ def apply_edit(folder: str | Path, op: str, params: Optional[dict] = None, capti
         params["tags"] = split_tags(params["tags"])
     root = Path(folder)
     captions = read_captions(root, caption_extension, metadata_path)
-    frequency = folder_tag_frequency(captions)
+    frequency = tag_frequency([e.caption for e in captions.entries if e.caption])
     report = EditReport(op)
     updates = {}
     for entry in captions.entries:
