@@ -5,7 +5,8 @@ writes ``data/style/metadata.csv``; ``--format txt`` writes sidecar ``.txt`` fil
 without a caption are labelled (``--overwrite`` relabels all), so a run can be repeated after adding images. The
 output is rewritten atomically after every batch: stopping a long run keeps every caption made so far.
 
-`label_folder` takes any `Captioner` object, which is how the WebUI tab runs the WebUI's own interrogators.
+`label_folder` takes any `Captioner` object, so a captioner registered with `register_captioner` labels a folder the
+same way as the built-in ones.
 
 ``--events FILE`` appends JSON lines (`lora_core.events`) for a caller that follows the job, as the daemon does for
 training runs: a ``caption`` event after every batch (done, total, it_s in images per second, eta_s) and one
@@ -18,6 +19,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
@@ -26,8 +28,7 @@ from PIL import Image
 
 from .caption_tools import add_trigger, read_captions, write_text_atomic
 from .captioners import (DEVICES, Captioner, CaptionerError, available_captioners, load_captioner)
-from .dataset import DatasetError, read_metadata_csv, write_metadata_csv
-from .dataset import upright_rgb
+from .dataset import DatasetError, read_metadata_csv, upright_rgb, write_metadata_csv
 from .events import EventWriter
 
 log = logging.getLogger(__name__)
@@ -172,44 +173,43 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.output and fmt == "txt":
         print("lora-label: --output names a csv file; it cannot be used with --format txt", file=sys.stderr)
         return 2
-    events = EventWriter(args.events)
-    started = time.monotonic()
-    counts = {"done": 0, "total": None}
-    try:
-        captioner = load_captioner(args.captioner, args.model, args.device, **captioner_options(args))
-        from tqdm import tqdm
+    # closing() so the events file is closed on every way out, an unexpected exception included
+    with closing(EventWriter(args.events)) as events:
+        started = time.monotonic()
+        counts = {"done": 0, "total": None}
+        try:
+            captioner = load_captioner(args.captioner, args.model, args.device, **captioner_options(args))
+            from tqdm import tqdm
 
-        with tqdm(total=None, unit="img", desc=f"{args.captioner}") as bar:
-            def progress(done: int, total: int) -> None:
-                bar.total = total
-                bar.update(done - bar.n)
-                counts.update(done=done, total=total)
-                rate = done / max(time.monotonic() - started, 1e-6)
-                events.emit("caption", done=done, total=total, it_s=round(rate, 3),
-                            eta_s=round((total - done) / rate, 1) if rate else None)
+            with tqdm(total=None, unit="img", desc=f"{args.captioner}") as bar:
+                def progress(done: int, total: int) -> None:
+                    bar.total = total
+                    bar.update(done - bar.n)
+                    counts.update(done=done, total=total)
+                    rate = done / max(time.monotonic() - started, 1e-6)
+                    events.emit("caption", done=done, total=total, it_s=round(rate, 3),
+                                eta_s=round((total - done) / rate, 1) if rate else None)
 
-            report = label_folder(args.input, captioner, fmt, args.output, args.batch_size, args.trigger,
-                                  args.overwrite, args.caption_extension, progress)
-    except (CaptionerError, DatasetError) as e:
-        print(f"lora-label: {e}", file=sys.stderr)
-        events.emit("end", status="failed", **counts, output=None, failed=[], error=str(e))
-        events.close()
-        return 2
-    failed_error = f"{len(report.failed)} image(s) not labelled: " + "; ".join(
-        f"{f['file']}: {f['reason']}" for f in report.failed[:5]) if report.failed else None
-    events.emit("end", status="failed" if report.failed else "finished", **counts, output=report.output,
-                failed=report.failed, error=failed_error)
-    events.close()
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
-    else:
-        print(f"{len(report.captions)} captions written to {report.output} in {report.batches} batches; "
-              f"{len(report.kept_existing)} existing kept, {len(report.failed)} unreadable")
-        for f in report.failed:
-            print(f"  failed {f['file']}: {f['reason']}")
-        for note in report.notes:
-            print(f"  note: {note}")
-    return 1 if report.failed else 0
+                report = label_folder(args.input, captioner, fmt, args.output, args.batch_size, args.trigger,
+                                      args.overwrite, args.caption_extension, progress)
+        except (CaptionerError, DatasetError) as e:
+            print(f"lora-label: {e}", file=sys.stderr)
+            events.emit("end", status="failed", **counts, output=None, failed=[], error=str(e))
+            return 2
+        failed_error = f"{len(report.failed)} image(s) not labelled: " + "; ".join(
+            f"{f['file']}: {f['reason']}" for f in report.failed[:5]) if report.failed else None
+        events.emit("end", status="failed" if report.failed else "finished", **counts, output=report.output,
+                    failed=report.failed, error=failed_error)
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+        else:
+            print(f"{len(report.captions)} captions written to {report.output} in {report.batches} batches; "
+                  f"{len(report.kept_existing)} existing kept, {len(report.failed)} unreadable")
+            for f in report.failed:
+                print(f"  failed {f['file']}: {f['reason']}")
+            for note in report.notes:
+                print(f"  note: {note}")
+        return 1 if report.failed else 0
 
 
 if __name__ == "__main__":

@@ -135,7 +135,7 @@ def test_options_for_another_captioner_are_refused(tagger_dir, ten_images, capsy
 
 
 class MeanColourCaptioner:
-    """A captioner from outside lora_core, registered the way the WebUI extension registers its interrogators."""
+    """A captioner from outside lora_core, registered the way a plugin would register one."""
 
     name = "mean-colour"
 

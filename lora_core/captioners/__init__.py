@@ -1,9 +1,10 @@
 """Pluggable captioners: anything with a ``name`` and ``caption_batch(images) -> list[str]`` can label a dataset.
 
 Built in: ``blip`` (BLIP / BLIP-2 through transformers) and ``wd14`` (a WD14-style ONNX tagger), both loaded from a
-local folder only — nothing is downloaded at run time. The WebUI extension registers the WebUI's own interrogators
-(BLIP, DeepBooru) with `register_captioner` inside the WebUI process; the call into the WebUI lives there, not here.
-This module imports neither torch nor onnxruntime: a captioner's backend is imported when it is loaded.
+local folder only — nothing is downloaded at run time. `register_captioner` adds another one (a plugin, or a test);
+the WebUI's own interrogators (CLIP, DeepBooru) are not registered here: they run in the WebUI process, called by the
+tab, which cannot import the engine. This module imports neither torch nor onnxruntime: a captioner's backend is
+imported when it is loaded.
 """
 from __future__ import annotations
 
