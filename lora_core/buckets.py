@@ -6,7 +6,6 @@ built per bucket so a batch never mixes sizes.
 """
 from __future__ import annotations
 
-import json
 import math
 from collections import Counter
 from dataclasses import dataclass
@@ -57,6 +56,3 @@ def format_bucket_table(info: dict) -> str:
     rows = [f"  {v['resolution'][0]:>5} x {v['resolution'][1]:<5} {v['count']:>5} images" for v in info["buckets"].values()]
     return "buckets:\n" + "\n".join(rows) + f"\n  mean aspect-ratio error {info['mean_img_ar_error']:.4f}"
 
-
-def bucket_info_json(info: dict) -> str:
-    return json.dumps(info)

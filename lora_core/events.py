@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import threading
 import time
 from pathlib import Path
@@ -89,6 +88,3 @@ def read_events(path: str | Path) -> list[dict]:
         pass
     return events
 
-
-def stderr_writer() -> EventWriter:
-    return EventWriter(stream=sys.stderr)

@@ -78,10 +78,6 @@ def data_section_sha256(blob: bytes) -> str:
     return hashlib.sha256(blob[8 + header_len:]).hexdigest()
 
 
-def file_model_hash(path: str | Path) -> str:
-    return data_section_sha256(Path(path).read_bytes())
-
-
 def atomic_write_bytes(path: Path, blob: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +99,7 @@ class ImageTask:
         # LoRA init draws from the global RNG; seed it here so the model's source (folder or single file, which
         # consume different amounts of randomness while loading) never changes the run
         torch.manual_seed(cfg.training.seed + accelerator.process_index)
-        self.unet_targets = add_lora(model.unet, m.unet_target_modules, m.lora_rank, alpha, m.dropout)
+        add_lora(model.unet, m.unet_target_modules, m.lora_rank, alpha, m.dropout)
         self.te_targets: list[str] = []
         if m.train_text_encoder:
             self.te_targets = add_lora(model.text_encoder, m.text_encoder_target_modules, m.lora_rank, alpha,

@@ -13,6 +13,7 @@ import math
 import os
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -303,7 +304,7 @@ def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional
                             raise torch.OutOfMemoryError("CUDA out of memory (injected by LORA_CORE_FAULT_OOM)")
                         batch = task.collate(indices, pos.epoch)
                         sync = k == len(group) - 1
-                        ctx = accelerator.no_sync(modules[0]) if (world > 1 and not sync) else _null()
+                        ctx = accelerator.no_sync(modules[0]) if (world > 1 and not sync) else nullcontext()
                         with ctx, accelerator.autocast():
                             loss = task.loss(batch, generator)
                             accelerator.backward(loss / len(group))
@@ -362,10 +363,3 @@ def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional
     finally:
         progress.close()
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

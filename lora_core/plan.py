@@ -33,7 +33,6 @@ class Measurements:
     act_per_example: int  # saved-for-backward bytes at batch 1, no checkpointing (fp32)
     act_per_example_gc: int  # ... with gradient checkpointing
     vae_encode_per_example: int  # peak transient of one VAE encode (fp32)
-    latent_pixels: int
 
 
 @dataclass
@@ -106,7 +105,7 @@ def measure(cfg: TrainConfig) -> Measurements:
     meter = TensorMemoryMeter()
     with torch.no_grad(), meter:
         sd.vae.encode(torch.zeros(1, 3, height, width)).latent_dist.mean
-    return Measurements(weights, params, act, act_gc, meter.peak_bytes, latents[0, 0].numel())
+    return Measurements(weights, params, act, act_gc, meter.peak_bytes)
 
 
 def activation_bytes(unet: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor, checkpointing: bool) -> int:

@@ -15,7 +15,6 @@ and ``family="sdxl"`` (two text encoders, pooled embeddings, size/crop condition
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from pathlib import Path
 from typing import Optional

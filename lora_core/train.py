@@ -13,7 +13,6 @@ import logging
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Optional
 
 from .config import ConfigError, TrainConfig, config_from_dict, load_config
