@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import threading
 import time
 from contextlib import nullcontext
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .checkpoint import (Position, capture_rng, latest_checkpoint, load_checkpoint, restore_training_state,
@@ -185,12 +187,8 @@ def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional
         save_resolved_config(cfg, out_dir / "config.yaml")
     rank, world = accelerator.process_index, accelerator.num_processes
     torch.manual_seed(t.seed + rank)
-    import random as _random
-
-    import numpy as _np
-
-    _random.seed(t.seed + rank)
-    _np.random.seed((t.seed + rank) % 2**32)
+    random.seed(t.seed + rank)
+    np.random.seed((t.seed + rank) % 2**32)
     generator = torch.Generator().manual_seed(t.seed + rank)
 
     cache_bars: dict = {}
