@@ -11,7 +11,6 @@ import json
 import os
 import sys
 import threading
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the stub `modules`, `networks`, `launch`
@@ -73,8 +72,7 @@ def main() -> None:
         load_scripts(ext_dir)
         demo, tabs = build_ui()
         app = FastAPI()
-        script_callbacks.app_started_callback(demo, app)
-        time.sleep(0.2)
+        script_callbacks.app_started_callback(demo, app)  # starts the watcher before it returns
         html = [c.value for c in demo.blocks.values() if isinstance(c, gr.HTML)]
         report["loads"].append({
             "tabs": [[label, ifid] for _, label, ifid in tabs],
