@@ -39,13 +39,20 @@ def new_run_id() -> str:
     return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(3)
 
 
+def parse_priority(args: dict) -> int:
+    """The queue position of a training run or caption job: a whole number, higher runs first (default 0)."""
+    priority = args.get("priority", 0)
+    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > 1_000_000:
+        raise ProtocolError(E_BAD_REQUEST, f"priority: must be a whole number between -1000000 and 1000000, "
+                                           f"got {priority!r}")
+    return priority
+
+
 def parse_submission(args: dict) -> Submission:
     config = args.get("config")
     if not isinstance(config, (dict, str)):
         raise ProtocolError(E_BAD_REQUEST, "config: must be a config mapping or YAML text")
-    priority = args.get("priority", 0)
-    if isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > 1_000_000:
-        raise ProtocolError(E_BAD_REQUEST, f"priority: must be a whole number, got {priority!r}")
+    priority = parse_priority(args)
     name = args.get("name")
     if name is not None and (not isinstance(name, str) or len(name) > 200):
         raise ProtocolError(E_BAD_REQUEST, "name: must be text of at most 200 characters")

@@ -31,8 +31,8 @@ from .home import INFO_FILE, read_info, write_private_json
 from .protocol import (E_AUTH, E_BAD_REQUEST, E_CONFIG, E_INTERNAL, E_NOT_FOUND, E_STATE, E_TOO_LARGE,
                        E_UNKNOWN_COMMAND, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError, encode,
                        error_reply, ok_reply, parse_request, request_id_of)
-from .queue import (caption_job, new_record, new_run_id, package_versions, parse_submission, resolve_config,
-                    write_snapshot)
+from .queue import (caption_job, new_record, new_run_id, package_versions, parse_priority, parse_submission,
+                    resolve_config, write_snapshot)
 from .store import NotFound, Store
 from .worker import Settings, Worker, prepare_retry, reconcile, tail_lines
 
@@ -419,9 +419,7 @@ class Daemon:
         options = {k: v for k, v in args.items() if k not in ("folder", "priority", "name", "cwd", "options")}
         options.update(args.get("options") or {})
         job = caption_job(args.get("folder"), options, args.get("cwd"))
-        priority = args.get("priority", 0)
-        if isinstance(priority, bool) or not isinstance(priority, int):
-            raise ProtocolError(E_BAD_REQUEST, f"priority: must be a whole number, got {priority!r}")
+        priority = parse_priority(args)
         run_id = new_run_id()
         name = args.get("name") if isinstance(args.get("name"), str) else f"caption {Path(job['folder']).name}"
         record = new_record(run_id, self.runs_dir, "caption", name, job, priority)
