@@ -25,6 +25,7 @@ import torch
 from .checkpoint import (Position, capture_rng, latest_checkpoint, load_checkpoint, restore_training_state,
                          save_checkpoint)
 from .config import TrainConfig, save_resolved_config
+from .errors import InputError
 from .events import EventWriter
 
 log = logging.getLogger(__name__)
@@ -78,7 +79,9 @@ def make_accelerator(cfg: TrainConfig):
     device = cfg.training.device
     cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"training.device is {device!r} but no CUDA device is available")
+        raise InputError(f"training.device: {device!r} was asked for but no CUDA device is available")
+    if cpu and cfg.training.mixed_precision == "fp16":
+        raise InputError("training.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
     return Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=cpu,
                        # text-encoder LoRA in a layer whose output is unused (SDXL and clip_skip > 1 condition on the
                        # penultimate layer) gets no gradient; DDP must be told, or it waits for it forever
@@ -90,8 +93,11 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]):
     t = cfg.training
     if t.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
-            raise RuntimeError("training.optimizer adamw8bit needs bitsandbytes and a CUDA GPU; use adamw on CPU")
-        import bitsandbytes as bnb
+            raise InputError("training.optimizer: adamw8bit needs bitsandbytes and a CUDA GPU; use adamw on CPU")
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise InputError("training.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
 
         return bnb.optim.AdamW8bit(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
     return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)

@@ -241,3 +241,15 @@ def test_diffusers_format_writes_a_peft_folder_that_load_lora_weights_reads(trai
         pipe.load_lora_weights(str(source))
         outputs.append(_unet_outputs(pipe))
     assert (outputs[0] - outputs[1]).abs().max() < 1e-4, "both formats must load at the same (alpha/rank) scale"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message a machine without a GPU gives")
+def test_gpu_only_settings_on_a_cpu_machine_are_refused_by_name_before_loading(train_config, tmp_path):
+    from lora_core.errors import InputError
+
+    with pytest.raises(InputError, match="training.mixed_precision: fp16 needs a CUDA GPU"):
+        run_training(train_config(mixed_precision="fp16"), show_progress=False)
+    with pytest.raises(InputError, match="training.optimizer: adamw8bit needs bitsandbytes and a CUDA GPU"):
+        run_training(train_config(optimizer="adamw8bit"), show_progress=False)
+    with pytest.raises(InputError, match="training.device: 'cuda' was asked for"):
+        run_training(train_config(device="cuda"), show_progress=False)
