@@ -102,13 +102,16 @@ def event_latency(home: Path, work: Path, steps: int) -> list[float]:
     delays = []
     while True:
         event = sub.next(300)
-        if event is None or event["run_id"] != run["id"]:
+        if event is None:
+            raise SystemExit(f"run {run['id']}: no event for 300 s; see its train.log under {home / 'runs'}")
+        if event["run_id"] != run["id"]:
             continue
         if event["type"] != "run.progress":
             print(f"run {event['type']}")
             break
         delays.append(time.time() - event["child_time"])
     sub.close()
+    client.close()
     return delays
 
 
@@ -125,6 +128,8 @@ def main() -> int:
                                    "--gpus", "cpu", "--log-level", "WARNING"], cwd=str(ROOT))
         try:
             while not (read_info(home) or {}).get("endpoint"):
+                if daemon.poll() is not None:
+                    raise SystemExit(f"the daemon exited with code {daemon.returncode} before it listened")
                 time.sleep(0.05)
             DaemonClient(home=home, timeout=10).ping()
             (work / "base").mkdir()
