@@ -18,8 +18,6 @@ from .text.export import ADAPTER_FILES
 from .text.model import load_base_model, load_tokenizer
 from .text.templates import TemplateError, resolve_chat_template
 
-log = logging.getLogger(__name__)
-
 
 def _folder(path: str, what: str, needs: tuple[str, ...] = ()) -> Path:
     folder = Path(path).expanduser().resolve()

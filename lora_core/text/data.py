@@ -15,7 +15,6 @@ which are logged by line.
 """
 from __future__ import annotations
 
-from ..errors import InputError
 import csv
 import json
 import logging
@@ -26,6 +25,7 @@ from typing import Any, Optional
 
 import torch
 
+from ..errors import InputError
 from .templates import conversation_segments
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,9 @@ the wrong tokens.
 """
 from __future__ import annotations
 
-from ..errors import InputError
 from typing import Any
+
+from ..errors import InputError
 
 ALPACA_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}"
