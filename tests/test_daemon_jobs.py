@@ -1,15 +1,11 @@
-"""The other kinds of queued job: auto-label (caption) jobs and text-LoRA runs, in real child processes."""
+"""Auto-label (caption) jobs queued like training runs, in real child processes (text runs: test_text_daemon.py)."""
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 
 from daemon_fixtures import daemon, daemon_factory, wait_until  # noqa: F401  (fixtures)
 from dataset_fixtures import colour_folder, make_tagger_dir
 from lora_core.dataset import read_metadata_csv
-from lora_core.tiny_text import write_tiny_instruction_set
-from text_fixtures import tiny_llama  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -41,19 +37,3 @@ def test_a_caption_job_labels_the_folder_in_a_child_and_a_missing_model_fails_cl
     failed = finished(client, missing["id"])
     assert failed["status"] == "failed" and "lora-label:" in failed["error"] and "no-model" in failed["error"]
 
-
-def test_a_text_run_publishes_its_adapter_folder_to_the_adapters_folder_not_the_lora_folder(daemon, tiny_llama,
-                                                                                           tmp_path):
-    client = daemon.client()
-    data = write_tiny_instruction_set(tmp_path / "train.jsonl")
-    config = {"task_type": "text-generation", "base_model": str(tiny_llama), "train_data_file": str(data),
-              "output_name": "chatty", "max_seq_length": 64, "target_modules": "all-linear",
-              "learning_rate": 1e-2, "max_train_steps": 4}
-    run = client.submit(config)
-    assert run["kind"] == "text"
-    done = finished(client, run["id"])
-    assert done["status"] == "finished", done["error"]
-    published = Path(done["published_file"])
-    assert published == daemon.home / "adapters" / "chatty"
-    assert (published / "adapter_config.json").is_file() and (published / "adapter_model.safetensors").is_file()
-    assert not daemon.lora_dir.exists() or not any(daemon.lora_dir.iterdir())

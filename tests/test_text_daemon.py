@@ -38,7 +38,7 @@ def test_daemon_trains_a_text_lora_and_publishes_it_to_the_adapters_folder(daemo
     assert done["kind"] == "text"
 
     published = Path(done["published_file"])
-    assert published.parent.name == "adapters" and published.name == "clinic-terms"
+    assert published == daemon.home / "adapters" / "clinic-terms"
     assert (published / "adapter_config.json").is_file() and (published / "adapter_model.safetensors").is_file()
     assert not daemon.lora_dir.exists() or not any(daemon.lora_dir.iterdir()), "text LoRAs stay out of the Lora folder"
     assert client.metrics(run["id"])[-1]["step"] == 6
