@@ -31,7 +31,8 @@ def test_the_last_sample_becomes_the_preview(tmp_path):
     sample = tmp_path / "sample.png"
     sample.write_bytes(b"\x89PNG fake")
     done = publish_lora(src, tmp_path / "Lora", "shapes", preview=sample)
-    assert done.preview == tmp_path / "Lora" / "shapes.png"
+    assert done.preview == tmp_path / "Lora" / "shapes.png" and done.preview.read_bytes() == b"\x89PNG fake"
+    assert not list((tmp_path / "Lora").glob("*.part"))
 
 
 def test_text_adapters_go_to_their_own_folder_as_a_whole(tmp_path):
