@@ -58,8 +58,11 @@ def _atomic_copy(src: Path, dest: Path) -> None:
 
 def _atomic_write_text(dest: Path, text: str) -> None:
     tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, dest)
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a hidden .part in the WebUI's Lora folder
 
 
 def publish_lora(src: Path, lora_dir: Path, name: str, trigger_words: Optional[str] = None,
