@@ -35,6 +35,12 @@ OOM_ADVICE = ("out of GPU memory: lower training.batch_size, turn on training.gr
               "data.resolution / model.lora_rank (or set training.oom_policy: step_down to let the trainer do it)")
 
 
+MAX_BAD_STEPS = 3
+DIVERGED = f"the loss was not a finite number for {MAX_BAD_STEPS} steps in a row (training diverged)"
+DIVERGED_ADVICE = ("lower training.learning_rate, use training.mixed_precision bf16 instead of fp16, or resume from "
+                   "an earlier checkpoint")
+
+
 class StopFlag:
     """Set from a signal handler (or another thread): the loop saves and stops after the current step."""
 
@@ -293,6 +299,7 @@ def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional
     for m in modules:
         m.train()
     optimizer.zero_grad(set_to_none=True)
+    bad_steps = 0
     sample_steps, sample_epochs = cfg.sample.sample_every_n_steps, cfg.sample.sample_every_n_epochs
     try:
         while pos.step < total and pos.epoch < num_epochs + 1:
@@ -322,18 +329,28 @@ def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional
                         events.emit("oom", step=pos.step, batch_size=bs, action=t.oom_policy, advice=OOM_ADVICE,
                                     checkpoint=str(path))
                     return result("oom", checkpoint=path, error="CUDA out of memory", advice=OOM_ADVICE)
-                if t.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                optimizer.step()
+                if world > 1:
+                    group_loss = accelerator.reduce(torch.tensor(group_loss, device=accelerator.device),
+                                                    "mean").item()
+                # a non-finite loss would poison the LoRA: skip that update (fp16's grad scaler does the same for
+                # overflows), and give up with advice when it keeps happening
+                finite = math.isfinite(group_loss) or scaler is not None
+                bad_steps = 0 if finite else bad_steps + 1
+                if finite:
+                    if t.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(params, t.max_grad_norm)
+                    optimizer.step()
+                elif bad_steps >= MAX_BAD_STEPS:
+                    if main:
+                        events.emit("end", status="failed", step=pos.step, output=None, error=DIVERGED,
+                                    advice=DIVERGED_ADVICE)
+                    return result("failed", error=DIVERGED, advice=DIVERGED_ADVICE)
                 lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 bi += len(group)
                 pos.step += 1
                 pos.batch_in_epoch = bi
                 pos.examples_in_epoch = sum(len(b) for b in batches[:bi])
-                if world > 1:
-                    group_loss = accelerator.reduce(torch.tensor(group_loss, device=accelerator.device),
-                                                    "mean").item()
                 losses.append(group_loss)
                 progress.step(pos.step, pos.epoch, group_loss, lr_scheduler.get_last_lr()[0],
                               peak_memory_mb(accelerator.device))

@@ -151,6 +151,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if result.status == "oom":
         print(f"error: {result.error} at step {result.step}. {result.advice}", file=sys.stderr)
         return EXIT_OOM
+    print(f"error: {result.error} at step {result.step}. {result.advice or ''}", file=sys.stderr)
     return EXIT_ERROR
 
 

@@ -253,3 +253,13 @@ def test_gpu_only_settings_on_a_cpu_machine_are_refused_by_name_before_loading(t
         run_training(train_config(optimizer="adamw8bit"), show_progress=False)
     with pytest.raises(InputError, match="training.device: 'cuda' was asked for"):
         run_training(train_config(device="cuda"), show_progress=False)
+
+
+def test_a_diverging_run_stops_with_advice_instead_of_saving_nan_weights(train_config, tmp_path):
+    events = tmp_path / "events.jsonl"
+    result = run_training(train_config(max_train_steps=20, learning_rate=1e30, max_grad_norm=0),
+                          EventWriter(events), show_progress=False)
+    assert result.status == "failed" and "not a finite number" in result.error
+    assert "learning_rate" in result.advice
+    end = read_events(events)[-1]
+    assert end["type"] == "end" and end["status"] == "failed" and end["step"] < 20
