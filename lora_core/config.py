@@ -508,6 +508,13 @@ def _validate(cfg: TrainConfig, given: dict[str, dict[str, tuple[Any, str]]], pr
     if sp is not None and not isinstance(sp, (str, list)):
         problems.append(f"sample.sample_prompts: must be a list of prompts or a .txt file, got {sp!r}"
                         f"{where('sample', 'sample_prompts')}")
+    elif sp and not cfg.is_text:  # a bad --w would otherwise stop the run at its first sample, hours in
+        from .sample_prompts import parse_sample_prompts
+
+        try:
+            parse_sample_prompts(sp, cfg)
+        except ValueError as e:
+            problems.append(f"{e}{where('sample', 'sample_prompts')}")
 
 
 def save_resolved_config(cfg: TrainConfig, path: str | Path) -> Path:

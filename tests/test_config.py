@@ -156,3 +156,10 @@ def test_an_override_replaces_a_flat_or_aliased_value_instead_of_colliding(proje
     cfg = config_from_dict(raw, base_dir=project, overrides={"output.output_name": "theirs", "lora_rank": 4,
                                                              "training.batch_size": 2})
     assert (cfg.output.output_name, cfg.model.lora_rank, cfg.training.batch_size) == ("theirs", 4, 2)
+
+
+def test_a_bad_sample_prompt_option_is_refused_with_the_config(project):
+    with pytest.raises(ConfigError) as err:
+        load(project, FLAT + "sample_prompts: ['a red circle --w 500', 'a cat']\n")
+    assert err.value.problems == ["sample.sample_prompts: prompt 1: --w '500': must be a multiple of 8, at least 64 "
+                                  "(line 11)"]
