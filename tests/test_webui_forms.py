@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.ui.forms import FIELDS, config_to_form, form_to_config, parse_extra_yaml, problems_by_field
+from daemon.ui.forms import (FIELDS, TEXT_FIELDS, config_to_form, form_to_config, is_text_config, parse_extra_yaml,
+                             problems_by_field, text_form_to_config)
 from daemon.ui.presets import get_preset, list_presets
 from lora_core.config import ConfigError, config_from_dict
 
@@ -68,3 +69,33 @@ def test_every_preset_is_a_valid_config_fragment(tmp_path):
         config_from_dict({**preset.values, "base_model": str(tmp_path / "m.safetensors"),
                           "train_data_dir": str(tmp_path), "output_dir": str(tmp_path / "out")})
     assert get_preset("character-lowvram").values["batch_size"] == 1
+
+
+def text_form_defaults() -> dict:
+    return {spec.key: spec.default for spec in TEXT_FIELDS}
+
+
+def test_the_text_form_is_a_valid_text_generation_config(tmp_path):
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "train.jsonl").write_text('{"text": "hello"}\n', encoding="utf-8")
+    values = {**text_form_defaults(), "base_model": str(tmp_path / "llm"), "train_data_file": str(tmp_path /
+              "train.jsonl"), "text_format": "text", "target_modules": "q_proj, v_proj",
+              "sample_prompts": "What colour is the sky?\n\nName a fruit.", "sample_every_n_steps": 5}
+    cfg = config_from_dict(text_form_to_config(values, str(tmp_path / "out")))
+    assert cfg.is_text and cfg.model.target_modules == ["q_proj", "v_proj"]
+    assert cfg.sample.sample_prompts == ["What colour is the sky?", "Name a fruit."]
+    assert cfg.data.max_seq_length == 512 and cfg.training.max_train_steps is None
+    form, rest = config_to_form(cfg.to_dict(), TEXT_FIELDS)
+    assert is_text_config(cfg.to_dict()) and form["target_modules"] == "q_proj, v_proj"
+    assert form["base_model"] == str(tmp_path / "llm") and "max_seq_length" not in rest
+
+
+def test_a_bad_text_form_value_is_reported_next_to_its_field(tmp_path):
+    values = {**text_form_defaults(), "base_model": str(tmp_path / "no-such-model"), "max_seq_length": "-8",
+              "text_format": "poetry"}
+    with pytest.raises(ConfigError) as err:
+        config_from_dict(text_form_to_config(values))
+    by_field, general = problems_by_field(err.value.problems, TEXT_FIELDS)
+    assert by_field["max_seq_length"][0].startswith("data.max_seq_length:")
+    assert by_field["text_format"][0].startswith("data.text_format:")
+    assert "base_model" in by_field and "train_data_file" in by_field, (by_field, general)

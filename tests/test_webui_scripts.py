@@ -39,6 +39,9 @@ def test_tab_settings_routes_and_one_watcher_register_and_survive_a_reload(env_n
                 "/lora-scripts/v1/runs/{run_id}/{action}", "/lora-scripts/v1/runs/{run_id}/log",
                 "/lora-scripts/v1/runs/{run_id}/metrics", "/lora-scripts/v1/live"} <= set(load["routes"])
         assert load["watchers"] == 1
+        assert load["run_kinds"] == ["Image LoRA", "Text LoRA (language model)"]
+        assert {"base_model", "train_data_file", "text_format", "lora_rank", "max_seq_length", "target_modules",
+                "sample_prompts"} <= set(load["text_fields"])
     assert report["watchers_after_unload"] == 0
     assert report["heavy_modules"] == []
 

@@ -21,7 +21,8 @@ from daemon.client import DaemonError, DaemonNotRunning
 from . import render
 from .context import TabContext
 from .datasets import DatasetPathError, confined, dataset_folder, list_images, save_uploads
-from .forms import FIELDS, config_to_form, form_to_config, parse_extra_yaml, problems_by_field
+from .forms import (FIELDS, TEXT_FIELDS, config_to_form, form_to_config, is_text_config, parse_extra_yaml,
+                    problems_by_field, text_form_to_config)
 from .presets import get_preset, list_presets
 from .setup_env import installed_torch
 
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 TITLE = "LoRA Training"
 ELEM_ID = "lora_scripts"
 CAPTION_WAIT_S = 600.0
+IMAGE_KIND = "Image LoRA"
+TEXT_KIND = "Text LoRA (language model)"
+KINDS = (IMAGE_KIND, TEXT_KIND)
 DAEMON_DOWN = "The training daemon is not running: start it in the Daemon section."
 
 
@@ -50,8 +54,8 @@ class Section:
         return component
 
 
-def _field_component(spec, value: Any) -> Any:
-    kwargs = dict(label=spec.label, elem_id=f"lora_scripts_{spec.key}")
+def _field_component(spec, value: Any, prefix: str = "lora_scripts_") -> Any:
+    kwargs = dict(label=spec.label, elem_id=f"{prefix}{spec.key}")
     if spec.info:
         kwargs["info"] = spec.info
     if spec.kind == "int":
@@ -62,7 +66,7 @@ def _field_component(spec, value: Any) -> Any:
         return gr.Dropdown(choices=list(spec.choices), value=value, **kwargs)
     if spec.kind == "checkbox":
         return gr.Checkbox(value=bool(value), **kwargs)
-    return gr.Textbox(value=value, lines=3 if spec.key == "sample_prompts" else 1, **kwargs)
+    return gr.Textbox(value=value, lines=3 if spec.kind == "lines" else 1, **kwargs)
 
 
 class TrainTab:
@@ -74,6 +78,8 @@ class TrainTab:
         self.train = Section()
         self.fields: dict[str, Any] = {}
         self.errors: dict[str, Any] = {}
+        self.text_fields: dict[str, Any] = {}
+        self.text_errors: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- layout
     def build(self) -> gr.Blocks:
@@ -137,18 +143,26 @@ class TrainTab:
         default = self.ctx.settings().default_preset
         preset_name = default if any(p.name == default for p in presets) else (presets[0].name if presets else None)
         values = dict(get_preset(preset_name).values) if preset_name else {}
-        with gr.Row():
-            titles = sorted(self.ctx.checkpoints())
-            t.add("base_model", gr.Dropdown(label="Base model", choices=titles, value=titles[0] if titles else None,
-                                            elem_id="lora_scripts_base_model"))
-            t.add("refresh_models", gr.Button("Refresh", elem_id="lora_scripts_refresh_models"))
-            t.add("preset", gr.Dropdown(label="Preset", choices=[p.name for p in presets], value=preset_name,
-                                        elem_id="lora_scripts_preset"))
-        t.add("preset_info", gr.Markdown(self._preset_text(preset_name)))
-        self._fields(advanced=False, values=values)
+        t.add("kind", gr.Radio(label="Kind of run", choices=list(KINDS), value=IMAGE_KIND,
+                               elem_id="lora_scripts_run_kind"))
+        with t.add("image_form", gr.Column(elem_id="lora_scripts_image_form")):
+            with gr.Row():
+                titles = sorted(self.ctx.checkpoints())
+                t.add("base_model", gr.Dropdown(label="Base model", choices=titles,
+                                                value=titles[0] if titles else None, elem_id="lora_scripts_base_model"))
+                t.add("refresh_models", gr.Button("Refresh", elem_id="lora_scripts_refresh_models"))
+                t.add("preset", gr.Dropdown(label="Preset", choices=[p.name for p in presets], value=preset_name,
+                                            elem_id="lora_scripts_preset"))
+            t.add("preset_info", gr.Markdown(self._preset_text(preset_name)))
+            self._fields(FIELDS, advanced=False, values=values)
+        with t.add("text_form", gr.Column(visible=False, elem_id="lora_scripts_text_form")):
+            gr.Markdown("A LoRA for a causal language model (LLaMA, Qwen, Mistral, …) in a local folder; the adapter "
+                        "is published to the daemon's adapters folder, not to the WebUI's Lora folder.")
+            self._fields(TEXT_FIELDS, advanced=None, values={})
         t.add("plan", gr.HTML(elem_id="lora_scripts_plan"))
         with gr.Accordion("Advanced", open=False, elem_id="lora_scripts_advanced"):
-            self._fields(advanced=True, values=values)
+            with t.add("image_advanced", gr.Column(elem_id="lora_scripts_image_advanced")):
+                self._fields(FIELDS, advanced=True, values=values)
             t.add("extra", gr.Textbox(label="Other settings (YAML, any config key)", lines=4,
                                       elem_id="lora_scripts_extra_yaml"))
             self.errors["extra"] = gr.HTML(elem_id="lora_scripts_err_extra", elem_classes=["lora-scripts-field-error"])
@@ -161,15 +175,19 @@ class TrainTab:
         t.add("status", gr.HTML(elem_id="lora_scripts_train_status"))
         t.add("yaml", gr.Textbox(label="Config YAML", lines=10, elem_id="lora_scripts_yaml"))
 
-    def _fields(self, advanced: bool, values: dict) -> None:
-        specs = [s for s in FIELDS if s.advanced == advanced]
-        for start in range(0, len(specs), 3):
+    def _fields(self, specs: tuple, advanced: Optional[bool], values: dict) -> None:
+        """Three fields a row, each with its error box; the text form's ids carry ``text_`` so both forms coexist."""
+        text = specs is TEXT_FIELDS
+        fields, errors = (self.text_fields, self.text_errors) if text else (self.fields, self.errors)
+        prefix = "lora_scripts_text_" if text else "lora_scripts_"
+        shown = [s for s in specs if advanced is None or s.advanced == advanced]
+        for start in range(0, len(shown), 3):
             with gr.Row():
-                for spec in specs[start:start + 3]:
+                for spec in shown[start:start + 3]:
                     with gr.Column(min_width=200):
-                        self.fields[spec.key] = _field_component(spec, values.get(spec.key, spec.default))
-                        self.errors[spec.key] = gr.HTML(elem_id=f"lora_scripts_err_{spec.key}",
-                                                        elem_classes=["lora-scripts-field-error"])
+                        fields[spec.key] = _field_component(spec, values.get(spec.key, spec.default), prefix)
+                        errors[spec.key] = gr.HTML(elem_id=f"{prefix}err_{spec.key}",
+                                                   elem_classes=["lora-scripts-field-error"])
 
     def _runs_section(self) -> None:
         gr.HTML('<div id="lora_scripts_runs_live" class="lora-scripts-runs">Loading runs…</div>',
@@ -339,17 +357,20 @@ class TrainTab:
         return self._edit(folder, "replace", {"find": find or "", "replace": replacement or ""})
 
     # ---------------------------------------------------------------- train handlers
+    def _field_list(self) -> list:
+        return [self.fields[s.key] for s in FIELDS] + [self.text_fields[s.key] for s in TEXT_FIELDS]
+
     def _config_inputs(self) -> list:
         t = self.train.c
-        return [t["base_model"], self.ds.c["folder"], t["extra"]] + [self.fields[s.key] for s in FIELDS]
+        return [t["kind"], t["base_model"], self.ds.c["folder"], t["extra"]] + self._field_list()
 
     def _error_outputs(self) -> list:
-        return [self.errors[s.key] for s in FIELDS] + [self.errors["extra"], self.train.c["general"]]
+        return [self.errors[s.key] for s in FIELDS] + [self.text_errors[s.key] for s in TEXT_FIELDS] + \
+            [self.errors["extra"], self.train.c["general"]]
 
     def _form_outputs(self) -> list:
         t = self.train.c
-        return [t["base_model"], self.ds.c["folder"], t["extra"]] + [self.fields[s.key] for s in FIELDS] + \
-            [t["status"]]
+        return [t["kind"], t["base_model"], self.ds.c["folder"], t["extra"]] + self._field_list() + [t["status"]]
 
     def _wire_train(self) -> None:
         t = self.train.c
@@ -362,6 +383,13 @@ class TrainTab:
         t["preset"].change(self.apply_preset, inputs=[t["preset"]],
                            outputs=[self.fields[s.key] for s in FIELDS] + [t["preset_info"]])
         t["refresh_models"].click(self.refresh_models, inputs=[t["base_model"]], outputs=[t["base_model"]])
+        t["kind"].change(self.show_kind, inputs=[t["kind"]],
+                         outputs=[t["image_form"], t["image_advanced"], t["text_form"]])
+
+    def show_kind(self, kind: str) -> list:
+        """One form at a time; the other keeps its values, so switching back loses nothing."""
+        text = kind == TEXT_KIND
+        return [gr.update(visible=not text), gr.update(visible=not text), gr.update(visible=text)]
 
     def _preset_text(self, name: Optional[str]) -> str:
         if not name:
@@ -371,33 +399,40 @@ class TrainTab:
         except KeyError as e:
             return str(e)
 
-    def _build_config(self, base_model: Optional[str], folder: str, extra_text: str, values: tuple) -> dict:
-        """Form → config dict; raises ValueError for a bad Other settings box."""
+    def _build_config(self, kind: str, base_model: Optional[str], folder: str, extra_text: str,
+                      values: tuple) -> dict:
+        """The chosen form → config dict; raises ValueError for a bad Other settings box."""
         extra = parse_extra_yaml(extra_text)
+        if kind == TEXT_KIND:
+            return text_form_to_config(dict(zip([s.key for s in TEXT_FIELDS], values[len(FIELDS):])), None, extra)
+        values = values[:len(FIELDS)]
         model_path = self.ctx.checkpoints().get(base_model, base_model) if base_model else None
         return form_to_config(dict(zip([s.key for s in FIELDS], values)), model_path, folder or None, None, extra)
 
-    def _errors(self, problems: list[str], extra_error: str = "") -> list:
-        by_field, general = problems_by_field(problems)
-        out = [render.problems_list(by_field.get(s.key, [])) for s in FIELDS]
+    def _errors(self, problems: list[str], extra_error: str = "", kind: str = IMAGE_KIND) -> list:
+        """Each problem next to its field in the form of ``kind``; the other form's error boxes are cleared."""
+        shown = TEXT_FIELDS if kind == TEXT_KIND else FIELDS
+        by_field, general = problems_by_field(problems, shown)
+        out = [render.problems_list(by_field.get(s.key, []) if shown is FIELDS else []) for s in FIELDS]
+        out += [render.problems_list(by_field.get(s.key, []) if shown is TEXT_FIELDS else []) for s in TEXT_FIELDS]
         out.append(render.message(extra_error, "error") if extra_error else "")
         out.append(render.problems_list(general, "Fix these before training:") if general else "")
         return out
 
-    def _checked(self, base_model, folder, extra_text, values) -> tuple[Optional[dict], list, str]:
+    def _checked(self, kind, base_model, folder, extra_text, values) -> tuple[Optional[dict], list, str]:
         """Build and validate the config with the daemon; returns (config or None, error outputs, plan HTML)."""
         try:
-            config = self._build_config(base_model, folder, extra_text, values)
+            config = self._build_config(kind, base_model, folder, extra_text, values)
         except ValueError as e:
-            return None, self._errors([], str(e)), ""
+            return None, self._errors([], str(e), kind), ""
         try:
             client = self.ctx.client(timeout=30.0)
             result = client.validate(config)
         except (DaemonNotRunning, DaemonError) as e:
-            return None, self._errors([_daemon_message(e)]), ""
+            return None, self._errors([_daemon_message(e)], kind=kind), ""
         if not result.get("ok"):
-            return None, self._errors(list(result.get("problems") or [])), ""
-        return config, self._errors([]), self._plan(client, config)
+            return None, self._errors(list(result.get("problems") or []), kind=kind), ""
+        return config, self._errors([], kind=kind), self._plan(client, config)
 
     def _plan(self, client, config: dict) -> str:
         try:
@@ -406,48 +441,57 @@ class TrainTab:
             return render.message(f"No VRAM plan: {_daemon_message(e)}")
         return render.vram_plan(plan)
 
-    def validate(self, base_model, folder, extra_text, *values) -> list:
-        config, errors, plan = self._checked(base_model, folder, extra_text, values)
+    def validate(self, kind, base_model, folder, extra_text, *values) -> list:
+        config, errors, plan = self._checked(kind, base_model, folder, extra_text, values)
         status = render.message("The settings are valid.", "ok") if config else ""
         return errors + [plan, status]
 
-    def start(self, base_model, folder, extra_text, *values) -> list:
-        config, errors, plan = self._checked(base_model, folder, extra_text, values)
+    def start(self, kind, base_model, folder, extra_text, *values) -> list:
+        config, errors, plan = self._checked(kind, base_model, folder, extra_text, values)
         if config is None:
             return errors + [plan, render.message("Nothing was queued: fix the fields marked in red.", "error")]
         try:
             run = self.ctx.client().submit(config, lora_dir=str(self.ctx.lora_dir()))
         except DaemonError as e:
             problems = (e.details or {}).get("problems") or [e.message]
-            return self._errors(list(problems)) + [plan, render.message("Nothing was queued.", "error")]
+            return self._errors(list(problems), kind=kind) + [plan, render.message("Nothing was queued.", "error")]
         except DaemonNotRunning as e:
             return errors + [plan, render.message(_daemon_message(e), "error")]
         return errors + [plan, render.message(f"Queued run {run['id']} ({run.get('name')}): follow it in Runs.",
                                               "ok")]
 
-    def show_yaml(self, base_model, folder, extra_text, *values) -> list:
+    def show_yaml(self, kind, base_model, folder, extra_text, *values) -> list:
         try:
-            config = self._build_config(base_model, folder, extra_text, values)
+            config = self._build_config(kind, base_model, folder, extra_text, values)
         except ValueError as e:
-            return [gr.update()] + self._errors([], str(e))
-        return [yaml.safe_dump(config, sort_keys=False, allow_unicode=True)] + self._errors([])
+            return [gr.update()] + self._errors([], str(e), kind)
+        return [yaml.safe_dump(config, sort_keys=False, allow_unicode=True)] + self._errors([], kind=kind)
 
     def _fill(self, config: dict, status: str) -> list:
-        form, rest = config_to_form(config)
-        base = rest.pop("base_model", None)
-        folder = rest.pop("train_data_dir", None)
+        """A config into the form of its kind (image or text); the other form and the kind radio follow."""
+        text = is_text_config(config)
+        form, rest = config_to_form(config, TEXT_FIELDS if text else FIELDS)
+        base = None if text else rest.pop("base_model", None)
+        folder = None if text else rest.pop("train_data_dir", None)
         for key in ("output_dir", "config_dir", "task_type", "logging_dir"):
             rest.pop(key, None)
-        titles = self.ctx.checkpoints()
-        title = next((t for t, p in titles.items() if p == base), base)
-        model_update = gr.update(choices=sorted(set(titles) | ({title} if title else set())), value=title)
+        if text:
+            model_update = gr.update()
+        else:
+            titles = self.ctx.checkpoints()
+            title = next((t for t, p in titles.items() if p == base), base)
+            model_update = gr.update(choices=sorted(set(titles) | ({title} if title else set())), value=title)
         extra = yaml.safe_dump(rest, sort_keys=False, allow_unicode=True) if rest else ""
-        return [model_update, gr.update(value=folder or ""), gr.update(value=extra)] + \
-            [gr.update(value=form[s.key]) if s.key in form else gr.update() for s in FIELDS] + \
+        image_form = {} if text else form
+        text_form = form if text else {}
+        return [gr.update(value=TEXT_KIND if text else IMAGE_KIND), model_update,
+                gr.update() if text else gr.update(value=folder or ""), gr.update(value=extra)] + \
+            [gr.update(value=image_form[s.key]) if s.key in image_form else gr.update() for s in FIELDS] + \
+            [gr.update(value=text_form[s.key]) if s.key in text_form else gr.update() for s in TEXT_FIELDS] + \
             [render.message(status, "ok")]
 
     def _unchanged(self, status: str) -> list:
-        return [gr.update() for _ in range(3 + len(FIELDS))] + [render.message(status, "error")]
+        return [gr.update() for _ in range(4 + len(FIELDS) + len(TEXT_FIELDS))] + [render.message(status, "error")]
 
     def load_yaml(self, text: str) -> list:
         try:

@@ -80,6 +80,11 @@ def main() -> None:
             "routes": sorted(r.path for r in app.routes if r.path.startswith("/lora-scripts")),
             "watchers": watcher_threads(),
             "error_html": [h for h in html if "lora_scripts_load_error" in (h or "")],
+            "run_kinds": [c if isinstance(c, str) else c[0] for b in demo.blocks.values()
+                          if getattr(b, "elem_id", None) == "lora_scripts_run_kind" for c in b.choices],
+            "text_fields": sorted(b.elem_id[len("lora_scripts_text_"):] for b in demo.blocks.values()
+                                  if (getattr(b, "elem_id", None) or "").startswith("lora_scripts_text_")
+                                  and "_err_" not in b.elem_id and "text_err" not in b.elem_id),
         })
         script_callbacks.before_reload_callback()
         script_callbacks.script_unloaded_callback()
