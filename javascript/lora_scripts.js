@@ -69,6 +69,9 @@
             `<button class="lora-scripts-action" data-action="${a}" data-run-id="${esc(r.id)}">${esc(label)}</button>`).join(" ");
         const samples = sel.samples.map((p) =>
             `<figure><img loading="lazy" src="${API}/runs/${encodeURIComponent(r.id)}/file?path=${encodeURIComponent(p)}"><figcaption>${esc(p.split("/").pop())}</figcaption></figure>`).join("");
+        const completions = (sel.completions || []).map((c) =>
+            `<div class="lora-scripts-completion"><div class="lora-scripts-prompt">${esc(c.prompt)} <small>step ${esc(c.step)}</small></div>` +
+            `<pre class="lora-scripts-log">${esc(c.text)}${c.truncated ? "…" : ""}</pre></div>`).join("");
         const published = r.published_file ? `<p class="lora-scripts-ok">Published: <code>${esc(r.published_file)}</code></p>` : "";
         const error = r.error ? `<p class="lora-scripts-error">${esc(r.error)}</p>` : "";
         return `<div id="lora_scripts_run_details" data-run-id="${esc(r.id)}" data-status="${esc(r.status)}">` +
@@ -76,6 +79,7 @@
             lossCurve(points) +
             `<details open><summary>Log</summary><pre id="lora_scripts_run_log" class="lora-scripts-log">${esc(sel.log.join("\n"))}</pre></details>` +
             (samples ? `<details open><summary>Samples</summary><div class="lora-scripts-samples">${samples}</div></details>` : "") +
+            (completions ? `<details open><summary>Sample completions</summary><div id="lora_scripts_completions">${completions}</div></details>` : "") +
             `<details><summary>Config snapshot</summary><pre class="lora-scripts-log">${esc(JSON.stringify(r.config, null, 2))}</pre></details></div>`;
     }
 

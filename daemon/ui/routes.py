@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from daemon.client import DaemonError, DaemonNotRunning
 
+from .completions import latest_completions
 from .context import TabContext
 from .datasets import DatasetPathError, confined
 
@@ -87,7 +88,8 @@ def _error(e: Exception) -> JSONResponse:
 
 
 def run_view(ctx: TabContext, run_id: str, log_tail: int = 200, metrics_since: int = 0) -> dict:
-    """One run as the Runs section shows it: record, log tail, new metrics and its sample images."""
+    """One run as the Runs section shows it: record, log tail, new metrics and its sample images — or, for a text
+    run, its latest sample completion per prompt."""
     client = ctx.client()
     run = client.get(run_id)
     samples = []
@@ -96,8 +98,11 @@ def run_view(ctx: TabContext, run_id: str, log_tail: int = 200, metrics_since: i
         for path in sorted(run_dir.rglob("*")):
             if path.suffix.lower() in SAMPLE_EXTS and "sample" in path.relative_to(run_dir).as_posix():
                 samples.append(path.relative_to(run_dir).as_posix())
-    return {"run": run, "log": client.logs(run["id"], tail=log_tail),
+    view = {"run": run, "log": client.logs(run["id"], tail=log_tail),
             "metrics": client.metrics(run["id"], since_step=metrics_since), "samples": samples[-24:]}
+    if run.get("kind") == "text":
+        view["completions"] = latest_completions(run_dir) if run_dir.is_dir() else []
+    return view
 
 
 def live_view(ctx: TabContext, since: int, run_id: Optional[str], metrics_since: int) -> dict:
