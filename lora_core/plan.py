@@ -74,8 +74,36 @@ def device_capacity_mb(device: torch.device) -> float:
     return psutil.virtual_memory().available / MB
 
 
+def measure_text(cfg: TrainConfig) -> Measurements:
+    """A causal LM: one batch-1 forward of ``max_seq_length`` tokens with the loss, as the text task trains."""
+    from .text.model import add_lora as add_text_lora
+    from .text.model import load_base_model
+
+    def forward_bytes(checkpointing: bool) -> int:
+        cfg.training.gradient_checkpointing = checkpointing
+        model = add_text_lora(load_base_model(cfg.model.base_model), cfg)
+        model.train()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        ids = torch.zeros(1, cfg.data.max_seq_length, dtype=torch.long)
+        with saved_for_backward(exclude=weights) as saved:
+            model(input_ids=ids, labels=ids)
+        lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        frozen = module_bytes(model) - lora * 4
+        return saved["bytes"], lora, frozen
+
+    wanted = cfg.training.gradient_checkpointing
+    try:
+        act, params, weights = forward_bytes(False)
+        act_gc, _, _ = forward_bytes(True)
+    finally:
+        cfg.training.gradient_checkpointing = wanted
+    return Measurements(weights, params, act, act_gc, 0)
+
+
 def measure(cfg: TrainConfig) -> Measurements:
     """Load the model on the CPU, add the LoRA, and measure one batch-1 forward at the largest bucket."""
+    if cfg.is_text:
+        return measure_text(cfg)
     from .buckets import make_buckets
     from .lora import add_lora, lora_parameters
     from .sd_models import load_sd_model

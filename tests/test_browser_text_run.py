@@ -57,7 +57,7 @@ def test_a_text_lora_started_in_the_tab_shows_live_as_text_and_its_completions_i
     status = page.locator("#lora_scripts_train_status").first
     status.get_by_text("Queued run").wait_for(timeout=60_000)
     run_id = status.inner_text().split("Queued run ", 1)[1].split()[0]
-    assert "plan failed" not in page.locator("#lora_scripts_plan").first.inner_text()  # image-only VRAM plan
+    assert "plan failed" not in page.locator("#lora_scripts_plan").first.inner_text()  # text runs are planned too
     shot(page, "text_01_train_form")
 
     section(page, "Runs")

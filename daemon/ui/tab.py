@@ -435,8 +435,6 @@ class TrainTab:
         return config, self._errors([], kind=kind), self._plan(client, config)
 
     def _plan(self, client, config: dict) -> str:
-        if is_text_config(config):  # the engine's --plan estimates image models only; asking fails with a traceback
-            return ""
         try:
             plan = client.plan(config)
         except (DaemonNotRunning, DaemonError) as e:

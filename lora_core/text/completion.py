@@ -39,7 +39,8 @@ def complete(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int
             text = tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
             for stop in stops:
                 text = text.split(stop, 1)[0]
-            completions.append(text.strip())
+            # max_new_tokens can cut a multi-byte character in half; its bytes decode to U+FFFD, not text
+            completions.append(text.rstrip("\ufffd").strip())
     finally:
         model.train(was_training)
     return completions
