@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from lora_core.events import EventWriter, read_events
-from lora_core.image_task import ImageTask
-from lora_core.loop import make_accelerator, make_optimizer
+from lora_core.loop import make_accelerator, make_optimizer, make_task
 from lora_core.memory import TensorMemoryMeter, module_bytes
 from lora_core.plan import make_plan
 from lora_core.train import run_training
@@ -21,11 +20,14 @@ TOLERANCE = 0.25  # the estimate must be within ±25% of the measured peak
 
 
 def measured_peak_mb(cfg) -> float:
-    """Frozen weights + the peak of live tensors over two real training steps of the image task."""
-    task = ImageTask(cfg)
+    """Frozen weights + the peak of live tensors over two real training steps of the run's task."""
+    task = make_task(cfg)
     task.setup(make_accelerator(cfg))
-    models = (task.model.unet, task.model.vae, task.model.text_encoder, task.model.text_encoder_2)
-    static = sum(module_bytes(m) for m in models if m is not None)
+    if cfg.is_text:
+        static = module_bytes(task.model)
+    else:
+        models = (task.model.unet, task.model.vae, task.model.text_encoder, task.model.text_encoder_2)
+        static = sum(module_bytes(m) for m in models if m is not None)
     optimizer = make_optimizer(cfg, task.param_groups(cfg.training.learning_rate))
     generator = torch.Generator().manual_seed(0)
     meter = TensorMemoryMeter()
@@ -95,22 +97,6 @@ def test_plan_estimate_holds_for_sdxl_with_text_encoder_lora(train_config, tmp_p
 @pytest.mark.parametrize("settings", [{"batch_size": 4}, {"batch_size": 2, "gradient_checkpointing": True}],
                          ids=["batch4", "checkpointing"])
 def test_plan_estimate_holds_for_a_text_run(tmp_path, tiny_llama, settings):
-    from lora_core.text.task import TextTask
-
     cfg = text_config(tmp_path, tiny_llama, **settings)
-    estimate = make_plan(cfg).estimate_mb
-    task = TextTask(cfg)
-    task.setup(make_accelerator(cfg))
-    static = module_bytes(task.model)
-    optimizer = make_optimizer(cfg, task.param_groups(cfg.training.learning_rate))
-    generator = torch.Generator().manual_seed(0)
-    meter = TensorMemoryMeter()
-    with meter:
-        for batch_indices in task.epoch_batches(0, cfg.training.batch_size)[:2]:
-            loss = task.loss(task.collate(batch_indices, 0), generator)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            del loss
-    measured = (static + meter.peak_bytes) / 2**20
+    estimate, measured = make_plan(cfg).estimate_mb, measured_peak_mb(cfg)
     assert abs(estimate - measured) <= TOLERANCE * measured, f"estimate {estimate:.2f} MB vs measured {measured:.2f} MB"
