@@ -196,6 +196,11 @@ def test_a_person_trains_a_lora_from_the_tab_and_finds_it_in_the_lora_folder(wor
     # Dataset: drop four images, auto-caption them, fix one caption by hand
     page.locator("#lora_scripts_dataset_name input, #lora_scripts_dataset_name textarea").fill("shapes")
     page.locator("#lora_scripts_upload input[type=file]").set_input_files([str(p) for p in world["images"]])
+    # a person waits for the upload to finish before pressing Add (pressing early is refused: "still uploading?")
+    for name in (p.name for p in world["images"]):
+        page.locator("#lora_scripts_upload").get_by_text(name).first.wait_for(timeout=60_000)
+    page.locator("#lora_scripts_upload").get_by_text("Uploading...").first.wait_for(state="detached",
+                                                                                     timeout=60_000)
     page.locator("#lora_scripts_add_files").click()
     page.locator("#lora_scripts_dataset_status").get_by_text("saved 4 file(s)").wait_for(timeout=60_000)
     folder = page.locator("#lora_scripts_dataset_dir textarea, #lora_scripts_dataset_dir input").input_value()

@@ -23,14 +23,18 @@ def test_zip_with_parent_paths_is_unpacked_flat_inside_the_dataset(tmp_path):
 
 
 def test_uploading_the_same_name_twice_keeps_both_files(tmp_path):
+    from PIL import Image
+
     src = tmp_path / "a.png"
-    src.write_bytes(b"first")
+    Image.new("RGB", (8, 8), (255, 0, 0)).save(src)
+    first = src.read_bytes()
     folder = dataset_folder(tmp_path / "datasets", "set")
     save_uploads([src], folder)
-    src.write_bytes(b"second")
+    Image.new("RGB", (8, 8), (0, 0, 255)).save(src)
+    second = src.read_bytes()
     report = save_uploads([src], folder)
-    assert report.saved == ["a_2.png"]
-    assert (folder / "a.png").read_bytes() == b"first" and (folder / "a_2.png").read_bytes() == b"second"
+    assert report.saved == ["a_2.png"] and first != second
+    assert (folder / "a.png").read_bytes() == first and (folder / "a_2.png").read_bytes() == second
     assert [p.name for p in list_images(folder)] == ["a.png", "a_2.png"]
 
 
@@ -39,3 +43,20 @@ def test_dataset_names_cannot_leave_the_datasets_folder(tmp_path):
     assert safe_name("..\\..\\x:y?.png") == "x_y_.png"
     with pytest.raises(DatasetPathError, match="outside"):
         confined(tmp_path, "..", "elsewhere")
+
+
+def test_an_image_cut_short_by_an_unfinished_upload_is_not_saved(tmp_path):
+    from PIL import Image
+
+    from daemon.ui.datasets import save_uploads
+
+    for name, fmt in (("whole.png", "PNG"), ("whole.jpg", "JPEG"), ("whole.webp", "WEBP")):
+        Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / name, fmt)
+        cut = tmp_path / name.replace("whole", "cut")
+        cut.write_bytes((tmp_path / name).read_bytes()[:-40])
+    (tmp_path / "empty.png").write_bytes(b"")
+    uploads = sorted(p for p in tmp_path.iterdir() if p.is_file())
+    report = save_uploads(uploads, tmp_path / "dataset")
+    assert sorted(report.saved) == ["whole.jpg", "whole.png", "whole.webp"]
+    assert sorted(s.split(":")[0] for s in report.skipped) == ["cut.jpg", "cut.png", "cut.webp", "empty.png"]
+    assert all("incomplete image (still uploading?)" in s for s in report.skipped)

@@ -111,6 +111,29 @@ def _save_zip(archive: Path, folder: Path, report: SaveReport) -> None:
             report.saved.append(dest.name)
 
 
+def complete_image(path: Path) -> bool:
+    """False for an image file that is empty or cut short — what "Add" sees if pressed while the browser is still
+    uploading. Checked by the formats' own end markers, without an image library (the WebUI side stays light);
+    anything that is not png/jpg/webp passes."""
+    suffix = path.suffix.lower()
+    if suffix not in (".png", ".jpg", ".jpeg", ".webp"):
+        return True
+    size = path.stat().st_size
+    if size < 16:
+        return False
+    with open(path, "rb") as fh:
+        head = fh.read(12)
+        fh.seek(max(0, size - 65536))
+        tail = fh.read()
+    if head.startswith(b"\x89PNG"):
+        return tail.endswith(b"IEND\xaeB`\x82")
+    if head.startswith(b"\xff\xd8"):
+        return b"\xff\xd9" in tail
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return int.from_bytes(head[4:8], "little") + 8 <= size
+    return True  # another format under an image name: the dataset check reports it
+
+
 def save_uploads(files: Iterable[Any], folder: Path) -> SaveReport:
     """Copy uploaded images/caption files and the contents of uploaded zips into ``folder``; never overwrite.
 
@@ -124,6 +147,8 @@ def save_uploads(files: Iterable[Any], folder: Path) -> SaveReport:
         original = safe_name(getattr(upload, "orig_name", None) or path.name)
         if path.suffix.lower() == ".zip":
             _save_zip(path, folder, report)
+        elif _wanted(original) and not complete_image(path):
+            report.skipped.append(f"{original}: incomplete image (still uploading?) — add it again")
         elif _wanted(original):
             dest = _free_path(folder, original)
             shutil.copyfile(path, dest)

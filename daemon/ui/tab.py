@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 TITLE = "LoRA Training"
 ELEM_ID = "lora_scripts"
 CAPTION_WAIT_S = 600.0
+CAPTIONER_LIST_WAIT_S = 20.0  # a just-started daemon learns its captioners in the background
 IMAGE_KIND = "Image LoRA"
 TEXT_KIND = "Text LoRA (language model)"
 KINDS = (IMAGE_KIND, TEXT_KIND)
@@ -240,6 +241,16 @@ class TrainTab:
         names = [c["name"] for c in sorted(engine, key=lambda c: not c.get("ready"))]
         return names + [n for n in self.ctx.interrogators if n not in names]
 
+    def _first_captioner(self) -> Optional[str]:
+        """The captioner to use when none is chosen: the list may have been empty when the page loaded, because a
+        daemon that has just started learns its captioners in the background for a few seconds."""
+        deadline = time.monotonic() + CAPTIONER_LIST_WAIT_S
+        while True:
+            names = self._captioners()
+            if names or time.monotonic() > deadline:
+                return names[0] if names else None
+            time.sleep(0.5)
+
     def refresh_captioners(self, current: Optional[str]):
         """On page load: the daemon may have started (or weights arrived) since the tab was built."""
         names = self._captioners()
@@ -289,6 +300,10 @@ class TrainTab:
         if not folder:
             return self._refresh(self._folder("my_dataset", ""), "Choose a dataset folder first.", "error")
         path = Path(folder)
+        captioner = captioner or self._first_captioner()
+        if not captioner:
+            return self._refresh(path, "No captioner is available: put a captioner's weights in place (see the "
+                                       "README's auto-label section) or start the daemon.", "error")
         if captioner in self.ctx.interrogators:
             return self._caption_here(path, captioner, overwrite)
         try:
