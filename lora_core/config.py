@@ -253,11 +253,13 @@ def _normalise(raw: dict, lines: dict[str, int], problems: list[str]) -> dict[st
     out: dict[str, dict[str, tuple[Any, str]]] = {s: {} for s in SECTIONS}
     flat_names = list(FIELD_SECTION) + list(SECTIONS)
 
-    def put(section: str, name: str, value: Any, shown: str, line_key: str) -> None:
-        where = f" (line {lines[line_key]})" if line_key in lines else ""
+    def where(key: str) -> str:
+        return f" (line {lines[key]})" if key in lines else ""
+
+    def put(section: str, name: str, value: Any, key: str) -> None:
         if name in out[section]:
-            problems.append(f"{section}.{name}: given twice{where}")
-        out[section][name] = (value, where)
+            problems.append(f"{section}.{name}: given twice{where(key)}")
+        out[section][name] = (value, where(key))
 
     for key, value in raw.items():
         key = str(key)
@@ -265,31 +267,23 @@ def _normalise(raw: dict, lines: dict[str, int], problems: list[str]) -> dict[st
             if value is None:
                 continue
             if not isinstance(value, dict):
-                where = f" (line {lines[key]})" if key in lines else ""
-                problems.append(f"{key}: must be a mapping of settings, got {value!r}{where}")
+                problems.append(f"{key}: must be a mapping of settings, got {value!r}{where(key)}")
                 continue
             allowed = [f.name for f in fields(SECTIONS[key])]
             for sub, subval in value.items():
-                sub = str(sub)
-                name = ALIASES.get(sub, sub)
+                dotted, name = f"{key}.{sub}", ALIASES.get(str(sub), str(sub))
                 if name in allowed:
-                    put(key, name, subval, f"{key}.{sub}", f"{key}.{sub}")
+                    put(key, name, subval, dotted)
                 elif name in FIELD_SECTION:
-                    where = f" (line {lines[f'{key}.{sub}']})" if f"{key}.{sub}" in lines else ""
-                    problems.append(f"{key}.{sub}: belongs in section '{FIELD_SECTION[name]}', "
-                                    f"not '{key}'{where}")
+                    problems.append(f"{dotted}: belongs in section '{FIELD_SECTION[name]}', not '{key}'{where(dotted)}")
                 else:
-                    where = f" (line {lines[f'{key}.{sub}']})" if f"{key}.{sub}" in lines else ""
-                    problems.append(f"{key}.{sub}: unknown setting{_did_you_mean(sub, allowed)}{where}")
-        elif key == "config_dir":
-            continue
-        else:
+                    problems.append(f"{dotted}: unknown setting{_did_you_mean(str(sub), allowed)}{where(dotted)}")
+        elif key != "config_dir":
             name = ALIASES.get(key, key)
             if name in FIELD_SECTION:
-                put(FIELD_SECTION[name], name, value, key, key)
+                put(FIELD_SECTION[name], name, value, key)
             else:
-                where = f" (line {lines[key]})" if key in lines else ""
-                problems.append(f"{key}: unknown setting{_did_you_mean(key, flat_names)}{where}")
+                problems.append(f"{key}: unknown setting{_did_you_mean(key, flat_names)}{where(key)}")
     return out
 
 

@@ -350,7 +350,7 @@ def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional
                 bi += len(group)
                 pos.step += 1
                 pos.batch_in_epoch = bi
-                pos.examples_in_epoch = sum(len(b) for b in batches[:bi])
+                pos.examples_in_epoch += sum(len(b) for b in group)
                 losses.append(group_loss)
                 progress.step(pos.step, pos.epoch, group_loss, lr_scheduler.get_last_lr()[0],
                               peak_memory_mb(accelerator.device))
