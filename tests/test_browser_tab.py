@@ -17,6 +17,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
 from dataset_fixtures import make_tagger_dir
 from prepare_webui_envs import CHROMIUM, require
@@ -189,18 +190,31 @@ def test_a_learning_rate_of_minus_one_is_refused_next_to_its_field_and_queues_no
     shot(page, "01_runs_section_empty")
 
 
+def drop_files(page, files: list[str], attempts: int = 3) -> None:
+    """Drop files on the upload box and wait until each has finished uploading, as a person would before pressing
+    Add (pressing early is refused: "still uploading?"). gradio 3.41's upload now and then never finishes in
+    headless Chromium (the list keeps saying "Uploading..."); a person then clears the box and drops the files again."""
+    box = page.locator("#lora_scripts_upload")
+    for attempt in range(1, attempts + 1):
+        box.locator("input[type=file]").set_input_files(files)
+        try:
+            box.get_by_text(Path(files[0]).name).first.wait_for(timeout=30_000)
+            box.get_by_text("Uploading...").first.wait_for(state="detached", timeout=30_000)
+            return
+        except PlaywrightTimeoutError:
+            if attempt == attempts:
+                raise
+            box.locator("button").last.click()  # the box's clear (×) button
+            box.locator("input[type=file]").wait_for(state="attached", timeout=10_000)
+
+
 def test_a_person_trains_a_lora_from_the_tab_and_finds_it_in_the_lora_folder(world, page):
     page.goto(world["url"])
     client = daemon_client(world)
 
     # Dataset: drop four images, auto-caption them, fix one caption by hand
     page.locator("#lora_scripts_dataset_name input, #lora_scripts_dataset_name textarea").fill("shapes")
-    page.locator("#lora_scripts_upload input[type=file]").set_input_files([str(p) for p in world["images"]])
-    # a person waits for the upload to finish before pressing Add (pressing early is refused: "still uploading?")
-    for name in (p.name for p in world["images"]):
-        page.locator("#lora_scripts_upload").get_by_text(name).first.wait_for(timeout=60_000)
-    page.locator("#lora_scripts_upload").get_by_text("Uploading...").first.wait_for(state="detached",
-                                                                                     timeout=60_000)
+    drop_files(page, [str(p) for p in world["images"]])
     page.locator("#lora_scripts_add_files").click()
     page.locator("#lora_scripts_dataset_status").get_by_text("saved 4 file(s)").wait_for(timeout=60_000)
     folder = page.locator("#lora_scripts_dataset_dir textarea, #lora_scripts_dataset_dir input").input_value()
