@@ -23,9 +23,9 @@ import zmq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from daemon.client import DaemonClient  # noqa: E402
-from daemon.home import read_info  # noqa: E402
-from daemon.protocol import encode, make_request  # noqa: E402
+from lora_daemon.client import DaemonClient  # noqa: E402
+from lora_daemon.home import read_info  # noqa: E402
+from lora_daemon.protocol import encode, make_request  # noqa: E402
 
 ECHO_SERVER = """
 import sys, zmq
@@ -124,7 +124,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         home = work / "home"
-        daemon = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--home", str(home), "start", "--foreground",
+        daemon = subprocess.Popen([sys.executable, "-m", "lora_daemon.cli", "--home", str(home), "start", "--foreground",
                                    "--gpus", "cpu", "--log-level", "WARNING"], cwd=str(ROOT))
         try:
             while not (read_info(home) or {}).get("endpoint"):

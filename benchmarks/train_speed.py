@@ -57,9 +57,9 @@ def run_baseline(model: Path, data: Path, out: Path, args) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from lora_core.dataset import load_image, scan_dataset
-    from lora_core.lora import add_lora, lora_parameters
-    from lora_core.sd_models import load_sd_model
+    from lora_core.dataset.scan import load_image, scan_dataset
+    from lora_core.image.lora import add_lora, lora_parameters
+    from lora_core.image.sd_models import load_sd_model
 
     torch.manual_seed(0)
     sd = load_sd_model(model)

@@ -89,7 +89,7 @@ def _start_detached(args: argparse.Namespace, home: Path) -> int:
     """Re-run ourselves with --foreground in a new session, its output in <home>/daemon.log, and wait for it."""
     from . import procs
 
-    cmd = [sys.executable, "-m", "daemon.cli", "--home", str(home), "start", "--foreground"]
+    cmd = [sys.executable, "-m", "lora_daemon.cli", "--home", str(home), "start", "--foreground"]
     for flag, value in (("--host", args.host), ("--port", args.port), ("--events-port", args.events_port),
                         ("--lora-dir", args.lora_dir), ("--adapters-dir", args.adapters_dir), ("--gpus", args.gpus),
                         ("--grace", args.grace), ("--max-attempts", args.max_attempts),
@@ -334,7 +334,7 @@ def _add_caption(p: argparse.ArgumentParser) -> None:
     p.add_argument("folder", help="image folder to caption")
     p.add_argument("--priority", type=int, default=0)
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
-                   help="an option for `python -m lora_core.auto_label` (repeatable)")
+                   help="an option for `python -m lora_core.dataset.auto_label` (repeatable)")
     _add_json(p)
 
 

@@ -243,7 +243,7 @@ class DaemonClient:
         return self.request("resume", run=run_id)
 
     def caption(self, folder: str, **options: Any) -> dict:
-        """Queue an auto-label job (``python -m lora_core.auto_label``); ``priority``/``name`` go to the job."""
+        """Queue an auto-label job (``python -m lora_core.dataset.auto_label``); ``priority``/``name`` go to the job."""
         job = {k: options.pop(k) for k in ("priority", "name") if k in options}
         return self.request("caption", folder=folder, cwd=os.getcwd(), options=options, **job)
 

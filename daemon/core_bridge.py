@@ -1,4 +1,4 @@
-"""The daemon's adapter to the engine's dataset tools, run in a child process: ``python -m daemon.core_bridge OP``.
+"""The daemon's adapter to the engine's dataset tools, run in a child process: ``python -m lora_daemon.core_bridge OP``.
 
 Why a child: the daemon stays free of numpy/PIL/torch imports and a crash on a hostile image cannot take it down.
 The request arrives as JSON on stdin; the child prints one JSON object: ``{"result": ...}`` or ``{"error": ...}``.
@@ -18,11 +18,11 @@ from . import procs
 
 # op -> (engine module, function); results become JSON through their to_dict().
 OPS: dict[str, tuple[str, str]] = {
-    "check": ("lora_core.dataset_check", "check_dataset"),
-    "captions.get": ("lora_core.caption_tools", "read_captions"),
-    "captions.set": ("lora_core.caption_tools", "set_caption"),
-    "captions.edit": ("lora_core.caption_tools", "apply_edit"),
-    "captioners": ("daemon.core_bridge", "captioner_list"),
+    "check": ("lora_core.dataset.check", "check_dataset"),
+    "captions.get": ("lora_core.dataset.captions", "read_captions"),
+    "captions.set": ("lora_core.dataset.captions", "set_caption"),
+    "captions.edit": ("lora_core.dataset.captions", "apply_edit"),
+    "captioners": ("lora_daemon.core_bridge", "captioner_list"),
 }
 
 
@@ -32,7 +32,7 @@ class BridgeError(RuntimeError):
 
 def captioner_list() -> list[dict]:
     """In the child: every registered captioner, with ``ready`` when its default model folder has its files."""
-    from lora_core.captioners import available_captioners, default_model_dir
+    from lora_core.dataset.captioners import available_captioners, default_model_dir
 
     found = []
     for spec in available_captioners():
@@ -101,7 +101,7 @@ def run_op(op: str, args: dict, cwd: Path, timeout: float = 300.0) -> Any:
     """In the daemon: run one dataset operation in a child and return its JSON result."""
     if op not in OPS:
         raise BridgeError(f"unknown operation {op!r}")
-    done = _run_child(op, [sys.executable, "-m", "daemon.core_bridge", op], json.dumps(args), timeout, cwd)
+    done = _run_child(op, [sys.executable, "-m", "lora_daemon.core_bridge", op], json.dumps(args), timeout, cwd)
     out = _json_output(op, done)
     if "error" in out:
         raise BridgeError(out["error"])

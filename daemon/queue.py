@@ -165,7 +165,7 @@ DAEMON_CAPTION_OPTIONS = ("input", "events")
 
 
 def caption_job(folder: Any, options: Any, base_dir: Optional[str]) -> dict:
-    """Check a caption request: an existing folder and flat, scalar options for ``python -m lora_core.auto_label``."""
+    """Check a caption request: an existing folder and flat, scalar options for ``python -m lora_core.dataset.auto_label``."""
     if not isinstance(folder, str) or not folder:
         raise ProtocolError(E_BAD_REQUEST, "folder: give the image folder to caption")
     path = (Path(base_dir or ".") / Path(folder).expanduser()).resolve()

@@ -2,7 +2,7 @@
 
 Nothing lives only in memory: a queued run, a cancel request, the last checkpoint and the child's pid are rows here,
 so a daemon killed at any moment finds its work again on restart. Every state change goes through `transition`,
-which enforces `daemon.states.TRANSITIONS`.
+which enforces `lora_daemon.states.TRANSITIONS`.
 
 Each thread gets its own connection (sqlite3 connections are per-thread); writes are serialised by one lock, which
 is all the coordination one daemon process needs (a second daemon on the same home is refused at start).

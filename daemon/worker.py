@@ -1,6 +1,6 @@
 """One worker per device slot: take the next queued run, train it in a child process, follow it, settle its outcome.
 
-The child is ``python -m lora_core.train`` (or ``python -m lora_core.auto_label`` for caption jobs). It writes its
+The child is ``python -m lora_core.train`` (or ``python -m lora_core.dataset.auto_label`` for caption jobs). It writes its
 JSON-lines events to ``<run_dir>/events.jsonl`` and its stdout/stderr to ``<run_dir>/train.log``; the worker tails
 both, stores what matters, and republishes it as live events. Because the child talks to files, not pipes, it keeps
 working if the daemon dies, and a restarted daemon can read what happened (`reconcile`).
@@ -95,7 +95,7 @@ def job_command(run: dict) -> list[str]:
     files = RunFiles(Path(run["run_dir"]))
     if run["kind"] == "caption":
         job = run["config"]
-        cmd = [sys.executable, "-m", "lora_core.auto_label", "--input", job["folder"], "--events", str(files.events)]
+        cmd = [sys.executable, "-m", "lora_core.dataset.auto_label", "--input", job["folder"], "--events", str(files.events)]
         for key, value in sorted((job.get("options") or {}).items()):
             flag = "--" + key.replace("_", "-")
             if value is True:

@@ -503,7 +503,7 @@ def _validate(cfg: TrainConfig, given: dict[str, dict[str, tuple[Any, str]]], pr
         problems.append(f"sample.sample_prompts: must be a list of prompts or a .txt file, got {sp!r}"
                         f"{where('sample', 'sample_prompts')}")
     elif sp and not cfg.is_text:  # a bad --w would otherwise stop the run at its first sample, hours in
-        from .sample_prompts import parse_sample_prompts
+        from .image.sample_prompts import parse_sample_prompts
 
         try:
             parse_sample_prompts(sp, cfg)

@@ -13,7 +13,7 @@ Every event has ``type`` and ``time`` (unix seconds). Types and their fields:
 ``eval``      step, eval_loss, perplexity (text runs with a validation split)
 ``oom``       step, batch_size, action ("step_down" | "stop"), advice
 ``end``       status ("finished" | "stopped" | "failed" | "oom"), step, output (final file or null), error, advice
-``caption``   done, total, it_s, eta_s — from ``lora_core.auto_label --events`` (whose ``end`` adds done, total,
+``caption``   done, total, it_s, eta_s — from ``lora_core.dataset.auto_label --events`` (whose ``end`` adds done, total,
               failed)
 ============  ==============================================================================================
 

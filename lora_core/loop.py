@@ -73,7 +73,7 @@ def make_task(cfg: TrainConfig, progress=None):
         from .text.task import TextTask
 
         return TextTask(cfg)
-    from .image_task import ImageTask
+    from .image.task import ImageTask
 
     return ImageTask(cfg, progress=progress)
 

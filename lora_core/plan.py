@@ -104,9 +104,9 @@ def measure(cfg: TrainConfig) -> Measurements:
     """Load the model on the CPU, add the LoRA, and measure one batch-1 forward at the largest bucket."""
     if cfg.is_text:
         return measure_text(cfg)
-    from .buckets import make_buckets
-    from .lora import add_lora, lora_parameters
-    from .sd_models import load_sd_model
+    from .dataset.buckets import make_buckets
+    from .image.lora import add_lora, lora_parameters
+    from .image.sd_models import load_sd_model
 
     m, d = cfg.model, cfg.data
     sd = load_sd_model(m.base_model, m.model_family, m.prediction_type, m.allow_pickle)

@@ -21,8 +21,8 @@ from typing import Optional
 
 from PIL import Image, ImageDraw
 
-from .clip_tokenizer import write_clip_tokenizer
-from .sd_models import clip_text_model
+from .image.clip_tokenizer import write_clip_tokenizer
+from .image.sd_models import clip_text_model
 
 SIZES = {
     "tiny": dict(unet_channels=(32, 64), layers_per_block=1, down=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -73,7 +73,7 @@ def build_components(family: str = "sd1", size: str = "tiny", seed: int = 0,
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .clip_tokenizer import load_clip_tokenizer
+    from .image.clip_tokenizer import load_clip_tokenizer
 
     if family not in FAMILY_NAMES:
         raise ValueError(f"tiny models: family {family!r} is not available ({', '.join(FAMILY_NAMES)})")
@@ -101,7 +101,7 @@ def _build_sd2(seed: int, prediction_type: str) -> dict:
     import torch
     from diffusers import UNet2DConditionModel
 
-    from .clip_tokenizer import load_clip_tokenizer
+    from .image.clip_tokenizer import load_clip_tokenizer
 
     s = FAMILIES["sd2"]
     torch.manual_seed(seed)
@@ -121,7 +121,7 @@ def _build_sdxl(seed: int, prediction_type: str) -> dict:
     import torch
     from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
 
-    from .clip_tokenizer import load_clip_tokenizer
+    from .image.clip_tokenizer import load_clip_tokenizer
 
     s = FAMILIES["sdxl"]
     torch.manual_seed(seed)
@@ -175,7 +175,7 @@ def write_single_file(parts: dict, path: Path, family: str = "sd1") -> Path:
     ``conditioner.embedders.0.transformer`` and ``conditioner.embedders.1.model``."""
     from safetensors.torch import save_file
 
-    from .ldm_keys import clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
+    from .image.ldm_keys import clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 
     unet, vae = parts["unet"], parts["vae"]
     up_attn = ["CrossAttn" in t for t in unet.config.up_block_types]

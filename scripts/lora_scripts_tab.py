@@ -1,8 +1,8 @@
-"""Registers the LoRA Training tab with the WebUI; the work is done in `daemon.ui.webui`.
+"""Registers the LoRA Training tab with the WebUI; the work is done in `lora_daemon.ui.webui`.
 
 The WebUI loads this file by path at startup and again at every "Reload UI". Nothing starts here: threads start in
-``on_app_started`` and stop in ``on_script_unloaded``. If the extension cannot be imported (a missing package, or
-another package named ``daemon`` shadowing ours), the tab still appears and says what is wrong and how to fix it.
+``on_app_started`` and stop in ``on_script_unloaded``. If the extension cannot be
+imported (a missing package), the tab still appears and says what is wrong and how to fix it.
 """
 import importlib.util
 import logging
@@ -15,22 +15,24 @@ TITLE, ELEM_ID = "LoRA Training", "lora_scripts"
 log = logging.getLogger("lora_scripts")
 
 
-def _import_extension():
-    import daemon  # found because the WebUI puts the extension folder on sys.path while importing scripts
+def _load_by_path(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    if Path(daemon.__file__).resolve().parent.parent != EXT_DIR:
-        raise ImportError(f"another package named 'daemon' ({daemon.__file__}) hides lora-scripts' own; "
-                          f"uninstall it from the WebUI's Python (e.g. python-daemon)", name="daemon")
-    from daemon.ui import webui
+
+def _import_extension():
+    """Our ``daemon/`` folder as ``lora_daemon`` (never ``daemon``, which PyPI's python-daemon owns)."""
+    _load_by_path("lora_daemon_bootstrap", EXT_DIR / "daemon" / "bootstrap.py").import_lora_daemon()
+    from lora_daemon.ui import webui
 
     return webui
 
 
 def _error_tabs(error):
     """The fallback tab, loaded by file path because the package itself may be what failed to import."""
-    spec = importlib.util.spec_from_file_location("lora_scripts_fallback", EXT_DIR / "daemon" / "ui" / "fallback.py")
-    fallback = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fallback)
+    fallback = _load_by_path("lora_scripts_fallback", EXT_DIR / "daemon" / "ui" / "fallback.py")
     return [(fallback.error_tab(error), TITLE, ELEM_ID)]
 
 

@@ -11,8 +11,8 @@ from typing import Callable, Optional
 
 import pytest
 
-from daemon.client import DaemonClient, DaemonError, DaemonNotRunning
-from daemon.home import read_info
+from lora_daemon.client import DaemonClient, DaemonError, DaemonNotRunning
+from lora_daemon.home import read_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,7 +29,7 @@ class DaemonProcess:
     def start(self, timeout: float = 30.0) -> "DaemonProcess":
         env = {**os.environ, "PYTHONPATH": str(ROOT), "LORA_DAEMON_HOME": str(self.home)}
         log = open(self.home / "daemon-test.log", "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon.cli", "--home", str(self.home), "start",
+        self.proc = subprocess.Popen([sys.executable, "-m", "lora_daemon.cli", "--home", str(self.home), "start",
                                       "--foreground", "--gpus", "cpu", "--lora-dir", str(self.lora_dir),
                                       "--grace", "60", *self.extra],
                                      stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))

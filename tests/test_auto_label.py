@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from dataset_fixtures import colour_folder, make_tagger_dir, textured_image, write_caption
-from lora_core.auto_label import label_folder, main as label_main
-from lora_core.captioners import (CaptionerSpec, MissingWeightsError, available_captioners, load_captioner,
+from lora_core.dataset.auto_label import label_folder, main as label_main
+from lora_core.dataset.captioners import (CaptionerSpec, MissingWeightsError, available_captioners, load_captioner,
                                   register_captioner)
-from lora_core.dataset import read_metadata_csv, scan_dataset
+from lora_core.dataset.scan import read_metadata_csv, scan_dataset
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]"] + "a red blue cat dog on the table photo of".split()
 
@@ -119,7 +119,7 @@ def test_missing_weights_say_where_to_put_them_without_a_stack_trace(tmp_path, t
     empty.mkdir(parents=True)
     with pytest.raises(MissingWeightsError, match="lacks model.onnx, selected_tags.csv"):
         load_captioner("wd14", empty)
-    proc = subprocess.run([sys.executable, "-m", "lora_core.auto_label", "--input", str(ten_images),
+    proc = subprocess.run([sys.executable, "-m", "lora_core.dataset.auto_label", "--input", str(ten_images),
                            "--captioner", "blip"], capture_output=True, text=True, timeout=120,
                           env={"LORA_SCRIPTS_CAPTIONERS": str(tmp_path / "models"), "PATH": "/usr/bin:/bin"},
                           cwd=Path(__file__).resolve().parents[1])

@@ -76,11 +76,11 @@ def serve_tab(env_name: str):
     captioners = base / "captioners"
     make_tagger_dir(captioners / "wd14", SHAPE_TAGS)
     env = {**os.environ, "LORA_SCRIPTS_CAPTIONERS": str(captioners), "PYTHONPATH": str(ROOT)}
-    subprocess.run([sys.executable, "-m", "daemon.cli", "--home", str(home), "start", "--lora-dir", str(lora_dir)],
+    subprocess.run([sys.executable, "-m", "lora_daemon.cli", "--home", str(home), "start", "--lora-dir", str(lora_dir)],
                    check=True, env=env, timeout=120)
     port = free_port()
     ui_log = open(base / "ui.log", "wb")
-    ui = subprocess.Popen([str(python), "-m", "daemon.cli", "--home", str(home), "ui", "--port", str(port),
+    ui = subprocess.Popen([str(python), str(ROOT / "daemon"), "--home", str(home), "ui", "--port", str(port),
                            "--checkpoints", str(models), "--lora-dir", str(lora_dir)],
                           cwd=str(base), env=env, stdout=ui_log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -100,7 +100,7 @@ def serve_tab(env_name: str):
         ui.terminate()
         ui.wait(timeout=30)
         ui_log.close()
-        subprocess.run([sys.executable, "-m", "daemon.cli", "--home", str(home), "stop"], env=env, timeout=120)
+        subprocess.run([sys.executable, "-m", "lora_daemon.cli", "--home", str(home), "stop"], env=env, timeout=120)
         holder.cleanup()
 
 
@@ -142,7 +142,7 @@ def section(page, label: str) -> None:
 
 
 def daemon_client(world):
-    from daemon.client import DaemonClient
+    from lora_daemon.client import DaemonClient
 
     return DaemonClient(home=world["home"], timeout=10)
 

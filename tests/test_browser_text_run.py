@@ -2,7 +2,7 @@
 "Text LoRA" kind, points it at a local language model folder and a .jsonl file, Starts, watches the run in the Runs
 table as kind "text", and reads its sample completions there when it ends.
 
-Real parts throughout: the daemon trains the tiny LLaMA of `lora_core.tiny_text` for six steps, sampling at
+Real parts throughout: the daemon trains the tiny LLaMA of `lora_core.text.tiny` for six steps, sampling at
 steps 3 and 6. The model is built inside the served folder (not a pytest tmp folder, which a session running
 beside this one may prune).
 """
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from lora_core.tiny_text import build_tiny_llama, write_tiny_instruction_set
+from lora_core.text.tiny import build_tiny_llama, write_tiny_instruction_set
 from test_browser_tab import browser, daemon_client, page, section, serve_tab, shot  # noqa: F401  (fixtures)
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]

@@ -6,9 +6,9 @@ import json
 import pytest
 
 from dataset_fixtures import textured_image, write_caption
-from lora_core.caption_tools import (CaptionError, add_trigger, apply_edit, merge_captions, read_captions,
+from lora_core.dataset.captions import (CaptionError, add_trigger, apply_edit, merge_captions, read_captions,
                                      remove_tags, replace_text, set_caption, sort_tags)
-from lora_core.dataset import read_metadata_csv, scan_dataset
+from lora_core.dataset.scan import read_metadata_csv, scan_dataset
 
 
 @pytest.fixture

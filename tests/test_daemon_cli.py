@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.home import read_info
+from lora_daemon.home import read_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def cli(home: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", "daemon.cli", "--home", str(home), *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "lora_daemon.cli", "--home", str(home), *args], capture_output=True,
                           text=True, timeout=timeout, env=env, cwd=str(ROOT))
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.client import DaemonError
+from lora_daemon.client import DaemonError
 from daemon_fixtures import daemon, daemon_factory  # noqa: F401  (fixtures)
 
 

@@ -7,8 +7,8 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemon.home import read_info
-from daemon.protocol import MAX_MESSAGE_BYTES, encode, make_request
+from lora_daemon.home import read_info
+from lora_daemon.protocol import MAX_MESSAGE_BYTES, encode, make_request
 from daemon_fixtures import daemon, daemon_factory, run_config  # noqa: F401  (fixtures)
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),

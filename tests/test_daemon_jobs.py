@@ -5,7 +5,7 @@ import pytest
 
 from daemon_fixtures import daemon, daemon_factory, wait_until  # noqa: F401  (fixtures)
 from dataset_fixtures import colour_folder, make_tagger_dir
-from lora_core.dataset import read_metadata_csv
+from lora_core.dataset.scan import read_metadata_csv
 
 pytestmark = pytest.mark.slow
 

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from daemon.publish import publish_adapter, publish_lora
-from daemon.worker import EXIT_CONFIG, EXIT_OOM, EXIT_STOPPED
+from lora_daemon.publish import publish_adapter, publish_lora
+from lora_daemon.worker import EXIT_CONFIG, EXIT_OOM, EXIT_STOPPED
 
 
 def test_a_taken_name_gets_a_new_version_and_the_old_file_is_untouched(tmp_path):

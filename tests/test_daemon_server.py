@@ -8,10 +8,10 @@ import sys
 import pytest
 import zmq
 
-from daemon.client import DaemonClient, DaemonError, DaemonNotRunning
-from daemon.home import read_info
-from daemon.protocol import encode, make_request
-from daemon.server import Daemon, DaemonOptions, DaemonStartError
+from lora_daemon.client import DaemonClient, DaemonError, DaemonNotRunning
+from lora_daemon.home import read_info
+from lora_daemon.protocol import encode, make_request
+from lora_daemon.server import Daemon, DaemonOptions, DaemonStartError
 from daemon_fixtures import daemon, daemon_factory, run_config, wait_until  # noqa: F401  (fixtures)
 from dataset_fixtures import make_tagger_dir
 
@@ -134,7 +134,7 @@ def test_a_second_daemon_on_the_same_home_refuses_to_start(daemon):
 
 
 def test_curve_keys_let_an_authorised_client_in(daemon_factory, tmp_path):
-    from daemon.curve import create_keys
+    from lora_daemon.curve import create_keys
 
     keys = create_keys(tmp_path / "keys")
     proc = daemon_factory("--curve-dir", str(keys))

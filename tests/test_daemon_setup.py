@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from daemon.ui.context import TabContext, UiSettings
-from daemon.ui.setup_env import TORCH_INDEX, SetupJob, SetupPlan, venv_python
+from lora_daemon.ui.context import TabContext, UiSettings
+from lora_daemon.ui.setup_env import TORCH_INDEX, SetupJob, SetupPlan, venv_python
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def setup_cli(*args: str, home: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "daemon.cli", "--home", str(home), "setup", *args],
+    return subprocess.run([sys.executable, "-m", "lora_daemon.cli", "--home", str(home), "setup", *args],
                           capture_output=True, text=True, cwd=str(ROOT), timeout=300,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
 
@@ -64,8 +64,8 @@ def test_setup_makes_a_venv_the_tab_finds_with_the_engine_and_the_same_torch_off
                      setup=SetupJob(home / "venv"))
     python = ctx.daemon_python()
     assert python == venv_python(home / "venv")
-    probe = subprocess.run([str(python), "-c", "import daemon, lora_core, importlib.metadata as m; "
-                            "print(daemon.__file__); print(m.version('torch'))"], capture_output=True, text=True,
+    probe = subprocess.run([str(python), "-c", "import lora_daemon, lora_core, importlib.metadata as m; "
+                            "print(lora_daemon.__file__); print(m.version('torch'))"], capture_output=True, text=True,
                            cwd=str(tmp_path), env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"},
                            timeout=120)
     where, torch_version = probe.stdout.split()

@@ -6,8 +6,8 @@ import time
 
 import pytest
 
-from daemon import states
-from daemon.store import SCHEMA_VERSION, NotFound, Store, StoreError
+from lora_daemon import states
+from lora_daemon.store import SCHEMA_VERSION, NotFound, Store, StoreError
 
 
 def queued(store: Store, run_id: str, priority: int = 0) -> dict:

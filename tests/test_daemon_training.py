@@ -137,7 +137,7 @@ def test_a_killed_child_fails_its_run_with_the_log_tail_and_the_next_run_starts(
 
 def test_stopping_the_daemon_checkpoints_the_running_job_and_the_next_start_resumes_it(daemon_factory, tiny_sd,
                                                                                        tiny_data):
-    from daemon.store import Store
+    from lora_daemon.store import Store
 
     daemon = daemon_factory()
     client = daemon.client()

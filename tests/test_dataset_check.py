@@ -7,8 +7,9 @@ import pytest
 from PIL import Image
 
 from dataset_fixtures import make_messy_folder, snapshot, textured_image, write_caption
-from lora_core.dataset import DatasetError, main as dataset_main
-from lora_core.dataset_check import check_dataset, colour_dhash, hash_distance
+from lora_core.dataset.cli import main as dataset_main
+from lora_core.dataset.scan import DatasetError
+from lora_core.dataset.check import check_dataset, colour_dhash, hash_distance
 
 
 @pytest.fixture

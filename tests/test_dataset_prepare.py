@@ -8,9 +8,10 @@ from PIL import Image
 from safetensors import safe_open
 
 from dataset_fixtures import make_messy_folder, snapshot, textured_image
-from lora_core.dataset import DatasetError, main as dataset_main, read_metadata_csv, scan_dataset
-from lora_core.dataset_check import check_dataset
-from lora_core.dataset_prepare import prepare_dataset, safe_name
+from lora_core.dataset.cli import main as dataset_main
+from lora_core.dataset.scan import DatasetError, read_metadata_csv, scan_dataset
+from lora_core.dataset.check import check_dataset
+from lora_core.dataset.prepare import prepare_dataset, safe_name
 
 
 @pytest.fixture
@@ -112,7 +113,7 @@ def test_cli_prepares_and_reports_json(messy, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_a_prepared_folder_trains_without_conversion(messy, tmp_path, tiny_sd):
-    from lora_core.caption_tools import set_caption
+    from lora_core.dataset.captions import set_caption
     from lora_core.config import config_from_dict
     from lora_core.train import run_training
 

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from lora_core.sd_models import load_sd_model
+from lora_core.image.sd_models import load_sd_model
 from lora_core.train import run_training
 
 SDXL_KEY = re.compile(r"^lora_(unet|te1|te2)_[A-Za-z0-9_]+\.(lora_down\.weight|lora_up\.weight|alpha)$")
@@ -87,7 +87,7 @@ def test_v_prediction_comes_from_the_scheduler_the_file_name_or_a_sidecar_yaml_a
 
 
 def _task(cfg):
-    from lora_core.image_task import ImageTask
+    from lora_core.image.task import ImageTask
     from lora_core.loop import make_accelerator
 
     task = ImageTask(cfg)
@@ -149,7 +149,7 @@ def test_trained_file_loads_in_diffusers_and_matches_the_peft_trained_model(fami
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from lora_core.checkpoint import latest_checkpoint
-    from lora_core.lora import add_lora, load_lora_state
+    from lora_core.image.lora import add_lora, load_lora_state
 
     name, folder, _ = family_model
     sdxl = name == "sdxl"

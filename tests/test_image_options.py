@@ -7,10 +7,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from lora_core.buckets import Bucket, assign_bucket, make_buckets
-from lora_core.dataset import load_image
+from lora_core.dataset.buckets import Bucket, assign_bucket, make_buckets
+from lora_core.dataset.scan import load_image
 from lora_core.events import EventWriter, read_events
-from lora_core.image_task import ImageTask
+from lora_core.image.task import ImageTask
 from lora_core.loop import make_accelerator
 from lora_core.tiny import make_tiny_dataset
 from lora_core.train import run_training

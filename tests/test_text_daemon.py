@@ -9,7 +9,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from daemon_fixtures import daemon, daemon_factory, wait_until  # noqa: F401  (fixtures)
-from lora_core.tiny_text import write_tiny_instruction_set
+from lora_core.text.tiny import write_tiny_instruction_set
 from text_fixtures import tiny_llama  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow

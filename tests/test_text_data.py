@@ -7,7 +7,7 @@ import pytest
 
 from lora_core.text.data import IGNORE_INDEX, TextDataError, collate, load_text_dataset, pack, split_validation
 from lora_core.text.templates import TemplateError, conversation_segments, resolve_chat_template
-from lora_core.tiny_text import build_tiny_tokenizer, write_tiny_instruction_set
+from lora_core.text.tiny import build_tiny_tokenizer, write_tiny_instruction_set
 from text_fixtures import write_jsonl
 
 

@@ -165,7 +165,7 @@ def test_bad_dataset_line_stops_setup_with_its_number(tmp_path, tiny_llama):
 def test_generate_cli_compares_base_and_adapter(tmp_path, tiny_llama):
     cfg = text_config(tmp_path, tiny_llama)
     folder = ready_task(cfg).export(cfg.output_path, step=1, epoch=0)
-    cmd = [sys.executable, "-m", "lora_core.generate", "--base", str(tiny_llama), "--adapter", str(folder),
+    cmd = [sys.executable, "-m", "lora_core.text.generate", "--base", str(tiny_llama), "--adapter", str(folder),
            "--prompt", "What colour is the sky?", "--max-new-tokens", "6"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -174,7 +174,7 @@ def test_generate_cli_compares_base_and_adapter(tmp_path, tiny_llama):
 
 
 def test_generate_cli_refuses_a_folder_that_is_not_an_adapter(tmp_path, tiny_llama):
-    cmd = [sys.executable, "-m", "lora_core.generate", "--base", str(tiny_llama), "--adapter", str(tiny_llama),
+    cmd = [sys.executable, "-m", "lora_core.text.generate", "--base", str(tiny_llama), "--adapter", str(tiny_llama),
            "--prompt", "hi"]
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0

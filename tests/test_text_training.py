@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from lora_core.events import EXIT_OK, EventWriter, read_events
-from lora_core.tiny_text import write_tiny_instruction_set
+from lora_core.text.tiny import write_tiny_instruction_set
 from lora_core.train import run_training
 from text_fixtures import text_config, tiny_llama  # noqa: F401  (tiny_llama: fixture)
 

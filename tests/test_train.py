@@ -76,7 +76,7 @@ def test_diffusers_loads_the_file_and_matches_the_peft_trained_model(train_confi
     from diffusers import StableDiffusionPipeline
 
     from lora_core.checkpoint import latest_checkpoint
-    from lora_core.lora import add_lora, load_lora_state
+    from lora_core.image.lora import add_lora, load_lora_state
 
     cfg = train_config(max_train_steps=6, learning_rate=2e-2, save_steps=6, alpha=2, train_text_encoder=True,
                        text_encoder_lr=1e-3)

@@ -5,7 +5,7 @@ import zipfile
 
 import pytest
 
-from daemon.ui.datasets import DatasetPathError, confined, dataset_folder, list_images, safe_name, save_uploads
+from lora_daemon.ui.datasets import DatasetPathError, confined, dataset_folder, list_images, safe_name, save_uploads
 
 
 def test_zip_with_parent_paths_is_unpacked_flat_inside_the_dataset(tmp_path):
@@ -48,7 +48,7 @@ def test_dataset_names_cannot_leave_the_datasets_folder(tmp_path):
 def test_an_image_cut_short_by_an_unfinished_upload_is_not_saved(tmp_path):
     from PIL import Image
 
-    from daemon.ui.datasets import save_uploads
+    from lora_daemon.ui.datasets import save_uploads
 
     for name, fmt in (("whole.png", "PNG"), ("whole.jpg", "JPEG"), ("whole.webp", "WEBP")):
         Image.new("RGB", (32, 32), (200, 30, 30)).save(tmp_path / name, fmt)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.ui.forms import (FIELDS, TEXT_FIELDS, config_to_form, form_to_config, is_text_config, parse_extra_yaml,
+from lora_daemon.ui.forms import (FIELDS, TEXT_FIELDS, config_to_form, form_to_config, is_text_config, parse_extra_yaml,
                              problems_by_field, text_form_to_config)
-from daemon.ui.presets import get_preset, list_presets
+from lora_daemon.ui.presets import get_preset, list_presets
 from lora_core.config import ConfigError, config_from_dict
 
 

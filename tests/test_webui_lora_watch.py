@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save
 
-from daemon.ui.lora_watch import LoraFeed, LoraWatcher, safetensors_complete
+from lora_daemon.ui.lora_watch import LoraFeed, LoraWatcher, safetensors_complete
 
 
 def lora_bytes() -> bytes:

@@ -1,7 +1,7 @@
 """What the tab prints for the engine's plan and the daemon's check report, with user text escaped."""
 from __future__ import annotations
 
-from daemon.ui.render import check_report, count_tags, vram_plan
+from lora_daemon.ui.render import check_report, count_tags, vram_plan
 
 
 def test_vram_plan_says_whether_it_fits_and_what_to_change():

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.ui.completions import MAX_CHARS, latest_completions
+from lora_daemon.ui.completions import MAX_CHARS, latest_completions
 from daemon_fixtures import daemon, daemon_factory, wait_until  # noqa: F401  (fixtures)
-from lora_core.tiny_text import write_tiny_instruction_set
+from lora_core.text.tiny import write_tiny_instruction_set
 from test_text_daemon import text_run_config
 from text_fixtures import tiny_llama  # noqa: F401  (fixture)
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lora_core.config import TrainConfig, config_from_dict
-from lora_core.tiny_text import build_tiny_llama, write_tiny_instruction_set
+from lora_core.text.tiny import build_tiny_llama, write_tiny_instruction_set
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from daemon.client import DaemonClient
-from daemon.home import resolve_home
+from ..client import DaemonClient
+from ..home import resolve_home
 
 from .lora_watch import LoraFeed
 from .setup_env import SetupJob
@@ -69,7 +69,7 @@ class TabContext:
         python = self.daemon_python()
         if python is None:
             return "The training engine is not installed yet: press Set up, or set the daemon's Python in Settings."
-        command = [str(python), "-m", "daemon.cli", "--home", str(self.home()), "start"]
+        command = [str(python), "-m", "lora_daemon.cli", "--home", str(self.home()), "start"]
         kwargs: dict = {"cwd": str(REPO_ROOT), "stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
                         "stderr": subprocess.DEVNULL, "env": {**os.environ, "PYTHONPATH": str(REPO_ROOT)}}
         if sys.platform == "win32":  # Windows-only: detach from the WebUI's console so closing it keeps the daemon

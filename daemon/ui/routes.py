@@ -1,6 +1,6 @@
 """REST routes under ``/lora-scripts/v1/``: what the tab's JavaScript polls, and an API for scripts.
 
-Every route goes through `daemon.client`, so the REST API, the tab and the CLI share one schema. Routes are plain
+Every route goes through `lora_daemon.client`, so the REST API, the tab and the CLI share one schema. Routes are plain
 functions on an `APIRouter` with no pydantic models (bodies are read as JSON), which keeps them identical under
 fastapi 0.94 + pydantic 1 (A1111) and fastapi 0.104 + pydantic 2 (Forge).
 
@@ -23,7 +23,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from daemon.client import DaemonError, DaemonNotRunning
+from ..client import DaemonError, DaemonNotRunning
 
 from .completions import latest_completions
 from .context import TabContext

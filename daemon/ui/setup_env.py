@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from daemon.home import resolve_home
+from ..home import resolve_home
 
 log = logging.getLogger(__name__)
 

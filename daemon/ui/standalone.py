@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from daemon.home import resolve_home
+from ..home import resolve_home
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Built the same way inside A1111 (gradio 3.41) and Forge (gradio 4.40) and in standalone mode, so it uses only what
 both gradio majors share: no ``.style()``, ``gr.update(...)`` for every change, ``gr.Group`` rather than
 ``gr.Box``, uploads read with ``getattr(f, "name", f)``, and no timers — live run updates come from
-``javascript/lora_scripts.js`` polling the REST routes in `daemon.ui.routes`. Handlers only talk to the daemon
+``javascript/lora_scripts.js`` polling the REST routes in `lora_daemon.ui.routes`. Handlers only talk to the daemon
 (short ZeroMQ requests) or copy uploaded files, so they never block the WebUI for long.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional
 import gradio as gr
 import yaml
 
-from daemon.client import DaemonError, DaemonNotRunning
+from ..client import DaemonError, DaemonNotRunning
 
 from . import render
 from .context import TabContext

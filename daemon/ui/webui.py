@@ -168,7 +168,7 @@ class Runtime:
             self._autostart()
 
     def _autostart(self) -> None:
-        from daemon.client import DaemonError, DaemonNotRunning
+        from ..client import DaemonError, DaemonNotRunning
 
         try:
             self.ctx.client(timeout=1.0).ping()

@@ -1,4 +1,4 @@
-"""Generate completions for prompts: the sample completions of a run and ``python -m lora_core.generate`` share this.
+"""Generate completions for prompts: the sample completions of a run and ``python -m lora_core.text.generate`` share this.
 
 A prompt is formatted exactly as training formatted a user turn (the tokenizer's resolved chat template with the
 generation prompt), unless ``chat`` is False, where it is continued as raw text (``text``-format runs). Decoding is

@@ -2,7 +2,7 @@
 
 The adapter folder (``adapter_config.json`` + ``adapter_model.safetensors``) loads with
 ``PeftModel.from_pretrained(base, folder)``; it also holds the tokenizer with the chat template used in training,
-so ``python -m lora_core.generate`` formats prompts the way the model learnt them. Adapter weights are kept in
+so ``python -m lora_core.text.generate`` formats prompts the way the model learnt them. Adapter weights are kept in
 float32 (they are small, and rounding them would change the model's answers); the merged model keeps the base
 model's own dtype. Folders are written beside the target and swapped in, so a reader never sees half a folder.
 """

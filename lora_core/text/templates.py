@@ -3,7 +3,7 @@
 ``data.chat_template`` picks the template: unset (the tokenizer's own template, or Alpaca for a base model whose
 tokenizer has none), a name from `NAMED_TEMPLATES`, or a Jinja template string (anything containing ``{%`` or
 ``{{``). The resolved template is stored on the tokenizer, so training, sampling, the saved adapter folder and
-``python -m lora_core.generate`` all format prompts the same way.
+``python -m lora_core.text.generate`` all format prompts the same way.
 
 Loss masking relies on one property of the template: rendering the first k turns gives a prefix of rendering all of
 them. `conversation_segments` checks it and names the template if it does not hold, rather than silently training on

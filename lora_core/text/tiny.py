@@ -4,7 +4,7 @@ Nothing here reaches the network: the tokenizer is a byte-level BPE trained on a
 no unknown tokens), the model is `LlamaForCausalLM` from a `LlamaConfig` with random weights, and both are saved as
 an ordinary Hugging Face folder that `AutoModelForCausalLM.from_pretrained` / `AutoTokenizer.from_pretrained` load.
 
-``python -m lora_core.tiny_text --out DIR [--data FILE]`` writes the model (and a 30-example instruction set).
+``python -m lora_core.text.tiny --out DIR [--data FILE]`` writes the model (and a 30-example instruction set).
 """
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def write_tiny_instruction_set(path: str | Path, n: int = 30) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_core.tiny_text", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lora_core.text.tiny", description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder for the tiny model")
     parser.add_argument("--data", help="also write a 30-example instruction JSONL here")
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ import gzip
 import json
 from pathlib import Path
 
-BPE_FILE = Path(__file__).parent / "data" / "bpe_simple_vocab_16e6.txt.gz"
+BPE_FILE = Path(__file__).resolve().parents[1] / "data" / "bpe_simple_vocab_16e6.txt.gz"
 NUM_MERGES = 49152 - 256 - 2
 
 

@@ -7,11 +7,11 @@ Caption sources, in order of precedence (the first that has the image wins):
 An image with none of these is an error naming it. Corrupt images are skipped and reported by name; exact duplicates
 (same bytes) are reported and used once. Nothing here modifies the dataset folder.
 
-``python -m lora_core.dataset check|prepare ...`` runs the dataset tools (see `lora_core.dataset_cli`).
+``python -m lora_core.dataset check|prepare ...`` runs the dataset tools (see `lora_core.dataset.cli`).
 """
 from __future__ import annotations
 
-from .errors import InputError
+from ..errors import InputError
 import csv
 import hashlib
 import logging
@@ -266,13 +266,3 @@ def assign_buckets(items: list[ImageItem], resolution: int, enable_bucket: bool,
     for item in items:
         item.bucket = assign_bucket(item.width, item.height, buckets)
     return buckets
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    from .dataset_cli import main as cli_main
-
-    return cli_main(argv)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

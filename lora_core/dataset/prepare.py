@@ -22,8 +22,8 @@ from typing import Callable, Optional
 
 from PIL import Image
 
-from .dataset import DatasetError, IMAGE_EXTS, read_metadata_csv, write_metadata_csv
-from .dataset_check import (DEFAULT_MAX_ASPECT, DEFAULT_NEAR_THRESHOLD, UNREADABLE_EXTS, ImageInfo, Problem,
+from .scan import DatasetError, IMAGE_EXTS, read_metadata_csv, write_metadata_csv
+from .check import (DEFAULT_MAX_ASPECT, DEFAULT_NEAR_THRESHOLD, UNREADABLE_EXTS, ImageInfo, Problem,
                             duplicate_problems, image_problems, inspect_image, orphan_captions,
                             picture_files, upright_rgb)
 

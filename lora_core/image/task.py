@@ -19,9 +19,9 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
-from .buckets import Bucket, bucket_info, format_bucket_table
-from .config import TrainConfig
-from .dataset import (DatasetScan, ImageItem, assign_buckets, load_image_with_crop, process_caption, scan_dataset)
+from ..dataset.buckets import Bucket, bucket_info, format_bucket_table
+from ..config import TrainConfig
+from ..dataset.scan import (DatasetScan, ImageItem, assign_buckets, load_image_with_crop, process_caption, scan_dataset)
 from .export import kohya_lora_tensors, save_diffusers_lora, save_lora_file, training_metadata
 from .latent_cache import DiskLatentCache
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state

@@ -5,7 +5,7 @@ an error naming it, because a silently ignored target means a LoRA that learns n
 """
 from __future__ import annotations
 
-from .errors import InputError
+from ..errors import InputError
 import torch
 
 ADAPTER = "default"

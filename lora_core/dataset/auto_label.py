@@ -1,6 +1,6 @@
 """Auto-labeling: caption every image of a folder with a pluggable captioner, in batches, into what the trainer reads.
 
-``python -m lora_core.auto_label --input data/style --captioner blip --model models/blip`` (also ``lora-label``)
+``python -m lora_core.dataset.auto_label --input data/style --captioner blip --model models/blip`` (also ``lora-label``)
 writes ``data/style/metadata.csv``; ``--format txt`` writes sidecar ``.txt`` files instead. By default only images
 without a caption are labelled (``--overwrite`` relabels all), so a run can be repeated after adding images. The
 output is rewritten atomically after every batch: stopping a long run keeps every caption made so far.
@@ -26,10 +26,10 @@ from typing import Callable, Optional
 
 from PIL import Image
 
-from .caption_tools import add_trigger, read_captions, write_text_atomic
+from .captions import add_trigger, read_captions, write_text_atomic
 from .captioners import (DEVICES, Captioner, CaptionerError, available_captioners, load_captioner)
-from .dataset import DatasetError, read_metadata_csv, upright_rgb, write_metadata_csv
-from .events import EventWriter
+from .scan import DatasetError, read_metadata_csv, upright_rgb, write_metadata_csv
+from ..events import EventWriter
 
 log = logging.getLogger(__name__)
 

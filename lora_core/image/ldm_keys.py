@@ -2,7 +2,7 @@
 
 Used to write single-file checkpoints of the tiny models exactly as the WebUI keeps real ones, so the single-file
 loading path is exercised on real key layouts in tests. Reading real checkpoints uses diffusers' own
-``convert_ldm_*`` functions (`lora_core.sd_models`); tests check that the two are inverse. The same UNet naming
+``convert_ldm_*`` functions (`lora_core.image.sd_models`); tests check that the two are inverse. The same UNet naming
 (`ldm_unet_name`) gives the SGM module names kohya sd-scripts writes into SDXL LoRA files.
 """
 from __future__ import annotations

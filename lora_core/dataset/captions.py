@@ -1,7 +1,7 @@
 """Caption editing for a whole folder: read all, set one, apply one edit to all, merge metadata.csv with sidecars.
 
 The Train tab's caption editor calls these through the daemon, so they take a folder and plain values and return
-dataclasses with ``to_dict()``. Captions are read exactly as the trainer reads them (`lora_core.dataset.caption_for`:
+dataclasses with ``to_dict()``. Captions are read exactly as the trainer reads them (`lora_core.dataset.scan.caption_for`:
 ``metadata.csv`` wins over a sidecar ``.txt``), and a caption is written back to the place it was read from, so an edit
 always changes what trains. Every write is atomic (temporary file + ``os.replace``): a crash leaves the old caption
 or the new one, never half of one.
@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from .dataset import IMAGE_EXTS, DatasetError, caption_for, find_images, read_metadata_csv, write_metadata_csv
-from .dataset_check import tag_frequency
+from .scan import IMAGE_EXTS, DatasetError, caption_for, find_images, read_metadata_csv, write_metadata_csv
+from .check import tag_frequency
 
 log = logging.getLogger(__name__)
 

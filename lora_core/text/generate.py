@@ -1,4 +1,4 @@
-"""Try a text LoRA: ``python -m lora_core.generate --base DIR --adapter DIR --prompt "..."``.
+"""Try a text LoRA: ``python -m lora_core.text.generate --base DIR --adapter DIR --prompt "..."``.
 
 Prints the base model's completion and the adapted model's completion one after the other (greedy decoding, so the
 difference is the adapter's doing, not chance). Prompts are formatted with the chat template saved in the adapter
@@ -11,12 +11,12 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError
-from .events import EXIT_CONFIG
-from .text.completion import complete
-from .text.export import ADAPTER_FILES
-from .text.model import load_base_model, load_tokenizer
-from .text.templates import TemplateError, resolve_chat_template
+from ..config import ConfigError
+from ..events import EXIT_CONFIG
+from .completion import complete
+from .export import ADAPTER_FILES
+from .model import load_base_model, load_tokenizer
+from .templates import TemplateError, resolve_chat_template
 
 
 def _folder(path: str, what: str, needs: tuple[str, ...] = ()) -> Path:
@@ -30,7 +30,7 @@ def _folder(path: str, what: str, needs: tuple[str, ...] = ()) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lora_core.generate", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m lora_core.text.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--base", required=True, help="local Hugging Face model folder")
     parser.add_argument("--adapter", help="adapter folder written by a text-generation run")
     parser.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for several)")

@@ -9,7 +9,7 @@ what was found.
 """
 from __future__ import annotations
 
-from .errors import InputError
+from ..errors import InputError
 import json
 import logging
 import re

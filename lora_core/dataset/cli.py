@@ -12,9 +12,9 @@ import logging
 import sys
 from typing import Optional
 
-from .dataset import DatasetError
-from .dataset_check import DEFAULT_MAX_ASPECT, DEFAULT_NEAR_THRESHOLD, check_dataset
-from .dataset_prepare import CAPTION_FORMATS, prepare_dataset
+from .scan import DatasetError
+from .check import DEFAULT_MAX_ASPECT, DEFAULT_NEAR_THRESHOLD, check_dataset
+from .prepare import CAPTION_FORMATS, prepare_dataset
 
 
 def build_parser() -> argparse.ArgumentParser:

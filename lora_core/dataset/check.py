@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from .dataset import (IMAGE_EXTS, DatasetError, caption_for, file_digest, find_images, read_metadata_csv,
+from .scan import (IMAGE_EXTS, DatasetError, caption_for, file_digest, find_images, read_metadata_csv,
                       upright_rgb)
 
 log = logging.getLogger(__name__)
