@@ -14,7 +14,11 @@ from __future__ import annotations
 from .errors import InputError
 import dataclasses
 import difflib
+import functools
+import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
@@ -43,101 +47,145 @@ class ConfigError(InputError):
 
 @dataclass
 class DataConfig:
-    train_data_dir: Optional[str] = None
-    metadata_path: Optional[str] = None
-    caption_extension: str = ".txt"
-    default_caption: Optional[str] = None
-    trigger_word: Optional[str] = None
-    shuffle_caption: bool = False
-    keep_tokens: int = 0
-    caption_dropout: float = 0.0
-    resolution: int = 512
-    center_crop: bool = True
-    flip_aug: bool = False
-    enable_bucket: bool = False
-    min_bucket_reso: int = 256
-    max_bucket_reso: int = 1024
-    bucket_reso_steps: int = 64
-    cache_latents: bool = True
-    cache_latents_to_disk: bool = False
-    cache_text_encoder_outputs: bool = True
-    reg_data_dir: Optional[str] = None
-    prior_loss_weight: float = 1.0
+    train_data_dir: Optional[str] = field(default=None, metadata={
+        "help": "folder of training images (png, jpg, jpeg, webp); `10_name/` subfolders repeat 10 times"})
+    metadata_path: Optional[str] = field(default=None, metadata={
+        "help": "metadata.csv (file_name,text); default <train_data_dir>/metadata.csv if present"})
+    caption_extension: str = field(default=".txt", metadata={
+        "help": "sidecar caption next to each image (used when metadata.csv has no row for it)"})
+    default_caption: Optional[str] = field(default=None, metadata={
+        "help": "caption for images that have none (otherwise such an image is an error)"})
+    trigger_word: Optional[str] = field(default=None, metadata={
+        "help": "added first to every caption; leave empty for none"})
+    shuffle_caption: bool = field(default=False, metadata={"help": "shuffle comma-separated tags each epoch"})
+    keep_tokens: int = field(default=0, metadata={"help": "keep the first N tags in place when shuffling", "ge": 0})
+    caption_dropout: float = field(default=0.0, metadata={
+        "help": "probability of training an image with an empty caption", "ge": 0, "lt": 1})
+    resolution: int = field(default=512, metadata={
+        "help": "training size (square side, or bucket area = resolution²)", "ge": 64, "le": 4096, "multiple_of": 8})
+    center_crop: bool = field(default=True, metadata={"help": "crop the centre of each image; false = random crop"})
+    flip_aug: bool = field(default=False, metadata={"help": "random horizontal flips (turns latent caching off)"})
+    enable_bucket: bool = field(default=False, metadata={"help": "aspect-ratio buckets instead of square crops"})
+    min_bucket_reso: int = field(default=256, metadata={"help": "smallest bucket side"})
+    max_bucket_reso: int = field(default=1024, metadata={"help": "largest bucket side"})
+    bucket_reso_steps: int = field(default=64, metadata={
+        "help": "bucket sides are multiples of this", "ge": 8, "multiple_of": 8})
+    cache_latents: bool = field(default=True, metadata={"help": "encode each image with the VAE once (big speed-up)"})
+    cache_latents_to_disk: bool = field(default=False, metadata={"help": "keep the cached latents on disk"})
+    cache_text_encoder_outputs: bool = field(default=True, metadata={
+        "help": "encode captions once when the text encoder is frozen and captions are fixed"})
+    reg_data_dir: Optional[str] = field(default=None, metadata={
+        "help": "regularisation images (DreamBooth-style prior preservation)"})
+    prior_loss_weight: float = field(default=1.0, metadata={"help": "loss weight of regularisation images", "ge": 0})
     # text-generation datasets
-    train_data_file: Optional[str] = None
-    text_format: str = "auto"
-    max_seq_length: int = 512
-    packing: bool = False
-    chat_template: Optional[str] = None
-    validation_split: float = 0.0
+    train_data_file: Optional[str] = field(default=None, metadata={"help": "text-generation: a .jsonl or .csv file"})
+    text_format: str = field(default="auto", metadata={
+        "help": 'text-generation: auto | text {"text"} | instruction {"instruction","output"} | chat {"messages"}',
+        "choices": list(TEXT_FORMATS)})
+    max_seq_length: int = field(default=512, metadata={"help": "text-generation: tokens per example", "ge": 8})
+    packing: bool = field(default=False, metadata={
+        "help": "text-generation: pack short examples into full-length sequences"})
+    chat_template: Optional[str] = field(default=None, metadata={
+        "help": "text-generation: tokenizer, alpaca, chatml or a Jinja template (empty: the tokenizer's)"})
+    validation_split: float = field(default=0.0, metadata={
+        "help": "text-generation: share held out for eval loss / perplexity", "ge": 0, "lt": 1})
 
 
 @dataclass
 class ModelConfig:
-    task_type: str = "text-to-image"
-    base_model: Optional[str] = None
-    model_family: str = "auto"
-    prediction_type: str = "auto"
-    allow_pickle: bool = False
-    lora_rank: int = 8
-    alpha: Optional[float] = None
-    dropout: float = 0.0
-    unet_target_modules: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    train_text_encoder: bool = False
-    text_encoder_lr: Optional[float] = None
-    text_encoder_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"])
-    clip_skip: int = 1
+    task_type: str = field(default="text-to-image", metadata={
+        "help": "what the LoRA is for", "choices": list(TASK_TYPES)})
+    base_model: Optional[str] = field(default=None, metadata={
+        "help": "WebUI checkpoint (.safetensors), diffusers folder, or Hugging Face model folder (text)"})
+    model_family: str = field(default="auto", metadata={
+        "help": "auto: read from the checkpoint", "choices": list(MODEL_FAMILIES)})
+    prediction_type: str = field(default="auto", metadata={
+        "help": "auto: the model's own", "choices": list(PREDICTION_TYPES)})
+    allow_pickle: bool = field(default=False, metadata={
+        "help": "allow .ckpt/.pt base models (pickle can run code: only for files you trust)"})
+    lora_rank: int = field(default=8, metadata={"help": "network_dim: size of the LoRA matrices", "ge": 1, "le": 1024})
+    alpha: Optional[float] = field(default=None, metadata={
+        "help": "network_alpha; empty = same as lora_rank (scale 1)", "gt": 0})
+    dropout: float = field(default=0.0, metadata={"help": "LoRA dropout", "ge": 0, "lt": 1})
+    unet_target_modules: list = field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"], metadata={
+        "help": "UNet modules that get a LoRA", "min_items": 1})
+    train_text_encoder: bool = field(default=False, metadata={"help": "train a LoRA on the text encoder too"})
+    text_encoder_lr: Optional[float] = field(default=None, metadata={
+        "help": "text encoder learning rate; empty = learning_rate", "gt": 0})
+    text_encoder_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
+                                              metadata={"help": "text-encoder modules that get a LoRA"})
+    clip_skip: int = field(default=1, metadata={"help": "use the output of the N-th last text-encoder layer", "ge": 1})
     # text-generation models
-    target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"])
-    load_in_4bit: bool = False
-    load_in_8bit: bool = False
+    target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
+        "help": 'text-generation: modules that get a LoRA; "all-linear" for every linear layer', "min_items": 1})
+    load_in_4bit: bool = field(default=False, metadata={
+        "help": "text-generation QLoRA (needs bitsandbytes + CUDA)"})
+    load_in_8bit: bool = field(default=False, metadata={"help": "text-generation: 8-bit base model (bitsandbytes + CUDA)"})
 
 
 @dataclass
 class TrainingConfig:
-    batch_size: int = 1
-    epochs: int = 10
-    max_train_steps: Optional[int] = None
-    learning_rate: float = 1e-4
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    gradient_accumulation_steps: int = 1
-    gradient_checkpointing: bool = False
-    mixed_precision: str = "no"
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-2
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    noise_offset: float = 0.0
-    min_snr_gamma: Optional[float] = None
-    oom_policy: str = "stop"
-    auto_fit: bool = False
-    memory_budget_mb: Optional[float] = None
-    resume_from_checkpoint: Optional[str] = None
-    device: str = "auto"
+    batch_size: int = field(default=1, metadata={"help": "images (or examples) per step", "ge": 1})
+    epochs: int = field(default=10, metadata={"help": "passes over the dataset", "ge": 1})
+    max_train_steps: Optional[int] = field(default=None, metadata={
+        "help": "stop after this many steps; overrides epochs when set", "ge": 1})
+    learning_rate: float = field(default=1e-4, metadata={"help": "the optimizer's step size", "gt": 0})
+    lr_scheduler: str = field(default="constant", metadata={
+        "help": "how the learning rate changes over the run", "choices": list(SCHEDULERS)})
+    lr_warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up", "ge": 0})
+    gradient_accumulation_steps: int = field(default=1, metadata={
+        "help": "micro-batches per optimizer step", "ge": 1})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "less VRAM, slower"})
+    mixed_precision: str = field(default="no", metadata={
+        "help": "compute precision (fp16/bf16 need a GPU)", "choices": list(MIXED_PRECISION)})
+    optimizer: str = field(default="adamw", metadata={
+        "help": "adamw8bit needs bitsandbytes + CUDA", "choices": list(OPTIMIZERS)})
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay", "ge": 0})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0 = no clipping", "ge": 0})
+    seed: int = field(default=42, metadata={"help": "random seed (same seed, same data: same run)"})
+    noise_offset: float = field(default=0.0, metadata={"help": "noise offset (e.g. 0.05 for darker/brighter images)",
+                                                        "ge": 0})
+    min_snr_gamma: Optional[float] = field(default=None, metadata={"help": "min-SNR loss weighting, e.g. 5", "gt": 0})
+    oom_policy: str = field(default="stop", metadata={
+        "help": "on out-of-memory: stop, or step_down (halve batch, then gradient checkpointing, then caching)",
+        "choices": list(OOM_POLICIES)})
+    auto_fit: bool = field(default=False, metadata={"help": "apply the memory plan's suggestions before training"})
+    memory_budget_mb: Optional[float] = field(default=None, metadata={
+        "help": "plan for this much memory (empty = what the device has free now)", "gt": 0})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "latest, or the path to a checkpoint folder"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
 
 
 @dataclass
 class OutputConfig:
-    output_dir: Optional[str] = None
-    output_name: Optional[str] = None
-    save_steps: int = 0
-    save_every_n_epochs: int = 0
-    save_precision: str = "fp16"
-    format: str = "kohya"
-    keep_last_checkpoints: int = 3
-    logging_dir: Optional[str] = None
-    save_merged_model: bool = False
+    output_dir: Optional[str] = field(default=None, metadata={
+        "help": "where checkpoints and the finished LoRA are written"})
+    output_name: Optional[str] = field(default=None, metadata={
+        "help": "file name of the LoRA (what you type in <lora:NAME:0.8>); empty = the output_dir folder name"})
+    save_steps: int = field(default=0, metadata={
+        "help": "checkpoint + step LoRA every N steps (0 = only at the end)", "ge": 0})
+    save_every_n_epochs: int = field(default=0, metadata={"help": "checkpoint every N epochs (0 = only at the end)",
+                                                          "ge": 0})
+    save_precision: str = field(default="fp16", metadata={
+        "help": "precision of the saved LoRA", "choices": list(SAVE_PRECISION)})
+    format: str = field(default="kohya", metadata={
+        "help": "kohya (A1111/Forge/ComfyUI/diffusers) or diffusers (peft folder)", "choices": list(EXPORT_FORMATS)})
+    keep_last_checkpoints: int = field(default=3, metadata={"help": "older checkpoints are deleted", "ge": 1})
+    logging_dir: Optional[str] = field(default=None, metadata={"help": "TensorBoard logs; empty = <output_dir>/logs"})
+    save_merged_model: bool = field(default=False, metadata={"help": "text-generation: also save base+LoRA merged"})
 
 
 @dataclass
 class SampleConfig:
-    sample_prompts: Any = None
-    sample_every_n_steps: int = 0
-    sample_every_n_epochs: int = 0
-    sample_steps: int = 20
-    sample_guidance_scale: float = 7.0
-    sample_max_new_tokens: int = 64
+    sample_prompts: Any = field(default=None, metadata={
+        "help": "list of prompts or a .txt file; options --n --w --h --s --l --d per prompt"})
+    sample_every_n_steps: int = field(default=0, metadata={"help": "sample every N steps (0 = never)", "ge": 0})
+    sample_every_n_epochs: int = field(default=0, metadata={"help": "sample every N epochs (0 = never)", "ge": 0})
+    sample_steps: int = field(default=20, metadata={"help": "denoising steps per sample image", "ge": 1, "le": 1000})
+    sample_guidance_scale: float = field(default=7.0, metadata={"help": "CFG scale of sample images"})
+    sample_max_new_tokens: int = field(default=64, metadata={"help": "text-generation: tokens per sample completion",
+                                                             "ge": 1})
 
 
 @dataclass
@@ -300,38 +348,115 @@ def _number(value: Any, whole: bool) -> Optional[float]:
     return number
 
 
+def field_type(cls: type, f: dataclasses.Field) -> tuple[str, bool]:
+    """A field's value kind ("bool", "int", "float", "str", "list" or "any") and whether it may be empty (None).
+
+    Read with `typing.get_type_hints`, so ``Optional[int]`` is an int that may be empty and ``Literal[...]`` is text;
+    the form's schema (`config_schema`) and YAML coercion both use this one answer.
+    """
+    hint = _hints(cls)[f.name]
+    optional = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0] if len(args) == 1 else Any
+    origin = typing.get_origin(hint) or hint
+    if hint is Any:
+        return "any", True
+    if origin is typing.Literal:
+        return "str", optional
+    for kind, python_type in (("bool", bool), ("int", int), ("float", float), ("str", str), ("list", list)):
+        if origin is python_type:
+            return kind, optional
+    return "any", optional
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def field_choices(cls: type, f: dataclasses.Field) -> Optional[list]:
+    """The allowed values of a field: its ``choices`` metadata, or the values of a ``Literal`` annotation."""
+    if "choices" in f.metadata:
+        return list(f.metadata["choices"])
+    hint = _hints(cls)[f.name]
+    hint = next((a for a in typing.get_args(hint) if typing.get_origin(a) is typing.Literal), hint)
+    return list(typing.get_args(hint)) if typing.get_origin(hint) is typing.Literal else None
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+
+LIMIT_KEYS = ("choices", "ge", "gt", "le", "lt", "multiple_of", "min_items")
+
+
+def field_limits(cls: type, f: dataclasses.Field) -> dict[str, Any]:
+    """The checks declared on a field (choices, bounds ``ge``/``gt``/``le``/``lt``, ``multiple_of``, ``min_items``)."""
+    limits = {key: f.metadata[key] for key in LIMIT_KEYS if key in f.metadata}
+    choices = field_choices(cls, f)
+    if choices is not None:
+        limits["choices"] = choices
+    return limits
+
+
+def _limit_problem(value: Any, limits: dict[str, Any]) -> Optional[str]:
+    """Why ``value`` breaks the field's declared limits (a reason without the field name), or None; empty is fine."""
+    if value is None:
+        return None
+    if "choices" in limits and value not in limits["choices"]:
+        return f"must be one of {', '.join(map(str, limits['choices']))}"
+    if "min_items" in limits and isinstance(value, list) and len(value) < limits["min_items"]:
+        return "must not be empty" if limits["min_items"] == 1 else f"must name at least {limits['min_items']}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    ge, gt, le, lt, step = (limits.get(k) for k in ("ge", "gt", "le", "lt", "multiple_of"))
+    ok = ((ge is None or value >= ge) and (gt is None or value > gt) and (le is None or value <= le)
+          and (lt is None or value < lt) and (step is None or value % step == 0))
+    if ok:
+        return None
+    multiple = f"a multiple of {step}" if step is not None else ""
+    if ge is not None and le is not None:
+        return f"must be {multiple} between {ge} and {le}".replace("  ", " ")
+    bound = (f"in [{ge}, {lt})" if ge is not None and lt is not None else f"> {gt}" if gt is not None
+             else f"at least {ge}" if ge is not None else f"at most {le}" if le is not None
+             else f"< {lt}" if lt is not None else "")
+    return "must be " + " and ".join(part for part in (multiple, bound) if part)
+
+
 def _coerce(section: str, f: dataclasses.Field, value: Any, where: str, problems: list[str]) -> Any:
     """Turn a YAML value into the field's type; YAML reads `2e-4` as a string, so numbers are parsed here."""
     name = f"{section}.{f.name}"
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-    ftype = str(f.type)
+    default = _default(f)
+    kind, optional = field_type(SECTIONS[section], f)
     if value is None:
-        if "Optional" in ftype or f.name == "sample_prompts":
+        if optional:
             return None
         problems.append(f"{name}: must not be empty{where}")
         return default
-    if "bool" in ftype:
+    if kind == "bool":
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "yes", "on", "false", "no", "off"):
             return value.lower() in ("true", "yes", "on")
         problems.append(f"{name}: must be true or false, got {value!r}{where}")
         return default
-    if "int" in ftype or "float" in ftype:
-        whole = "float" not in ftype
+    if kind in ("int", "float"):
+        whole = kind == "int"
         number = _number(value, whole)
         if number is None:
             problems.append(f"{name}: must be a {'whole number' if whole else 'finite number'}, got {value!r}{where}")
             return default
         return int(number) if whole else number
-    if "list" in ftype:
+    if kind == "list":
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             problems.append(f"{name}: must be a list of names, got {value!r}{where}")
             return default
         return list(value)
-    if "str" in ftype:
+    if kind == "str":
         if isinstance(value, (dict, list)):
             problems.append(f"{name}: must be text, got {value!r}{where}")
             return default
@@ -405,58 +530,16 @@ def _validate(cfg: TrainConfig, given: dict[str, dict[str, tuple[Any, str]]], pr
             value = getattr(getattr(cfg, section), name)
             problems.append(f"{section}.{name}: {reason}, got {value!r}{where(section, name)}")
 
-    def choice(section: str, name: str, options: tuple) -> None:
-        value = getattr(getattr(cfg, section), name)
-        check(value in options, section, name, f"must be one of {', '.join(options)}")
-
     d, m, t, o, s = cfg.data, cfg.model, cfg.training, cfg.output, cfg.sample
-    choice("model", "task_type", TASK_TYPES)
-    choice("model", "model_family", MODEL_FAMILIES)
-    choice("model", "prediction_type", PREDICTION_TYPES)
-    choice("training", "mixed_precision", MIXED_PRECISION)
-    choice("training", "optimizer", OPTIMIZERS)
-    choice("training", "lr_scheduler", SCHEDULERS)
-    choice("training", "oom_policy", OOM_POLICIES)
-    choice("output", "save_precision", SAVE_PRECISION)
-    choice("output", "format", EXPORT_FORMATS)
-    choice("data", "text_format", TEXT_FORMATS)
-
-    check(t.learning_rate > 0, "training", "learning_rate", "must be > 0")
-    check(m.text_encoder_lr is None or m.text_encoder_lr > 0, "model", "text_encoder_lr", "must be > 0")
-    check(t.batch_size >= 1, "training", "batch_size", "must be at least 1")
-    check(t.epochs >= 1, "training", "epochs", "must be at least 1")
-    check(t.max_train_steps is None or t.max_train_steps >= 1, "training", "max_train_steps", "must be at least 1")
-    check(t.gradient_accumulation_steps >= 1, "training", "gradient_accumulation_steps", "must be at least 1")
-    check(t.lr_warmup_steps >= 0, "training", "lr_warmup_steps", "must be >= 0")
-    check(t.weight_decay >= 0, "training", "weight_decay", "must be >= 0")
-    check(t.max_grad_norm >= 0, "training", "max_grad_norm", "must be >= 0 (0 turns clipping off)")
-    check(t.noise_offset >= 0, "training", "noise_offset", "must be >= 0")
-    check(t.min_snr_gamma is None or t.min_snr_gamma > 0, "training", "min_snr_gamma", "must be > 0")
-    check(t.memory_budget_mb is None or t.memory_budget_mb > 0, "training", "memory_budget_mb", "must be > 0")
-    check(1 <= m.lora_rank <= 1024, "model", "lora_rank", "must be between 1 and 1024")
-    check(m.alpha is None or m.alpha > 0, "model", "alpha", "must be > 0")
-    check(0 <= m.dropout < 1, "model", "dropout", "must be in [0, 1)")
-    check(m.clip_skip >= 1, "model", "clip_skip", "must be at least 1")
-    check(bool(m.unet_target_modules), "model", "unet_target_modules", "must name at least one module")
-    check(bool(m.target_modules), "model", "target_modules", "must name at least one module")
+    for section, cls in SECTIONS.items():  # choices and bounds, as declared on the fields
+        for f in fields(cls):
+            reason = _limit_problem(getattr(getattr(cfg, section), f.name), field_limits(cls, f))
+            if reason:
+                check(False, section, f.name, reason)
+    # rules that involve more than one field
     check(not (m.load_in_4bit and m.load_in_8bit), "model", "load_in_4bit", "cannot be combined with load_in_8bit")
-    check(0 <= d.caption_dropout < 1, "data", "caption_dropout", "must be in [0, 1)")
-    check(d.keep_tokens >= 0, "data", "keep_tokens", "must be >= 0")
-    check(64 <= d.resolution <= 4096 and d.resolution % 8 == 0, "data", "resolution",
-          "must be a multiple of 8 between 64 and 4096")
-    check(d.bucket_reso_steps >= 8 and d.bucket_reso_steps % 8 == 0, "data", "bucket_reso_steps",
-          "must be a multiple of 8")
     check(d.min_bucket_reso <= d.resolution <= d.max_bucket_reso or not d.enable_bucket, "data", "min_bucket_reso",
           f"must be <= resolution ({d.resolution}) <= max_bucket_reso ({d.max_bucket_reso})")
-    check(d.prior_loss_weight >= 0, "data", "prior_loss_weight", "must be >= 0")
-    check(0 <= d.validation_split < 1, "data", "validation_split", "must be in [0, 1)")
-    check(d.max_seq_length >= 8, "data", "max_seq_length", "must be at least 8")
-    check(o.save_steps >= 0, "output", "save_steps", "must be >= 0 (0 saves only at the end)")
-    check(o.save_every_n_epochs >= 0, "output", "save_every_n_epochs", "must be >= 0")
-    check(o.keep_last_checkpoints >= 1, "output", "keep_last_checkpoints", "must be at least 1")
-    check(s.sample_every_n_steps >= 0, "sample", "sample_every_n_steps", "must be >= 0")
-    check(s.sample_every_n_epochs >= 0, "sample", "sample_every_n_epochs", "must be >= 0")
-    check(1 <= s.sample_steps <= 1000, "sample", "sample_steps", "must be between 1 and 1000")
 
     if m.base_model is None:
         problems.append("model.base_model: required: a local diffusers folder or .safetensors checkpoint "
@@ -519,3 +602,46 @@ def save_resolved_config(cfg: TrainConfig, path: str | Path) -> Path:
     tmp.write_text(cfg.to_yaml(), encoding="utf-8")
     tmp.replace(path)
     return path
+
+
+SCHEMA_PATH = "daemon/ui/config_schema.json"  # relative to the repository root
+SCHEMA_COMMAND = f"python -m lora_core.config --write-schema {SCHEMA_PATH}"
+
+
+def config_schema() -> dict:
+    """Every setting as plain JSON data: section, type, whether it may be empty, default, help and limits.
+
+    The WebUI's form cannot import this module (it runs in the WebUI's Python, without torch or the engine), so it
+    reads this data from a generated, checked-in file (`SCHEMA_PATH`); tests/test_config_schema.py fails when the
+    file no longer matches these dataclasses.
+    """
+    settings: dict[str, dict] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            kind, optional = field_type(cls, f)
+            settings[f.name] = {"section": section, "type": kind, "optional": optional, "default": _default(f),
+                                "help": f.metadata.get("help", ""), **field_limits(cls, f)}
+    return {"about": f"Generated from lora_core/config.py; do not edit. Refresh with: {SCHEMA_COMMAND}",
+            "sections": list(SECTIONS), "aliases": dict(ALIASES), "fields": settings}
+
+
+def schema_json() -> str:
+    """`config_schema` as the exact text of the checked-in file (stable order, one trailing newline)."""
+    return json.dumps(config_schema(), indent=1, ensure_ascii=False) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """``python -m lora_core.config --write-schema PATH``: regenerate the form's schema file after changing a field."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m lora_core.config", description=main.__doc__)
+    parser.add_argument("--write-schema", metavar="PATH", required=True,
+                        help=f"where to write the JSON schema (the repository keeps it at {SCHEMA_PATH})")
+    args = parser.parse_args(argv)
+    Path(args.write_schema).write_text(schema_json(), encoding="utf-8")
+    print(f"wrote {args.write_schema} ({len(config_schema()['fields'])} settings)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
