@@ -5,7 +5,8 @@ import pytest
 
 from lora_daemon.ui.forms import (FIELDS, TEXT_FIELDS, config_to_form, form_to_config, is_text_config, parse_extra_yaml,
                              problems_by_field, text_form_to_config)
-from lora_daemon.ui.presets import get_preset, list_presets
+from lora_daemon.ui.forms import SETTINGS, TEXT_TASK
+from lora_daemon.ui.presets import all_presets, get_preset, list_presets, preset_form_values, text_form_start
 from lora_core.config import ConfigError, config_from_dict
 
 
@@ -59,16 +60,51 @@ def test_a_run_snapshot_loads_back_into_the_form(tmp_path):
     assert rest["base_model"] == str(tmp_path / "m.safetensors") and "lora_rank" not in rest
 
 
-def test_every_preset_is_a_valid_config_fragment(tmp_path):
+def test_every_preset_validates_and_lists_only_what_it_changes(tmp_path):
     (tmp_path / "m.safetensors").write_bytes(b"")
-    presets = list_presets()
-    assert {p.name for p in presets} >= {"style", "character", "concept", "style-lowvram", "character-lowvram",
-                                         "concept-lowvram"}
+    (tmp_path / "llm").mkdir()
+    (tmp_path / "train.jsonl").write_text('{"text": "hi"}\n', encoding="utf-8")
+    presets = all_presets()
+    assert {p.name for p in list_presets()} == {"style", "character", "concept", "style-lowvram",
+                                                "character-lowvram", "concept-lowvram"}
+    assert [p.name for p in list_presets(task_type=TEXT_TASK)] == ["text"]
+    by_name = {p.name: p for p in presets}
     for preset in presets:
         assert preset.description
-        config_from_dict({**preset.values, "base_model": str(tmp_path / "m.safetensors"),
-                          "train_data_dir": str(tmp_path), "output_dir": str(tmp_path / "out")})
-    assert get_preset("character-lowvram").values["batch_size"] == 1
+        base = by_name[preset.own["extends"]].values if "extends" in preset.own else {}
+        for key, value in preset.own.items():
+            if key == "extends":
+                continue
+            assert key in SETTINGS, f"preset {preset.name}: {key} is not a setting"
+            inherited = base.get(key, SETTINGS[key]["default"])
+            assert value != inherited, f"preset {preset.name}: {key}: {value!r} is what it would be anyway"
+        paths = ({"base_model": str(tmp_path / "llm"), "train_data_file": str(tmp_path / "train.jsonl")}
+                 if preset.task_type == TEXT_TASK else
+                 {"base_model": str(tmp_path / "m.safetensors"), "train_data_dir": str(tmp_path)})
+        config_from_dict({**preset.values, **paths, "output_dir": str(tmp_path / "out")})
+    low = get_preset("character-lowvram").values
+    assert low["batch_size"] == 1 and low["lr_scheduler"] == "cosine" and low["train_text_encoder"] is False
+
+
+def test_choosing_a_preset_resets_what_the_last_one_set_and_keeps_the_users_name():
+    character = preset_form_values("character", FIELDS)
+    assert character["train_text_encoder"] is True and character["text_encoder_lr"] == 5e-5
+    style = preset_form_values("style", FIELDS)
+    assert style["train_text_encoder"] is False and style["text_encoder_lr"] == 0 and style["epochs"] == 10
+    assert style["lr_scheduler"] == "cosine" and style["batch_size"] == 2
+    assert "output_name" not in style and "trigger_word" not in style
+    start = text_form_start(TEXT_FIELDS)
+    assert start["learning_rate"] == 2e-4 and start["target_modules"] == "q_proj, k_proj, v_proj, o_proj"
+
+
+def test_a_preset_extending_a_missing_or_circular_one_is_left_out(tmp_path):
+    (tmp_path / "a.yaml").write_text("# A\nextends: b\nbatch_size: 3\n")
+    (tmp_path / "b.yaml").write_text("# B\nextends: a\n")
+    (tmp_path / "c.yaml").write_text("# C\nextends: nowhere\n")
+    (tmp_path / "d.yaml").write_text("# D\nbatch_size: 2\n")
+    (tmp_path / "e.yaml").write_text("# E\nextends: d\nseed: 1\n")
+    assert {p.name: p.values for p in all_presets(tmp_path)} == {"d": {"batch_size": 2},
+                                                                 "e": {"batch_size": 2, "seed": 1}}
 
 
 def text_form_defaults() -> dict:

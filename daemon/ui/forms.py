@@ -1,9 +1,11 @@
 """The Train form: which config fields the tab shows, and the mapping between form values and a config dict.
 
-The engine's schema (`lora_core.config`) stays the one authority: the form only collects values, the daemon
-validates them, and each problem it returns (``"training.learning_rate: must be > 0, got -1.0"``) is routed back
-to the field it names. Anything the form does not show can still be set in the "Other settings (YAML)" box, so
-the tab never limits what the engine can do.
+The engine's schema (`lora_core.config`) stays the one authority: each row's default, choices, bounds and help
+come from ``config_schema.json``, generated from the config dataclasses (this side cannot import the engine), and
+the form declares only how a setting is shown. The form collects values, the daemon validates them, and each
+problem it returns (``"training.learning_rate: must be > 0, got -1.0"``) is routed back to the field it names.
+Anything the form does not show can still be set in the "Other settings (YAML)" box, so the tab never limits what
+the engine can do. Starting values other than the engine's defaults are presets (`presets`), not form rows.
 
 Two forms share this mapping: the image form (`FIELDS`, a WebUI checkpoint and a dataset folder) and the text form
 (`TEXT_FIELDS`, a local Hugging Face model folder and a .jsonl/.csv file). Only the task type tells them apart
@@ -11,89 +13,130 @@ in the config, so a run's snapshot loads back into whichever form trained it.
 """
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 import yaml  # a gradio dependency, so present in every WebUI environment
 
 
+SCHEMA_FILE = Path(__file__).resolve().with_name("config_schema.json")
+REFRESH = "python -m lora_core.config --write-schema daemon/ui/config_schema.json"
+
+
+def load_schema(path: Path = SCHEMA_FILE) -> dict:
+    """The engine's settings as JSON (generated from `lora_core.config`'s dataclasses, checked in beside this file),
+    so the form knows defaults, choices, bounds and help without importing the engine."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise RuntimeError(f"{path}: cannot read the config schema ({e}); regenerate it with: {REFRESH}") from None
+
+
+SCHEMA = load_schema()
+SETTINGS: dict[str, dict] = SCHEMA["fields"]
+SECTION_NAMES = tuple(SCHEMA["sections"])
+UNSET = object()
+WIDGETS = {"bool": "checkbox", "int": "int", "float": "number", "str": "text", "list": "list", "any": "text"}
+
+
 @dataclass(frozen=True)
 class FieldSpec:
+    """One form row. Only how it is shown is declared here (label, widget, placement); what the setting means —
+    section, default, choices, bounds, help — comes from the schema (`field`)."""
     key: str          # flat config key, e.g. "learning_rate"
     section: str      # config section, e.g. "training"
     label: str
     kind: str         # "number" | "int" | "text" | "dropdown" | "checkbox" | "lines" (one item a line) | "list" (a, b)
-    default: Any = None
+    default: Any = None  # the form's starting value: the engine default as the widget shows it
     choices: tuple = ()
     advanced: bool = False
     info: str = ""
+    minimum: Optional[float] = None  # the engine's inclusive bounds, for reference: widgets do not clamp, the
+    maximum: Optional[float] = None  # engine names an out-of-range value next to its field
 
     @property
     def dotted(self) -> str:
         return f"{self.section}.{self.key}"
 
 
+def _shown(kind: str, value: Any) -> Any:
+    """An engine value as the form's widget holds it: empty numbers are 0 ("not set"), lists are joined text."""
+    if value is None:
+        return 0 if kind in ("int", "number") else (None if kind in ("dropdown", "checkbox") else "")
+    if kind in ("lines", "list") and isinstance(value, list):
+        return ("\n" if kind == "lines" else ", ").join(map(str, value))
+    return value
+
+
+def field(key: str, label: str, kind: Optional[str] = None, advanced: bool = False, info: Optional[str] = None,
+          start: Any = UNSET) -> FieldSpec:
+    """A form row for the setting ``key``, built from the schema. ``kind`` overrides the widget (``lines`` for a
+    list typed one item a line); ``start`` is a starting value, allowed only where the engine's default is empty
+    (a suggested output name), so the form never contradicts an engine default."""
+    setting = SETTINGS[key]
+    if start is not UNSET and setting["default"] is not None:
+        raise ValueError(f"{key}: the form may not start at {start!r}: the engine's default is {setting['default']!r}")
+    kind = kind or ("dropdown" if setting.get("choices") else WIDGETS[setting["type"]])
+    default = start if start is not UNSET else _shown(kind, setting["default"])
+    return FieldSpec(key, setting["section"], label, kind, default, tuple(setting.get("choices") or ()), advanced,
+                     setting["help"] if info is None else info, setting.get("ge"), setting.get("le"))
+
+
 FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("output_name", "output", "Output name (what you type in <lora:NAME:0.8>)", "text", "my_lora"),
-    FieldSpec("trigger_word", "data", "Trigger word", "text", "", info="added to every caption; leave empty for none"),
-    FieldSpec("lora_rank", "model", "Rank", "int", 16),
-    FieldSpec("alpha", "model", "Alpha", "number", 8),
-    FieldSpec("learning_rate", "training", "Learning rate", "number", 1e-4),
-    FieldSpec("epochs", "training", "Epochs", "int", 10),
-    FieldSpec("max_train_steps", "training", "Max steps (0: use epochs)", "int", 0),
-    FieldSpec("batch_size", "training", "Batch size", "int", 2),
-    FieldSpec("resolution", "data", "Resolution", "int", 512),
-    FieldSpec("lr_scheduler", "training", "LR scheduler", "dropdown", "cosine",
-              ("constant", "constant_with_warmup", "cosine", "linear"), advanced=True),
-    FieldSpec("lr_warmup_steps", "training", "Warmup steps", "int", 0, advanced=True),
-    FieldSpec("optimizer", "training", "Optimizer", "dropdown", "adamw", ("adamw", "adamw8bit"), advanced=True),
-    FieldSpec("mixed_precision", "training", "Mixed precision", "dropdown", "no", ("no", "fp16", "bf16"),
-              advanced=True),
-    FieldSpec("gradient_checkpointing", "training", "Gradient checkpointing (less VRAM, slower)", "checkbox", False,
-              advanced=True),
-    FieldSpec("seed", "training", "Seed", "int", 42, advanced=True),
-    FieldSpec("noise_offset", "training", "Noise offset", "number", 0.0, advanced=True),
-    FieldSpec("train_text_encoder", "model", "Train the text encoder", "checkbox", False, advanced=True),
-    FieldSpec("text_encoder_lr", "model", "Text encoder learning rate (0: same)", "number", 0.0, advanced=True),
-    FieldSpec("shuffle_caption", "data", "Shuffle caption tags", "checkbox", False, advanced=True),
-    FieldSpec("keep_tokens", "data", "Keep first N tags in place", "int", 0, advanced=True),
-    FieldSpec("caption_dropout", "data", "Caption dropout", "number", 0.0, advanced=True),
-    FieldSpec("flip_aug", "data", "Flip images horizontally", "checkbox", False, advanced=True),
-    FieldSpec("enable_bucket", "data", "Aspect-ratio buckets", "checkbox", False, advanced=True),
-    FieldSpec("save_every_n_epochs", "output", "Save a checkpoint every N epochs (0: end only)", "int", 0,
-              advanced=True),
-    FieldSpec("sample_prompts", "sample", "Sample prompts (one per line)", "lines", "", advanced=True),
-    FieldSpec("sample_every_n_steps", "sample", "Sample every N steps (0: never)", "int", 0, advanced=True),
+    field("output_name", "Output name (what you type in <lora:NAME:0.8>)", start="my_lora"),
+    field("trigger_word", "Trigger word"),
+    field("lora_rank", "Rank"),
+    field("alpha", "Alpha (0: same as rank)"),
+    field("learning_rate", "Learning rate"),
+    field("epochs", "Epochs"),
+    field("max_train_steps", "Max steps (0: use epochs)"),
+    field("batch_size", "Batch size"),
+    field("resolution", "Resolution"),
+    field("lr_scheduler", "LR scheduler", advanced=True),
+    field("lr_warmup_steps", "Warmup steps", advanced=True),
+    field("optimizer", "Optimizer", advanced=True),
+    field("mixed_precision", "Mixed precision", advanced=True),
+    field("gradient_checkpointing", "Gradient checkpointing (less VRAM, slower)", advanced=True),
+    field("seed", "Seed", advanced=True),
+    field("noise_offset", "Noise offset", advanced=True),
+    field("train_text_encoder", "Train the text encoder", advanced=True),
+    field("text_encoder_lr", "Text encoder learning rate (0: same)", advanced=True),
+    field("shuffle_caption", "Shuffle caption tags", advanced=True),
+    field("keep_tokens", "Keep first N tags in place", advanced=True),
+    field("caption_dropout", "Caption dropout", advanced=True),
+    field("flip_aug", "Flip images horizontally", advanced=True),
+    field("enable_bucket", "Aspect-ratio buckets", advanced=True),
+    field("save_every_n_epochs", "Save a checkpoint every N epochs (0: end only)", advanced=True),
+    field("sample_prompts", "Sample prompts (one per line)", "lines", advanced=True),
+    field("sample_every_n_steps", "Sample every N steps (0: never)", advanced=True),
 )
 FIELD_BY_KEY = {f.key: f for f in FIELDS}
 IMAGE_TASK = "text-to-image"
 TEXT_TASK = "text-generation"
-TEXT_FORMATS = ("auto", "text", "instruction", "chat")  # lora_core.config.TEXT_FORMATS, kept here: no engine import
 TEXT_FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("base_model", "model", "Base model (a local Hugging Face model folder)", "text", "",
-              info="the folder with config.json, the .safetensors weights and the tokenizer"),
-    FieldSpec("train_data_file", "data", "Training data (.jsonl or .csv)", "text", ""),
-    FieldSpec("text_format", "data", "Text format", "dropdown", "auto", TEXT_FORMATS,
-              info='auto | text {"text"} | instruction {"instruction","output"} | chat {"messages"}'),
-    FieldSpec("output_name", "output", "Output name (the adapter folder)", "text", "my_text_lora"),
-    FieldSpec("lora_rank", "model", "Rank", "int", 16),
-    FieldSpec("alpha", "model", "Alpha", "number", 32),
-    FieldSpec("learning_rate", "training", "Learning rate", "number", 2e-4),
-    FieldSpec("epochs", "training", "Epochs", "int", 3),
-    FieldSpec("max_train_steps", "training", "Max steps (0: use epochs)", "int", 0),
-    FieldSpec("batch_size", "training", "Batch size", "int", 4),
-    FieldSpec("max_seq_length", "data", "Max sequence length (tokens)", "int", 512),
-    FieldSpec("target_modules", "model", "Target modules", "list", "q_proj, k_proj, v_proj, o_proj",
-              info="comma-separated, or all-linear"),
-    FieldSpec("sample_prompts", "sample", "Sample prompts (one per line)", "lines", "",
-              info="their completions are shown in the run view at each sample point"),
-    FieldSpec("sample_every_n_steps", "sample", "Sample every N steps (0: never)", "int", 0),
+    field("base_model", "Base model (a local Hugging Face model folder)",
+          info="the folder with config.json, the .safetensors weights and the tokenizer"),
+    field("train_data_file", "Training data (.jsonl or .csv)"),
+    field("text_format", "Text format"),
+    field("output_name", "Output name (the adapter folder)", start="my_text_lora"),
+    field("lora_rank", "Rank"),
+    field("alpha", "Alpha (0: same as rank)"),
+    field("learning_rate", "Learning rate"),
+    field("epochs", "Epochs"),
+    field("max_train_steps", "Max steps (0: use epochs)"),
+    field("batch_size", "Batch size"),
+    field("max_seq_length", "Max sequence length (tokens)"),
+    field("target_modules", "Target modules", info="comma-separated, or all-linear"),
+    field("sample_prompts", "Sample prompts (one per line)", "lines",
+          info="their completions are shown in the run view at each sample point"),
+    field("sample_every_n_steps", "Sample every N steps (0: never)"),
 )
 TEXT_FIELD_BY_KEY = {f.key: f for f in TEXT_FIELDS}
-SECTION_NAMES = ("data", "model", "training", "output", "sample")
-# Zero means "not set" for these optional engine fields; the form has no way to show None in a number box.
-ZERO_MEANS_UNSET = {"max_train_steps", "text_encoder_lr"}
+# Zero means "not set" for the number fields whose engine default is empty: a number box cannot show None.
+ZERO_MEANS_UNSET = {key for key, s in SETTINGS.items() if s["type"] in ("int", "float") and s["default"] is None}
 PROBLEM_FIELD = re.compile(r"^(?P<section>[a-z_]+)\.(?P<key>[a-z_0-9]+):")
 
 
@@ -196,13 +239,7 @@ def config_to_form(config: dict, fields: tuple[FieldSpec, ...] = FIELDS) -> tupl
     form: dict[str, Any] = {}
     for spec in fields:
         if spec.key in flat:
-            value = flat.pop(spec.key)
-            if spec.kind in ("lines", "list"):
-                joiner = "\n" if spec.kind == "lines" else ", "
-                value = joiner.join(map(str, value)) if isinstance(value, list) else (value or "")
-            elif value is None:
-                value = 0 if spec.kind in ("int", "number") else ""
-            form[spec.key] = value
+            form[spec.key] = _shown(spec.kind, flat.pop(spec.key))
     return form, flat
 
 

@@ -23,7 +23,7 @@ from .context import TabContext
 from .datasets import DatasetPathError, confined, dataset_folder, list_images, save_uploads
 from .forms import (FIELDS, TEXT_FIELDS, config_to_form, form_to_config, is_text_config, parse_extra_yaml,
                     problems_by_field, text_form_to_config)
-from .presets import get_preset, list_presets
+from .presets import get_preset, list_presets, preset_form_values, text_form_start
 from .setup_env import installed_torch
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ IMAGE_KIND = "Image LoRA"
 TEXT_KIND = "Text LoRA (language model)"
 KINDS = (IMAGE_KIND, TEXT_KIND)
 DAEMON_DOWN = "The training daemon is not running: start it in the Daemon section."
+PLAN_NOTE = render.message("The memory plan is worked out as the run's first step; it shows in the run's row in Runs.")
 
 
 def _daemon_message(error: Exception) -> str:
@@ -143,7 +144,7 @@ class TrainTab:
         presets = list_presets()
         default = self.ctx.settings().default_preset
         preset_name = default if any(p.name == default for p in presets) else (presets[0].name if presets else None)
-        values = dict(get_preset(preset_name).values) if preset_name else {}
+        values = preset_form_values(preset_name, FIELDS) if preset_name else {}
         t.add("kind", gr.Radio(label="Kind of run", choices=list(KINDS), value=IMAGE_KIND,
                                elem_id="lora_scripts_run_kind"))
         with t.add("image_form", gr.Column(elem_id="lora_scripts_image_form")):
@@ -159,7 +160,7 @@ class TrainTab:
         with t.add("text_form", gr.Column(visible=False, elem_id="lora_scripts_text_form")):
             gr.Markdown("A LoRA for a causal language model (LLaMA, Qwen, Mistral, …) in a local folder; the adapter "
                         "is published to the daemon's adapters folder, not to the WebUI's Lora folder.")
-            self._fields(TEXT_FIELDS, advanced=None, values={})
+            self._fields(TEXT_FIELDS, advanced=None, values=text_form_start(TEXT_FIELDS))
         t.add("plan", gr.HTML(elem_id="lora_scripts_plan"))
         with gr.Accordion("Advanced", open=False, elem_id="lora_scripts_advanced"):
             with t.add("image_advanced", gr.Column(elem_id="lora_scripts_image_advanced")):
@@ -222,7 +223,7 @@ class TrainTab:
         refresh_outputs = [d["folder"], d["status"], d["gallery"], d["entries"], d["tags"]]
         d["add"].click(self.add_files, inputs=[d["files"], d["name"], d["folder"]], outputs=refresh_outputs)
         d["open"].click(self.open_folder, inputs=[d["name"], d["folder"]], outputs=refresh_outputs)
-        d["check"].click(self.check, inputs=[d["folder"]], outputs=[d["report"]])
+        d["check"].click(self.check, inputs=[d["folder"], self.fields["resolution"]], outputs=[d["report"]])
         d["caption"].click(self.autocaption, inputs=[d["folder"], d["captioner"], d["overwrite"]],
                            outputs=refresh_outputs)
         d["gallery"].select(self.select_image, inputs=[d["entries"]], outputs=[d["file"], d["text"]])
@@ -288,11 +289,19 @@ class TrainTab:
         target = self._folder(name, folder)
         return self._refresh(target, f"{len(list_images(target))} images in {target}")
 
-    def check(self, folder: str) -> str:
+    def check(self, folder: str, resolution: Any = None) -> str:
+        """The daemon's dataset check at the resolution set in the Train section (small images are flagged
+        against what this run will train at, not a fixed 512)."""
         if not folder:
             return render.message("Add images or choose a dataset folder first.", "error")
+        options = {}
         try:
-            return render.check_report(self.ctx.client().check(folder))
+            if resolution not in (None, "") and int(float(resolution)) > 0:
+                options["resolution"] = int(float(resolution))
+        except (TypeError, ValueError):
+            pass  # a bad number is the Train form's to report; the check uses the engine's default meanwhile
+        try:
+            return render.check_report(self.ctx.client().check(folder, **options))
         except (DaemonNotRunning, DaemonError) as e:
             return render.message(_daemon_message(e), "error")
 
@@ -391,8 +400,13 @@ class TrainTab:
         t = self.train.c
         inputs = self._config_inputs()
         errors = self._error_outputs()
-        t["validate"].click(self.validate, inputs=inputs, outputs=errors + [t["plan"], t["status"]])
-        t["start"].click(self.start, inputs=inputs, outputs=errors + [t["plan"], t["status"]])
+        # One status line says what is happening; no per-field "processing" overlay (gradio 3.41 and 4.40 both
+        # take show_progress="hidden"). The first step answers at once, without the queue.
+        for button, handler, note in ((t["validate"], self.validate, "checking…"),
+                                      (t["start"], self.start, "queuing…")):
+            button.click(lambda note=note: render.message(note), outputs=[t["status"]], queue=False,
+                         show_progress="hidden") \
+                .then(handler, inputs=inputs, outputs=errors + [t["plan"], t["status"]], show_progress="hidden")
         t["show_yaml"].click(self.show_yaml, inputs=inputs, outputs=[t["yaml"]] + errors)
         t["load_yaml"].click(self.load_yaml, inputs=[t["yaml"]], outputs=self._form_outputs())
         t["preset"].change(self.apply_preset, inputs=[t["preset"]],
@@ -434,46 +448,55 @@ class TrainTab:
         out.append(render.problems_list(general, "Fix these before training:") if general else "")
         return out
 
-    def _checked(self, kind, base_model, folder, extra_text, values) -> tuple[Optional[dict], list, str]:
-        """Build and validate the config with the daemon; returns (config or None, error outputs, plan HTML)."""
+    def validate(self, kind, base_model, folder, extra_text, *values) -> list:
+        """One validation pass in the daemon (the engine's schema); the memory plan is left to the run itself."""
         try:
             config = self._build_config(kind, base_model, folder, extra_text, values)
         except ValueError as e:
-            return None, self._errors([], str(e), kind), ""
+            return self._errors([], str(e), kind) + ["", render.message("Fix the Other settings box.", "error")]
         try:
-            client = self.ctx.client(timeout=30.0)
-            result = client.validate(config)
+            result = self.ctx.client(timeout=30.0).validate(config)
         except (DaemonNotRunning, DaemonError) as e:
-            return None, self._errors([_daemon_message(e)], kind=kind), ""
+            return self._errors([_daemon_message(e)], kind=kind) + ["", ""]
         if not result.get("ok"):
-            return None, self._errors(list(result.get("problems") or []), kind=kind), ""
-        return config, self._errors([], kind=kind), self._plan(client, config)
-
-    def _plan(self, client, config: dict) -> str:
-        try:
-            plan = client.plan(config)
-        except (DaemonNotRunning, DaemonError) as e:
-            return render.message(f"No VRAM plan: {_daemon_message(e)}")
-        return render.vram_plan(plan)
-
-    def validate(self, kind, base_model, folder, extra_text, *values) -> list:
-        config, errors, plan = self._checked(kind, base_model, folder, extra_text, values)
-        status = render.message("The settings are valid.", "ok") if config else ""
-        return errors + [plan, status]
+            return self._errors(list(result.get("problems") or []), kind=kind) + \
+                ["", render.message("Fix the fields marked in red.", "error")]
+        return self._errors([], kind=kind) + [PLAN_NOTE, render.message("The settings are valid.", "ok")]
 
     def start(self, kind, base_model, folder, extra_text, *values) -> list:
-        config, errors, plan = self._checked(kind, base_model, folder, extra_text, values)
-        if config is None:
-            return errors + [plan, render.message("Nothing was queued: fix the fields marked in red.", "error")]
+        """Queue at once: the daemon's submit is the one validation pass, and the memory plan is the run's first
+        phase (its result shows in the run's row). A second Start with the same settings while the first run is
+        still queued or running gets that run back instead of a duplicate."""
         try:
-            run = self.ctx.client().submit(config, lora_dir=str(self.ctx.lora_dir()))
+            config = self._build_config(kind, base_model, folder, extra_text, values)
+        except ValueError as e:
+            return self._errors([], str(e), kind) + ["", render.message("Nothing was queued.", "error")]
+        empty = None if kind == TEXT_KIND else self._empty_dataset(folder)
+        if empty:
+            return self._errors([empty], kind=kind) + ["", render.message("Nothing was queued.", "error")]
+        try:
+            run = self.ctx.client(timeout=30.0).submit(config, lora_dir=str(self.ctx.lora_dir()), dedupe=True)
         except DaemonError as e:
             problems = (e.details or {}).get("problems") or [e.message]
-            return self._errors(list(problems), kind=kind) + [plan, render.message("Nothing was queued.", "error")]
+            return self._errors(list(problems), kind=kind) + \
+                ["", render.message("Nothing was queued: fix the fields marked in red.", "error")]
         except DaemonNotRunning as e:
-            return errors + [plan, render.message(_daemon_message(e), "error")]
-        return errors + [plan, render.message(f"Queued run {run['id']} ({run.get('name')}): follow it in Runs.",
-                                              "ok")]
+            return self._errors([], kind=kind) + ["", render.message(_daemon_message(e), "error")]
+        if run.get("duplicate"):
+            return self._errors([], kind=kind) + [PLAN_NOTE, render.message(
+                f"Already {run.get('status')}: run {run['id']} ({run.get('name')}) has these settings; nothing new "
+                f"was queued. Follow it in Runs.", "info")]
+        return self._errors([], kind=kind) + [PLAN_NOTE, render.message(
+            f"Queued run {run['id']} ({run.get('name')}): follow it in Runs.", "ok")]
+
+    def _empty_dataset(self, folder: str) -> Optional[str]:
+        """Why the dataset folder cannot be trained on, found without a child: it holds no images at all. (A missing
+        folder is the engine's to name; a deeper look — corrupt files, sizes — is the Check button's.)"""
+        path = Path(folder.strip()).expanduser() if folder and folder.strip() else None
+        if path is None or not path.is_dir() or list_images(path):
+            return None
+        return (f"data.train_data_dir: {path} holds no images: add some in the Dataset section (or choose another "
+                f"folder) before training")
 
     def show_yaml(self, kind, base_model, folder, extra_text, *values) -> list:
         try:
@@ -528,7 +551,7 @@ class TrainTab:
 
     def apply_preset(self, name: str) -> list:
         try:
-            values = get_preset(name).values
+            values = preset_form_values(name, FIELDS)
         except KeyError as e:
             return [gr.update() for _ in FIELDS] + [str(e)]
         return [gr.update(value=values[s.key]) if s.key in values else gr.update() for s in FIELDS] + \
