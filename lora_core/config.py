@@ -30,7 +30,10 @@ MODEL_FAMILIES = ("auto", "sd1", "sd2", "sdxl")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp16", "bf16", "float")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "lion8bit", "schedulefree_adamw", "came")
+# lora: kohya LoRA on the targets; locon: + the 3x3 convs of resnet/down/upsample blocks; loha/lokr: LyCORIS
+# Hadamard/Kronecker products; dora: LoRA with a learned magnitude (use_dora adds it to the others)
+NETWORK_TYPES = ("lora", "locon", "loha", "lokr", "dora")
 SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear")
 OOM_POLICIES = ("stop", "step_down")
 EXPORT_FORMATS = ("kohya", "diffusers")
@@ -115,6 +118,22 @@ class ModelConfig:
     text_encoder_target_modules: list = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"],
                                               metadata={"help": "text-encoder modules that get a LoRA"})
     clip_skip: int = field(default=1, metadata={"help": "use the output of the N-th last text-encoder layer", "ge": 1})
+    network_type: str = field(default="lora", metadata={
+        "help": "lora; locon (+ 3x3 convs); loha, lokr (LyCORIS); dora (LoRA + learned magnitude)",
+        "choices": list(NETWORK_TYPES)})
+    use_dora: bool = field(default=False, metadata={
+        "help": "add DoRA's learned magnitude to locon/loha/lokr (network_type dora is lora + this)"})
+    conv_rank: Optional[int] = field(default=None, metadata={
+        "help": "locon/loha/lokr: rank on the 3x3 convs (conv_dim); empty = lora_rank, 0 = no conv layers",
+        "ge": 0, "le": 1024})
+    conv_alpha: Optional[float] = field(default=None, metadata={
+        "help": "alpha of the conv layers (conv_alpha); empty = conv_rank", "gt": 0})
+    lokr_factor: int = field(default=-1, metadata={
+        "help": "lokr: Kronecker factor of each dimension; -1 = as square as possible", "ge": -1})
+    network_weights: Optional[str] = field(default=None, metadata={
+        "help": "continue from an existing LoRA (kohya .safetensors or a peft/diffusers folder or file)"})
+    dim_from_weights: bool = field(default=False, metadata={
+        "help": "take network type, rank and alpha from network_weights instead of this config"})
     # text-generation models
     target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
         "help": 'text-generation: modules that get a LoRA; "all-linear" for every linear layer', "min_items": 1})
@@ -135,11 +154,24 @@ class TrainingConfig:
     lr_warmup_steps: int = field(default=0, metadata={"help": "steps of linear warm-up", "ge": 0})
     gradient_accumulation_steps: int = field(default=1, metadata={
         "help": "micro-batches per optimizer step", "ge": 1})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "less VRAM, slower"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass instead of keeping them"})
     mixed_precision: str = field(default="no", metadata={
         "help": "compute precision (fp16/bf16 need a GPU)", "choices": list(MIXED_PRECISION)})
     optimizer: str = field(default="adamw", metadata={
-        "help": "adamw8bit needs bitsandbytes + CUDA", "choices": list(OPTIMIZERS)})
+        "help": "adamw8bit/lion8bit need bitsandbytes + CUDA; prodigy wants learning_rate 1.0, lion ~3e-5, "
+                "schedulefree_adamw ~1e-3 (pip install lora-scripts[optim] for the extra ones)",
+        "choices": list(OPTIMIZERS),
+        "lr_hints": {"adamw": 1e-4, "adamw8bit": 1e-4, "prodigy": 1.0, "adafactor": 1e-4, "lion": 3e-5,
+                     "lion8bit": 3e-5, "schedulefree_adamw": 1e-3, "came": 1e-4}})
+    prodigy_d_coef: float = field(default=1.0, metadata={
+        "help": "prodigy: multiplies its estimated step size (0.5 = gentler)", "gt": 0})
+    prodigy_use_bias_correction: bool = field(default=False, metadata={
+        "help": "prodigy: Adam-style bias correction (kohya_ss presets turn it on)"})
+    prodigy_safeguard_warmup: bool = field(default=False, metadata={
+        "help": "prodigy: keep the step-size estimate from growing during LR warm-up"})
+    adafactor_relative_step: bool = field(default=False, metadata={
+        "help": "adafactor: its own 1/sqrt(step) step size (learning_rate is then ignored)"})
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay", "ge": 0})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping; 0 = no clipping", "ge": 0})
     seed: int = field(default=42, metadata={"help": "random seed (same seed, same data: same run)"})
@@ -240,11 +272,13 @@ ALIASES: dict[str, str] = {
     "pretrained_model_name_or_path": "base_model",
     "save_every_n_steps": "save_steps",
     "resume": "resume_from_checkpoint",
+    "conv_dim": "conv_rank",
+    "optimizer_type": "optimizer",
 }
 
 PATH_FIELDS = {
     ("data", "train_data_dir"), ("data", "metadata_path"), ("data", "reg_data_dir"), ("data", "train_data_file"),
-    ("model", "base_model"), ("output", "output_dir"), ("output", "logging_dir"),
+    ("model", "base_model"), ("output", "output_dir"), ("output", "logging_dir"), ("model", "network_weights"),
 }
 
 
@@ -540,6 +574,15 @@ def _validate(cfg: TrainConfig, given: dict[str, dict[str, tuple[Any, str]]], pr
     check(not (m.load_in_4bit and m.load_in_8bit), "model", "load_in_4bit", "cannot be combined with load_in_8bit")
     check(d.min_bucket_reso <= d.resolution <= d.max_bucket_reso or not d.enable_bucket, "data", "min_bucket_reso",
           f"must be <= resolution ({d.resolution}) <= max_bucket_reso ({d.max_bucket_reso})")
+    check(m.lokr_factor == -1 or m.lokr_factor >= 1, "model", "lokr_factor", "must be -1 (automatic) or at least 1")
+    check(not (cfg.is_text and m.network_type == "locon"), "model", "network_type",
+          "locon adds convolution layers, which language models do not have; use lora, dora, loha or lokr")
+    if m.network_weights and not Path(m.network_weights).exists():
+        problems.append(f"model.network_weights: no such file or folder, got {m.network_weights!r}"
+                        f"{where('model', 'network_weights')}")
+    from .optimizers import optimizer_problems  # standard library only: the daemon validates configs too
+
+    problems.extend(f"{p}{where('training', p.split(':')[0].split('.')[-1])}" for p in optimizer_problems(cfg))
 
     if m.base_model is None:
         problems.append("model.base_model: required: a local diffusers folder or .safetensors checkpoint "
