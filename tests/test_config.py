@@ -1,7 +1,9 @@
 """The one config schema: both forms, defaults, and errors a user can act on."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Literal, Optional
 
 import pytest
 import yaml
@@ -163,3 +165,46 @@ def test_a_bad_sample_prompt_option_is_refused_with_the_config(project):
         load(project, FLAT + "sample_prompts: ['a red circle --w 500', 'a cat']\n")
     assert err.value.problems == ["sample.sample_prompts: prompt 1: --w '500': must be a multiple of 8, at least 64 "
                                   "(line 11)"]
+
+
+@dataclasses.dataclass
+class Probe:
+    interval: Optional[int] = None  # the letters "int" in "interval" or "Optional" must not matter
+    mode: Literal["a", "b"] = "a"
+    names: list[str] = dataclasses.field(default_factory=list)
+    ratio: float = 0.5
+
+
+def test_types_come_from_the_annotations_not_their_spelling():
+    """`typing.get_type_hints` decides coercion: an Optional number may be empty, a Literal is a choice."""
+    from lora_core.config import field_choices, field_type
+
+    kinds = {f.name: field_type(Probe, f) for f in dataclasses.fields(Probe)}
+    assert kinds == {"interval": ("int", True), "mode": ("str", False), "names": ("list", False),
+                     "ratio": ("float", False)}
+    assert field_choices(Probe, dataclasses.fields(Probe)[1]) == ["a", "b"]
+    with pytest.raises(ConfigError) as err:  # and the real fields coerce by their hints
+        config_from_dict({"max_train_steps": None, "memory_budget_mb": "512", "seed": "7.5", "alpha": None})
+    assert [p for p in err.value.problems if p.startswith("training.")] == \
+        ["training.seed: must be a whole number, got '7.5'"]
+
+
+def test_the_daemon_resolves_a_config_in_one_validation_pass(tiny_sd, tiny_data, tmp_path, monkeypatch):
+    """`resolve_config` (validate, plan and submit all use it) validates once, with the run's folder in place."""
+    import lora_core.config as config
+    from lora_daemon.queue import resolve_config
+
+    passes = []
+    real = config._validate
+    monkeypatch.setattr(config, "_validate", lambda *a: (passes.append(1), real(*a))[1])
+    run_out = tmp_path / "runs" / "r1" / "output"
+    raw = {"base_model": str(tiny_sd), "train_data_dir": str(tiny_data), "output_dir": "./mine/my_style",
+           "resolution": 64}
+    cfg = resolve_config(raw, str(tmp_path), run_out)
+    assert len(passes) == 1
+    assert cfg["output"]["output_dir"] == str(run_out) and cfg["output"]["output_name"] == "my_style"
+    assert cfg["output"]["logging_dir"] == str(run_out / "logs")
+    named = resolve_config({**raw, "output_name": "from_config"}, str(tmp_path), run_out, name="given")
+    unnamed = resolve_config({k: v for k, v in raw.items() if k != "output_dir"}, str(tmp_path), run_out)
+    assert (named["output"]["output_name"], unnamed["output"]["output_name"]) == ("given", "lora")
+    assert len(passes) == 3
