@@ -117,3 +117,34 @@ def test_missing_folder_is_a_clear_error(tmp_path, capsys):
         check_dataset(tmp_path / "nope")
     assert dataset_main(["check", str(tmp_path / "nope")]) == 2
     assert "no such folder" in capsys.readouterr().err
+
+
+def test_an_empty_or_unreadable_folder_is_an_error_not_zero_errors(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    report = check_dataset(empty, resolution=64)
+    assert not report.ok and [p.kind for p in report.problems] == ["no_images"]
+    assert "no png, jpg or webp images" in report.problems[0].detail
+    assert dataset_main(["check", str(empty)]) == 1
+    assert "no_images" in capsys.readouterr().out
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"not a png")
+    kinds = {p.kind for p in check_dataset(broken).problems}
+    assert kinds == {"corrupt", "no_images"}
+    assert "1 image file(s), none readable" in check_dataset(broken).problems[0].detail
+
+
+def test_check_json_into_a_reader_that_stops_early_ends_without_a_traceback(messy):
+    """`dataset check --json | head`: the reader goes away; the tool must end quietly (exit 1: errors found)."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has already gone when the report is printed
+    proc = subprocess.run([sys.executable, "-m", "lora_core.dataset", "check", str(messy), "--json"],
+                          stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write_end)
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 1

@@ -131,3 +131,28 @@ def test_a_prepared_folder_trains_without_conversion(messy, tmp_path, tiny_sd):
         meta = fh.metadata()
     assert meta["ss_num_train_images"] == "10"
     assert "a field at dusk" in json.loads(meta["ss_tag_frequency"])["images"]
+
+
+def test_of_a_duplicate_pair_the_original_is_kept_and_the_report_says_which(tmp_path):
+    """`dup.png` sorts first and is even the older file, yet `photo.png` is the original: copies are recognised by
+    name; between two plain names the older file is the original."""
+    import os
+
+    src = tmp_path / "src"
+    src.mkdir()
+    textured_image(1).save(src / "dup.png")
+    (src / "photo.png").write_bytes((src / "dup.png").read_bytes())
+    textured_image(2).save(src / "b.png")
+    (src / "a.png").write_bytes((src / "b.png").read_bytes())
+    os.utime(src / "dup.png", (1_000_000, 1_000_000))
+    os.utime(src / "a.png", (2_000_000, 2_000_000))
+    os.utime(src / "b.png", (1_500_000, 1_500_000))
+    for name in ("dup.png", "photo.png", "a.png", "b.png"):
+        (src / name).with_suffix(".txt").write_text("x")
+    report = prepare_dataset(src, tmp_path / "clean")
+    assert sorted(w.source for w in report.written) == ["b.png", "photo.png"]
+    left = {p.file: p for p in report.left_out}
+    assert set(left) == {"a.png", "dup.png"}
+    assert left["dup.png"].other == "photo.png" and "kept: the one not named like a copy" in left["dup.png"].detail
+    assert left["a.png"].other == "b.png" and "kept: the older file" in left["a.png"].detail
+    assert "dup.png: exact_duplicate, same bytes as photo.png" in report.to_text()

@@ -9,6 +9,7 @@ that ``prepare`` would normalise, captions without an image). Nothing here write
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,21 +18,20 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from .scan import (IMAGE_EXTS, DatasetError, caption_for, file_digest, find_images, read_metadata_csv,
-                      upright_rgb)
+from .scan import (CONVERTIBLE_EXTS, IMAGE_EXTS, DatasetError, caption_for, file_digest, find_images,
+                   read_metadata_csv, upright_rgb)
 
 log = logging.getLogger(__name__)
 
-# Formats people have lying around that PIL opens but the trainer does not pick up; `prepare` converts them to PNG.
-CONVERTIBLE_EXTS = (".bmp", ".gif", ".tif", ".tiff")
-# Other picture formats we see in raw folders and cannot read without extra plugins.
+# Formats people have lying around that PIL opens but the trainer does not pick up (`CONVERTIBLE_EXTS`, from the
+# scan): `prepare` converts them to PNG. Other picture formats we see in raw folders and cannot read without extra plugins.
 UNREADABLE_EXTS = (".heic", ".heif", ".avif", ".jxl", ".psd", ".svg", ".raw", ".cr2", ".nef", ".dng")
 EXIF_ORIENTATION = 0x0112
 HASH_SIZE = 8  # per colour channel: 8×8 bits, 192 bits per image
 DEFAULT_NEAR_THRESHOLD = 12  # bits out of 192; a resized or re-encoded copy stays well below, unrelated images ~96
 DEFAULT_MAX_ASPECT = 3.0
 
-ERROR_KINDS = ("corrupt", "unsupported_format", "no_caption", "bad_metadata")
+ERROR_KINDS = ("corrupt", "unsupported_format", "no_caption", "bad_metadata", "no_images")
 
 
 @dataclass
@@ -66,6 +66,7 @@ class ImageInfo:
     digest: str
     phash: int
     caption: Optional[str]
+    mtime: float = 0.0  # when the file was last written: of two duplicates the older is taken for the original
 
     def to_dict(self) -> dict:
         return {"file": self.file, "width": self.width, "height": self.height, "mode": self.mode,
@@ -151,7 +152,8 @@ def inspect_image(root: Path, path: Path, csv_captions: dict[str, str], caption_
         width, height = upright.size
         phash = colour_dhash(upright)
     return ImageInfo(path.relative_to(root).as_posix(), width, height, mode, fmt, orientation, has_alpha,
-                     file_digest(path), phash, caption_for(root, path, csv_captions, caption_extension))
+                     file_digest(path), phash, caption_for(root, path, csv_captions, caption_extension),
+                     path.stat().st_mtime)
 
 
 def image_problems(info: ImageInfo, resolution: int, max_aspect: float) -> list[Problem]:
@@ -178,29 +180,46 @@ def image_problems(info: ImageInfo, resolution: int, max_aspect: float) -> list[
     return found
 
 
+# A file name as copies get them: "dup.png", "x_copy.png", "x - Copy (2).jpg", "Copy of x.png", "x (1).png".
+COPY_NAME = re.compile(r"(?i)(^copy of\b|(^|[\s_.(-])(copy|dup|duplicate)(\s*\(?\d+\)?|[\s_-]?\d+)?\)?$|\s\(\d+\)$)")
+
+
+def looks_like_copy(file: str) -> bool:
+    return bool(COPY_NAME.search(Path(file).stem))
+
+
+def _why_kept(kept: ImageInfo, other: ImageInfo) -> str:
+    if looks_like_copy(other.file) and not looks_like_copy(kept.file):
+        return "the one not named like a copy"
+    if kept.mtime < other.mtime:
+        return "the older file"
+    return "the first by name"
+
+
 def duplicate_problems(infos: list[ImageInfo], near_threshold: int) -> list[Problem]:
     """Exact duplicates (same bytes) and near duplicates (colour dHash within ``near_threshold`` bits).
 
-    The first file in sorted order is the one kept; each later copy is reported against it.
+    Of each group the original is kept: the file not named like a copy (``dup.png``, ``x_copy.png``, ``x (1).png``),
+    else the older one, else the first by name; each other file is reported against it, saying why it is the copy.
     """
     found = []
     first_by_digest: dict[str, ImageInfo] = {}
     unique: list[ImageInfo] = []
-    for info in infos:
+    for info in sorted(infos, key=lambda i: (looks_like_copy(i.file), i.mtime, i.file)):
         kept = first_by_digest.get(info.digest)
         if kept:
-            found.append(Problem(info.file, "exact_duplicate", "same bytes as another image", other=kept.file,
-                                 distance=0))
+            found.append(Problem(info.file, "exact_duplicate", f"same bytes as {kept.file} (kept: "
+                                 f"{_why_kept(kept, info)})", other=kept.file, distance=0))
             continue
         first_by_digest[info.digest] = info
         near = min(((hash_distance(info.phash, u.phash), u) for u in unique), default=None, key=lambda t: t[0])
         if near and near[0] <= near_threshold:
             found.append(Problem(info.file, "near_duplicate",
-                                 f"looks like another image ({near[0]} of {3 * HASH_SIZE ** 2} hash bits differ)",
-                                 other=near[1].file, distance=near[0]))
+                                 f"looks like {near[1].file} ({near[0]} of {3 * HASH_SIZE ** 2} hash bits differ; "
+                                 f"kept: {_why_kept(near[1], info)})", other=near[1].file, distance=near[0]))
             continue
         unique.append(info)
-    return found
+    return sorted(found, key=lambda p: p.file)
 
 
 def picture_files(root: Path) -> list[Path]:
@@ -283,5 +302,9 @@ def check_dataset(folder: str | Path, resolution: int = 512, caption_extension: 
     pictures = picture_files(root)
     report.problems.extend(unsupported_files(pictures, root))
     report.problems.extend(orphan_captions(root, pictures, csv_captions, caption_extension, meta.name))
+    if not report.images:  # nothing to train on: an error, so neither Check nor the CLI says "0 errors" for it
+        found = f"{len(images)} image file(s), none readable" if images else "no png, jpg or webp images"
+        report.problems.insert(0, Problem(".", "no_images", f"{found} in {root} (subfolders included): "
+                                                            f"add images before training"))
     report.tag_frequency = tag_frequency([i.caption for i in report.images if i.caption])
     return report

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Optional
 
@@ -48,6 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def emit(text: str) -> None:
+    """Print a report; a reader that stopped early (``check --json | head``) ends the output quietly, no
+    BrokenPipe traceback: stdout is pointed at the null device so the interpreter's final flush cannot fail."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -55,15 +67,15 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.command == "check":
             report = check_dataset(args.folder, args.resolution, args.caption_extension, args.metadata,
                                    args.near_threshold, args.max_aspect)
-            print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json
-                  else report.to_text(args.top_tags))
+            emit(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json
+                 else report.to_text(args.top_tags))
             return 0 if report.ok else 1
         report = prepare_dataset(args.source, args.out, max_short_side=args.resolution,
                                  caption_extension=args.caption_extension, metadata_path=args.metadata,
                                  captions=args.captions, drop_near_duplicates=not args.keep_near_duplicates,
                                  near_threshold=args.near_threshold, resolution=args.resolution or 0,
                                  max_aspect=args.max_aspect)
-        print(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.to_text())
+        emit(json.dumps(report.to_dict(), indent=2, ensure_ascii=False) if args.json else report.to_text())
         return 0
     except DatasetError as e:
         print(f"dataset {args.command}: {e}", file=sys.stderr)
