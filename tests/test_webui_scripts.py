@@ -39,6 +39,13 @@ def test_tab_settings_routes_and_one_watcher_register_and_survive_a_reload(env_n
                 "/lora-scripts/v1/runs/{run_id}/{action}", "/lora-scripts/v1/runs/{run_id}/log",
                 "/lora-scripts/v1/runs/{run_id}/metrics", "/lora-scripts/v1/live"} <= set(load["routes"])
         assert load["watchers"] == 1
+        # Refresh (and the page load, the same handler) rescans the folders: a model added after start is offered
+        assert load["refreshed_models"]["handlers"] == 2
+    first, second = (load["refreshed_models"]["choices"] for load in report["loads"])
+    assert first == ["added_0.safetensors [0000000000]", "base.safetensors [0000000000]"]
+    assert second == ["added_0.safetensors [0000000000]", "added_1.safetensors [0000000000]",
+                      "base.safetensors [0000000000]"]
+    for load in report["loads"]:
         assert load["run_kinds"] == ["Image LoRA", "Text LoRA (language model)"]
         assert {"base_model", "train_data_file", "text_format", "lora_rank", "max_seq_length", "target_modules",
                 "sample_prompts"} <= set(load["text_fields"])

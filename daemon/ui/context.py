@@ -6,13 +6,12 @@ come from differs. The host builds a `TabContext` with those callables, and noth
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from .. import procs
 from ..client import DaemonClient
 from ..home import resolve_home
 
@@ -45,6 +44,9 @@ class TabContext:
     feed: LoraFeed = field(default_factory=LoraFeed)
     setup: Optional[SetupJob] = None
     host: str = "standalone"  # "a1111", "forge" or "standalone", shown in the Daemon section
+    # Rescans the host's checkpoint folders before `checkpoints` is read (the WebUI caches its list); None when
+    # `checkpoints` scans by itself every time (standalone mode).
+    rescan_checkpoints: Optional[Callable[[], None]] = None
 
     def home(self) -> Path:
         return resolve_home(self.settings().home or None)
@@ -69,13 +71,10 @@ class TabContext:
         python = self.daemon_python()
         if python is None:
             return "The training engine is not installed yet: press Set up, or set the daemon's Python in Settings."
-        command = [str(python), "-m", "lora_daemon.cli", "--home", str(self.home()), "start"]
-        kwargs: dict = {"cwd": str(REPO_ROOT), "stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
-                        "stderr": subprocess.DEVNULL, "env": {**os.environ, "PYTHONPATH": str(REPO_ROOT)}}
-        if sys.platform == "win32":  # Windows-only: detach from the WebUI's console so closing it keeps the daemon
-            kwargs["creationflags"] = subprocess.DETACHED_PROCESS | subprocess.CREATE_NEW_PROCESS_GROUP
-        else:
-            kwargs["start_new_session"] = True
-        subprocess.Popen(command, **kwargs)
+        # --lora-dir: the daemon publishes only into folders it was started with, so give it the WebUI's
+        command = [str(python), "-m", "lora_daemon.cli", "--home", str(self.home()), "start",
+                   "--lora-dir", str(self.lora_dir())]
+        # procs.spawn: detached on every platform, and the checkout put in front of PYTHONPATH (not replacing it)
+        procs.spawn(command, subprocess.DEVNULL, cwd=REPO_ROOT, detach=True)
         log.info("started the daemon: %s", " ".join(command))
         return f"Starting the daemon with {python} …"

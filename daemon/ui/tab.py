@@ -100,6 +100,8 @@ class TrainTab:
             self._wire_train()
             captioner = self.ds.c["captioner"]
             blocks.load(self.refresh_captioners, inputs=[captioner], outputs=[captioner])
+            base_model = self.train.c["base_model"]
+            blocks.load(self.refresh_models, inputs=[base_model], outputs=[base_model])
         return blocks
 
     def _dataset_section(self) -> None:
@@ -558,6 +560,10 @@ class TrainTab:
             [self._preset_text(name)]
 
     def refresh_models(self, current: Optional[str]):
+        """Refresh and page load: rescan the checkpoint folders (a model added since the tab was built shows at
+        once) and keep the current choice when it is still there."""
+        if self.ctx.rescan_checkpoints is not None:
+            self.ctx.rescan_checkpoints()
         titles = sorted(self.ctx.checkpoints())
         return gr.update(choices=titles, value=current if current in titles else (titles[0] if titles else None))
 

@@ -87,6 +87,17 @@ def checkpoints() -> dict[str, str]:
     return {title: info.filename for title, info in sd_models.checkpoints_list.items()}
 
 
+def rescan_checkpoints() -> None:
+    """Rescan the checkpoint folders the way the WebUI's own refresh button does (``sd_models.list_models()``,
+    A1111 and Forge alike), so a model added since the WebUI started shows without that other refresh."""
+    from modules import sd_models
+
+    try:
+        sd_models.list_models()
+    except Exception as e:  # the WebUI's scan failing must not break the tab; the old list stays
+        log.warning("could not rescan the WebUI's checkpoints: %s", e)
+
+
 def refresh_networks() -> None:
     """Rebuild the WebUI's LoRA list (the builtin Lora extension's module is cached as ``networks``)."""
     try:
@@ -143,7 +154,7 @@ class Runtime:
     def __init__(self):
         self._lock = threading.Lock()
         self.ctx = TabContext(settings=settings, checkpoints=checkpoints, lora_dir=lora_dir,
-                              interrogators={}, host=host_name())
+                              interrogators={}, host=host_name(), rescan_checkpoints=rescan_checkpoints)
         self.watcher: Optional[LoraWatcher] = None
 
     def tab_context(self) -> TabContext:

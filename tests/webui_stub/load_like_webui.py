@@ -55,6 +55,20 @@ def build_ui() -> tuple:
     return demo, tabs
 
 
+def refreshed_models(demo, n: int) -> dict:
+    """Add a checkpoint file after the UI was built, then run the tab's own model refresh (what its Refresh button
+    and the page load call) and report which titles it offers."""
+    from modules import paths
+
+    folder = Path(paths.models_path) / "Stable-diffusion"
+    (folder / f"added_{n}.safetensors").write_bytes(b"")
+    fns = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns
+    refresh = [f.fn for f in fns if getattr(f.fn, "__name__", "") == "refresh_models"]
+    update = refresh[0](None)
+    return {"handlers": len(refresh), "choices": [c if isinstance(c, str) else c[0] for c in update["choices"]],
+            "value": update["value"]}
+
+
 def watcher_threads() -> int:
     return [t.name for t in threading.enumerate()].count("lora-scripts-watch")
 
@@ -79,6 +93,7 @@ def main() -> None:
             "settings": sorted(k for k in shared.opts.data_labels if k.startswith("lora_scripts")),
             "routes": sorted(r.path for r in app.routes if r.path.startswith("/lora-scripts")),
             "watchers": watcher_threads(),
+            "refreshed_models": refreshed_models(demo, len(report["loads"])),
             "error_html": [h for h in html if "lora_scripts_load_error" in (h or "")],
             "run_kinds": [c if isinstance(c, str) else c[0] for b in demo.blocks.values()
                           if getattr(b, "elem_id", None) == "lora_scripts_run_kind" for c in b.choices],

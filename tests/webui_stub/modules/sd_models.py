@@ -1,4 +1,5 @@
-"""checkpoints_list: title -> CheckpointInfo, from <models>/Stable-diffusion like the WebUI's list_models()."""
+"""checkpoints_list: title -> CheckpointInfo, from <models>/Stable-diffusion, rebuilt by list_models() as the
+WebUI's own checkpoint refresh does (A1111 and Forge both clear and refill the same dict)."""
 import os
 
 from modules import paths
@@ -12,7 +13,14 @@ class CheckpointInfo:
 
 
 checkpoints_list = {}
-folder = os.path.join(paths.models_path, "Stable-diffusion")
-for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-    info = CheckpointInfo(os.path.join(folder, entry))
-    checkpoints_list[info.title] = info
+
+
+def list_models():
+    checkpoints_list.clear()
+    folder = os.path.join(paths.models_path, "Stable-diffusion")
+    for entry in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        info = CheckpointInfo(os.path.join(folder, entry))
+        checkpoints_list[info.title] = info
+
+
+list_models()  # the WebUI lists its models once at start
