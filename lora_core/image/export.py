@@ -72,6 +72,70 @@ def kohya_lora_tensors(family: str, unet_state: dict[str, torch.Tensor], text_st
     return tensors
 
 
+# Each adapter part as the trainer holds it (peft's names, or LyCORIS's own) → the key suffix the loaders read
+# (A1111's network_lora/network_hada/network_lokr/network.py, ComfyUI's comfy/weight_adapter, sd-scripts).
+FILE_PARTS = {
+    "lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight",  # peft LoRA / LoCon
+    "lora_down.weight": "lora_down.weight", "lora_up.weight": "lora_up.weight", "lora_mid.weight": "lora_mid.weight",
+    "hada_w1_a": "hada_w1_a", "hada_w1_b": "hada_w1_b", "hada_w2_a": "hada_w2_a", "hada_w2_b": "hada_w2_b",
+    "hada_t1": "hada_t1", "hada_t2": "hada_t2",
+    "lokr_w1": "lokr_w1", "lokr_w1_a": "lokr_w1_a", "lokr_w1_b": "lokr_w1_b",
+    "lokr_w2": "lokr_w2", "lokr_w2_a": "lokr_w2_a", "lokr_w2_b": "lokr_w2_b", "lokr_t2": "lokr_t2",
+    "dora_scale": "dora_scale", "alpha": "alpha",
+}
+# the other way, for files read back (continue from a LoRA): peft parts for plain LoRA, LyCORIS's names otherwise
+PEFT_PARTS = {"lora_down.weight": "lora_A.weight", "lora_up.weight": "lora_B.weight"}
+FAMILY_PREFIXES = {"sdxl": ("lora_unet", "lora_te1", "lora_te2"), "sd1": ("lora_unet", "lora_te"),
+                   "sd2": ("lora_unet", "lora_te")}
+
+
+def sgm_renamer(unet_config):
+    """diffusers UNet module path → the SGM name sd-scripts writes for SDXL (``input_blocks_4_1_…``)."""
+    from .ldm_keys import ldm_unet_name
+
+    up_attn = ["CrossAttn" in t for t in unet_config.up_block_types]
+
+    def sgm(path: str) -> str:
+        return ldm_unet_name(path + ".weight", unet_config.layers_per_block, up_attn)[: -len(".weight")]
+
+    return sgm
+
+
+def file_module_names(family: str, prefix: str, paths, unet_config=None) -> dict[str, str]:
+    """Module path → the file's module name (``lora_unet_…``) for one component, as `kohya_network_tensors` names
+    it; inverted, it finds the layer a file's key belongs to."""
+    rename = sgm_renamer(unet_config) if family == "sdxl" and prefix == "lora_unet" else None
+    out = {}
+    for path in paths:
+        try:
+            out[path] = kohya_name(prefix, rename(path) if rename else path)
+        except KeyError:  # a layer with no SGM name cannot be in a kohya file
+            continue
+    return out
+
+
+def network_to_kohya(modules: dict[str, dict[str, torch.Tensor]], names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """Each adapted layer's parts (see `lora_core.image.adapters.export_modules`) under the file's key names."""
+    out: dict[str, torch.Tensor] = {}
+    for path, parts in modules.items():
+        for part, value in parts.items():
+            if part not in FILE_PARTS:
+                raise ValueError(f"{path}: adapter part {part!r} has no file key the loaders read")
+            out[f"{names[path]}.{FILE_PARTS[part]}"] = value
+    return out
+
+
+def kohya_network_tensors(family: str, unet_modules: dict[str, dict[str, torch.Tensor]],
+                          text_modules: list[dict[str, dict[str, torch.Tensor]]], unet_config) -> dict[str, torch.Tensor]:
+    """The whole file for any adapter type (LoRA, LoCon, LoHa, LoKr, DoRA): the naming of `kohya_lora_tensors`
+    (diffusers paths for SD1/SD2, SGM paths for SDXL, ``lora_te``/``lora_te1``/``lora_te2``) with each type's parts."""
+    prefixes = FAMILY_PREFIXES["sdxl" if family == "sdxl" else "sd1"]
+    tensors = network_to_kohya(unet_modules, file_module_names(family, "lora_unet", unet_modules, unet_config))
+    for prefix, modules in zip(prefixes[1:], text_modules):
+        tensors.update(network_to_kohya(modules, file_module_names(family, prefix, modules)))
+    return tensors
+
+
 def data_section_sha256(blob: bytes) -> str:
     """sha256 of everything after the safetensors header — sd-scripts' and A1111's ``sshs_model_hash``."""
     (header_len,) = struct.unpack("<Q", blob[:8])
@@ -110,6 +174,7 @@ def training_metadata(*, output_name: str, base_model_version: str, prediction_t
                       seed: int, noise_offset: float, min_snr_gamma: Optional[float], clip_skip: int,
                       bucket_info: Optional[dict], cache_latents: bool, gradient_checkpointing: bool,
                       num_reg_images: int = 0, prior_loss_weight: float = 1.0, trigger_word: Optional[str] = None,
+                      network_module: str = "networks.lora", network_args: Optional[str] = None,
                       ) -> dict[str, str]:
     """The ``ss_*`` and ``modelspec.*`` keys A1111/Forge/civitai read (all values strings)."""
     now = time.time()
@@ -133,7 +198,7 @@ def training_metadata(*, output_name: str, base_model_version: str, prediction_t
         "ss_gradient_accumulation_steps": gradient_accumulation_steps,
         "ss_gradient_checkpointing": gradient_checkpointing,
         "ss_lr_scheduler": lr_scheduler,
-        "ss_network_module": "networks.lora",
+        "ss_network_module": network_module,
         "ss_network_dim": rank,
         "ss_network_alpha": float(alpha),
         "ss_network_dropout": dropout,
@@ -166,6 +231,8 @@ def training_metadata(*, output_name: str, base_model_version: str, prediction_t
     }
     if trigger_word:
         meta["modelspec.trigger_phrase"] = trigger_word
+    if network_args:  # LyCORIS/LoCon files say their algorithm and conv rank here, as sd-scripts' --network_args
+        meta["ss_network_args"] = network_args
     return {k: str(v) for k, v in meta.items()}
 
 

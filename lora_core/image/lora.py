@@ -5,8 +5,12 @@ an error naming it, because a silently ignored target means a LoRA that learns n
 """
 from __future__ import annotations
 
-from ..errors import InputError
+import re
+from typing import Sequence
+
 import torch
+
+from ..errors import InputError
 
 ADAPTER = "default"
 
@@ -15,26 +19,39 @@ class LoraTargetError(InputError):
     pass
 
 
-def add_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float,
-             field: str = "model.unet_target_modules") -> list[str]:
-    """Freeze ``model`` and inject LoRA into the Linear/Conv layers whose names end with a target; returns their names."""
-    from peft import LoraConfig, inject_adapter_in_model
-
-    model.requires_grad_(False)
+def match_targets(model: torch.nn.Module, targets: list[str], field: str = "model.unet_target_modules") -> list[str]:
+    """Names of the Linear/Conv layers whose names end with a target; a target matching nothing is an error."""
     names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
-    matched = []
+    matched: list[str] = []
     for target in targets:
         hits = [n for n in names if n == target or n.endswith("." + target)]
         if not hits:
             raise LoraTargetError(f"{field}: {target!r} matches no Linear/Conv layer of the model "
                                   f"(examples of layer names: {', '.join(sorted({n.split('.')[-1] for n in names})[:12])})")
-        matched.extend(hits)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets),
-                        init_lora_weights=True)
+        matched.extend(h for h in hits if h not in matched)
+    return matched
+
+
+def add_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: float, dropout: float,
+             field: str = "model.unet_target_modules", conv_names: Sequence[str] = (), conv_rank: int = 0,
+             conv_alpha: float = 0.0) -> list[str]:
+    """Freeze ``model`` and inject LoRA into the Linear/Conv layers whose names end with a target; returns their names.
+
+    ``conv_names`` (LoCon) are full layer names that get their own rank and alpha, as sd-scripts' ``conv_dim``."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    model.requires_grad_(False)
+    matched = match_targets(model, targets, field)
+    conv_names = [n for n in conv_names if n not in matched]
+    patterns = {re.escape(n): conv_rank for n in conv_names}
+    alphas = {re.escape(n): conv_alpha for n in conv_names}
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout,
+                        target_modules=list(targets) + [n for n in conv_names], rank_pattern=patterns,
+                        alpha_pattern=alphas, init_lora_weights=True)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
-    return sorted(set(matched))
+    return sorted(set(matched) | set(conv_names))
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:

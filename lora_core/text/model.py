@@ -89,17 +89,34 @@ def lora_target_modules(names: list[str]) -> str | list[str]:
     return ALL_LINEAR if names == [ALL_LINEAR] else list(names)
 
 
+def adapter_config(cfg: TrainConfig) -> Any:
+    """The peft config for ``model.network_type``: LoRA, DoRA (peft's ``use_dora``, loaded by ``PeftModel`` with the
+    same maths it trained with), LoHa or LoKr. For text the consumer of the file is peft itself, so peft's own
+    implementations are the ones to train with (the image side trains LyCORIS for A1111/ComfyUI instead)."""
+    from peft import LoHaConfig, LoKrConfig, LoraConfig
+
+    m = cfg.model
+    alpha = m.alpha if m.alpha is not None else m.lora_rank
+    targets = lora_target_modules(m.target_modules)
+    if m.network_type == "loha":
+        return LoHaConfig(r=m.lora_rank, alpha=alpha, module_dropout=m.dropout, target_modules=targets,
+                          task_type="CAUSAL_LM")
+    if m.network_type == "lokr":
+        return LoKrConfig(r=m.lora_rank, alpha=alpha, module_dropout=m.dropout, target_modules=targets,
+                          decompose_factor=m.lokr_factor, task_type="CAUSAL_LM")
+    return LoraConfig(r=m.lora_rank, lora_alpha=alpha, lora_dropout=m.dropout, target_modules=targets,
+                      use_dora=m.use_dora or m.network_type == "dora", task_type="CAUSAL_LM", bias="none")
+
+
 def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> Any:
-    """Wrap ``model`` in a peft LoRA per the config; the base stays frozen, the LoRA weights are float32."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    """Wrap ``model`` in a peft adapter per the config; the base stays frozen, the adapter weights are float32."""
+    from peft import get_peft_model, prepare_model_for_kbit_training
 
     m = cfg.model
     if m.load_in_4bit or m.load_in_8bit:
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=cfg.training.gradient_checkpointing)
-    lora = LoraConfig(r=m.lora_rank, lora_alpha=m.alpha if m.alpha is not None else m.lora_rank,
-                      lora_dropout=m.dropout, target_modules=lora_target_modules(m.target_modules),
-                      task_type="CAUSAL_LM", bias="none")
+    lora = adapter_config(cfg)
     try:
         peft_model = get_peft_model(model, lora)
     except ValueError as e:
@@ -107,5 +124,6 @@ def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> Any:
     if cfg.training.gradient_checkpointing:
         peft_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    log.info("LoRA rank %d on %s: %d trainable parameters", m.lora_rank, lora.target_modules, trainable)
+    log.info("%s rank %d on %s: %d trainable parameters", m.network_type, m.lora_rank, lora.target_modules,
+             trainable)
     return peft_model
