@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 from .client import DaemonClient, DaemonError, DaemonNotRunning
 from .home import read_info, resolve_home
 from .states import TERMINAL
+from . import tools_cli
 from .ui import setup_env as ui_setup
 from .ui import standalone as ui_standalone
 
@@ -46,10 +47,52 @@ def _fmt_num(value: Any, spec: str) -> str:
     return format(value, spec) if isinstance(value, (int, float)) else "-"
 
 
+def fmt_duration(seconds: Any) -> str:
+    """``3725`` → ``1h02m``, ``75`` → ``1m15s``, ``9`` → ``9s``; ``-`` when unknown."""
+    if not isinstance(seconds, (int, float)) or seconds != seconds or seconds < 0:
+        return "-"
+    s = int(round(seconds))
+    if s >= 3600:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
+
+
+def phase_text(run: dict) -> str:
+    """What a running run does besides training steps, in words: ``sampling prompt 1/2, step 7/20``."""
+    phase = run.get("phase") or {}
+    if phase.get("phase") != "sample":
+        return ""
+    text = f"sampling prompt {phase.get('prompt_index') or '?'}/{phase.get('prompts') or '?'}"
+    if phase.get("denoise_steps"):
+        text += f", step {phase.get('denoise_step') or 0}/{phase['denoise_steps']}"
+    return text
+
+
+def plan_text(plan: dict) -> str:
+    """The memory plan the run worked out as its first phase, in one line."""
+    if plan.get("error"):
+        return f"not available ({plan['error']})"
+    if plan.get("estimate_mb") is None:
+        return "-"
+    fits = "fits" if plan.get("fits") else "does NOT fit"
+    text = f"peak ~{plan['estimate_mb']:,.0f} MB of {plan.get('capacity_mb') or 0:,.0f} MB on {plan.get('device', '?')} ({fits})"
+    if plan.get("suggestion"):
+        text += "; suggested: " + ", ".join(f"{k.split('.')[-1]}={v}" for k, v in plan["suggestion"].items())
+    return text
+
+
+LIST_HEADER = (f"{'ID':<24} {'STATUS':<10} {'KIND':<7} {'PRIO':>4} {'STEP':>11} {'LOSS':>8} {'IT/S':>7} "
+               f"{'ETA':>7}  NAME")
+
+
 def _run_line(run: dict) -> str:
     steps = f"{run.get('step') or 0}/{run.get('total_steps') or '?'}"
+    running = run["status"] in ("running", "cancelling")
+    eta = fmt_duration(run.get("eta_s")) if running else "-"
+    phase = phase_text(run) if running else ""
     return (f"{run['id']:<24} {run['status']:<10} {run['kind']:<7} {run['priority']:>4} {steps:>11} "
-            f"{_fmt_num(run.get('loss'), '.4f'):>8}  {run['name']}")
+            f"{_fmt_num(run.get('loss'), '.4f'):>8} {_fmt_num(run.get('it_s'), '.2f'):>7} {eta:>7}  {run['name']}"
+            + (f"  ({phase})" if phase else ""))
 
 
 # --- start / stop / status ----------------------------------------------------------------------------------
@@ -60,29 +103,60 @@ def _add_start(p: argparse.ArgumentParser) -> None:
     p.add_argument("--events-port", type=int, default=0, help="event (PUB) port (default: a free one)")
     p.add_argument("--lora-dir", help="the WebUI Lora folder where finished LoRAs are published")
     p.add_argument("--adapters-dir", help="where finished text adapters are published (default <home>/adapters)")
+    p.add_argument("--checkpoint-dir", help="the WebUI checkpoint folder `tools bake/extract` read and write "
+                   "(default <home>/Stable-diffusion)")
     p.add_argument("--gpus", help="device slots: '0,1', or 'cpu' (default: CUDA_VISIBLE_DEVICES, else nvidia-smi)")
     p.add_argument("--grace", type=float, default=60.0, help="seconds a job may take to checkpoint before a kill")
     p.add_argument("--max-attempts", type=int, default=3, help="automatic resumes per run after daemon crashes")
     p.add_argument("--curve-dir", help="folder made by `lora-daemon keys`: encrypt and authenticate with CURVE")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-file", help="write the daemon's log here, rotated at 5 MB, 3 old files kept (a detached "
+                   "start uses <home>/daemon.log)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="accept configs with model.allow_pickle over the protocol (a pickle .ckpt can run code when "
+                   "loaded: only for clients and files you trust)")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a detached daemon to answer")
 
 
 def _start_foreground(args: argparse.Namespace, home: Path) -> int:
     from .server import DaemonOptions, DaemonStartError, run_daemon
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging(args, home)
     options = DaemonOptions(home=home, host=args.host, port=args.port, events_port=args.events_port,
                             lora_dir=Path(args.lora_dir) if args.lora_dir else None,
                             adapters_dir=Path(args.adapters_dir) if args.adapters_dir else None, gpus=args.gpus,
+                            checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
                             grace_s=args.grace, max_attempts=args.max_attempts,
-                            curve_dir=Path(args.curve_dir).resolve() if args.curve_dir else None)
+                            curve_dir=Path(args.curve_dir).resolve() if args.curve_dir else None,
+                            allow_pickle=args.allow_pickle)
     try:
         return run_daemon(options, on_started=lambda info: print(
             f"lora-daemon listening on {info['endpoint']} (events {info['events']}), pid {info['pid']}", flush=True))
     except DaemonStartError as e:
         print(f"lora-daemon: {e}", file=sys.stderr)
         return 1
+
+
+LOG_MAX_BYTES = 5 * 1024 * 1024
+LOG_BACKUPS = 3
+
+
+def _setup_logging(args: argparse.Namespace, home: Path) -> None:
+    """stderr, or with --log-file a rotating file (owner-only: it names files and runs), so the log is bounded."""
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    if not args.log_file:
+        logging.basicConfig(level=args.log_level.upper(), format=fmt)
+        return
+    from logging.handlers import RotatingFileHandler
+
+    from .home import make_private_dir, private_file
+
+    path = Path(args.log_file).expanduser().resolve()
+    make_private_dir(home)
+    private_file(path)
+    handler = RotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(fmt))
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler])
 
 
 def _start_detached(args: argparse.Namespace, home: Path) -> int:
@@ -92,20 +166,28 @@ def _start_detached(args: argparse.Namespace, home: Path) -> int:
     cmd = [sys.executable, "-m", "lora_daemon.cli", "--home", str(home), "start", "--foreground"]
     for flag, value in (("--host", args.host), ("--port", args.port), ("--events-port", args.events_port),
                         ("--lora-dir", args.lora_dir), ("--adapters-dir", args.adapters_dir), ("--gpus", args.gpus),
+                        ("--checkpoint-dir", args.checkpoint_dir),
                         ("--grace", args.grace), ("--max-attempts", args.max_attempts),
-                        ("--curve-dir", args.curve_dir), ("--log-level", args.log_level)):
+                        ("--curve-dir", args.curve_dir), ("--log-level", args.log_level),
+                        ("--log-file", args.log_file or home / "daemon.log")):
         if value is not None:
-            cmd += [flag, str(Path(value).resolve()) if flag.endswith("-dir") else str(value)]
-    home.mkdir(parents=True, exist_ok=True)
-    with open(home / "daemon.log", "ab") as log_file:
-        proc = procs.spawn(cmd, log_file, cwd=home, detach=True)
+            cmd += [flag, str(Path(value).resolve()) if flag.endswith(("-dir", "-file")) else str(value)]
+    if args.allow_pickle:
+        cmd.append("--allow-pickle")
+    from .home import make_private_dir, private_file
+
+    make_private_dir(home)
+    # The log itself rotates (--log-file); stdout/stderr keep only what escapes logging (a crash at start-up).
+    with open(private_file(home / "daemon.out"), "ab") as out_file:
+        proc = procs.spawn(cmd, out_file, cwd=home, detach=True)
     client = DaemonClient(home=home, timeout=1.0, retries=0)
     deadline = time.monotonic() + args.wait
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             from .worker import tail_lines
 
-            print("lora-daemon did not start:\n" + "\n".join(tail_lines(home / "daemon.log", 15)), file=sys.stderr)
+            print("lora-daemon did not start:\n" + "\n".join(tail_lines(home / "daemon.log", 15) +
+                                                            tail_lines(home / "daemon.out", 15)), file=sys.stderr)
             return 1
         info = read_info(home)
         if info and info.get("pid") == proc.pid:
@@ -193,7 +275,8 @@ def _read_config(path: str) -> tuple[str, str]:
 def _add_submit(p: argparse.ArgumentParser) -> None:
     p.add_argument("config", help="YAML config file ('-' reads stdin)")
     p.add_argument("--priority", type=int, default=0, help="higher runs first; equal priorities run in order")
-    p.add_argument("--name", help="a name for the run (default: output_name)")
+    p.add_argument("--name", help="name the run and its LoRA file, <lora:NAME:w> (default: the config's "
+                                  "output_name)")
     p.add_argument("--lora-dir", help="publish this run's LoRA here instead of the daemon's Lora folder")
     p.add_argument("--wait", action="store_true", help="follow the run to its end; exit 0 only if it finished")
     _add_json(p)
@@ -214,9 +297,13 @@ def _follow(client: DaemonClient, run_id: str, sub: Any, show_logs: bool) -> dic
         if kind == "run.log" and show_logs:
             for line in event["lines"]:
                 print(line)
+        elif kind == "run.progress" and not show_logs and event.get("phase"):
+            print(phase_text(event))
         elif kind == "run.progress" and not show_logs:
             print(f"step {event.get('step')}/{event.get('total_steps')}  loss {_fmt_num(event.get('loss'), '.4f')}"
-                  f"  {_fmt_num(event.get('it_s'), '.2f')} it/s  eta {_fmt_num(event.get('eta_s'), '.0f')} s")
+                  f"  {_fmt_num(event.get('it_s'), '.2f')} it/s  eta {fmt_duration(event.get('eta_s'))}")
+        elif kind == "run.plan" and not show_logs:
+            print(f"memory plan: {plan_text(event.get('plan') or {})}")
         elif kind in ("lora.published", "run.started", "run.requeued") and not show_logs:
             print(f"{kind}: {event.get('path') or event.get('device') or event.get('reason')}")
         if kind in TERMINAL_EVENTS:
@@ -270,33 +357,57 @@ def _run_list(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(runs)
         return 0
-    print(f"{'ID':<24} {'STATUS':<10} {'KIND':<7} {'PRIO':>4} {'STEP':>11} {'LOSS':>8}  NAME")
+    print(LIST_HEADER)
     for run in runs:
         print(_run_line(run))
     return 0
 
 
+RUN_REF_HELP = "the run: its id, any part of the id only one run has (e.g. its last characters), its name, or 'last'"
+
+
 def _add_run_ref(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run id (a unique prefix is enough)")
+    p.add_argument("run", help=RUN_REF_HELP)
     _add_json(p)
 
 
+def _add_show(p: argparse.ArgumentParser) -> None:
+    _add_run_ref(p)
+    p.add_argument("--events", type=int, default=20, metavar="N", help="how many of the run's last stored events "
+                   "to show (queued, started, checkpoints, samples, published, finished …; default 20, 0: none)")
+
+
+def _event_line(event: dict) -> str:
+    fields = {k: v for k, v in event.items() if k not in ("type", "time", "run_id") and v not in (None, "", [], {})}
+    shown = " ".join(f"{k}={v}" for k, v in fields.items())
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.get("time") or 0))
+    return f"    {when} {event.get('type')} {shown}"[:300]
+
+
 def _run_show(args: argparse.Namespace) -> int:
-    run = _client(args).get(args.run)
+    client = _client(args)
+    run = client.get(args.run)
+    events = client.run_events(run["id"], last=args.events) if args.events > 0 else []
     if args.json:
-        _print_json(run)
+        _print_json({**run, "events": events} if args.events > 0 else run)
         return 0
     for key in ("id", "name", "kind", "status", "priority", "device", "step", "total_steps", "loss", "it_s",
                 "eta_s", "attempts", "checkpoint", "output_file", "published_file", "run_dir", "error", "advice"):
         if run.get(key) not in (None, ""):
             print(f"{key:>15}: {run[key]}")
+    if run.get("plan"):
+        print(f"{'memory plan':>15}: {plan_text(run['plan'])}")
+    if phase_text(run):
+        print(f"{'now':>15}: {phase_text(run)}")
     if run.get("log_tail"):
         print("  last log lines:\n" + "\n".join("    " + line for line in run["log_tail"].splitlines()))
+    if events:
+        print(f"  last {len(events)} events:\n" + "\n".join(_event_line(e) for e in events))
     return 0
 
 
 def _add_logs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run id (a unique prefix is enough)")
+    p.add_argument("run", help=RUN_REF_HELP)
     p.add_argument("--tail", type=int, default=200, help="how many last lines")
     p.add_argument("--follow", "-f", action="store_true", help="keep printing new lines until the run ends")
     _add_json(p)
@@ -374,13 +485,15 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("submit", "queue a training run from a YAML config", _add_submit, _run_submit),
     Subcommand("validate", "check a config without queueing it", _add_validate, _run_validate),
     Subcommand("list", "runs: active, queued and recent (--all: every run)", _add_list, _run_list),
-    Subcommand("show", "one run in detail", _add_run_ref, _run_show),
+    Subcommand("show", "one run in detail, with its last stored events", _add_show, _run_show),
     Subcommand("logs", "a run's log (--follow to keep reading)", _add_logs, _run_logs),
     Subcommand("cancel", "cancel a run (a running one saves a checkpoint first)", _add_run_ref, _run_action("cancel")),
     Subcommand("retry", "run a failed or cancelled run again from the start", _add_run_ref, _run_action("retry")),
     Subcommand("resume", "continue a failed or cancelled run from its checkpoint", _add_run_ref,
                _run_action("resume")),
     Subcommand("caption", "queue an auto-label job for an image folder", _add_caption, _run_caption),
+    Subcommand("tools", "LoRA toolbox jobs: inspect, merge, bake, resize, extract", tools_cli.add_arguments,
+               tools_cli.run),
     Subcommand("keys", "create CURVE keys for binding beyond this machine", _add_keys, _run_keys),
     Subcommand("ui", "serve the LoRA Training tab on 127.0.0.1 (needs gradio)", ui_standalone.add_arguments,
                ui_standalone.run),

@@ -22,7 +22,8 @@ from . import states
 
 log = logging.getLogger(__name__)
 
-JSON_COLUMNS = ("config", "versions", "publish")
+LAST = "last"  # the run reference that means the newest run
+JSON_COLUMNS = ("config", "versions", "publish", "plan", "phase")
 
 RUN_COLUMNS: dict[str, type] = {
     "id": str, "name": str, "kind": str, "status": str, "priority": int,
@@ -55,8 +56,15 @@ def _migrate_v1(db: sqlite_utils.Database) -> None:
                          pk=("run_id", "step"))
 
 
+def _migrate_v2(db: sqlite_utils.Database) -> None:
+    """The memory plan the run worked out as its first phase, and what a running run does besides steps (e.g.
+    rendering samples: prompt i of n, denoising step), both JSON and shown in the run's row."""
+    db["runs"].add_column("plan", str)
+    db["runs"].add_column("phase", str)
+
+
 # One function per schema version, applied in order; a released entry is never edited, only appended to.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_v1]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_v1, _migrate_v2]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -132,15 +140,30 @@ class Store:
         return _row_to_record(rows[0])
 
     def find_run(self, ref: str) -> dict:
-        """A run by id or by a unique id prefix (what people type after `lora-daemon show`)."""
+        """A run as people name it after `lora-daemon show`: its id, ``last`` (the newest run), its name (the newest
+        run of that name), or any part of the id that only one run has (ids are timestamps, so the distinctive part
+        is the random tail: ``cancel 4ef``)."""
         if not isinstance(ref, str) or not ref:
             raise NotFound("run: give a run id")
         rows = list(self.db.query("select * from runs where id = ?", [ref]))
+        if not rows and ref == LAST:
+            rows = list(self.db.query("select * from runs order by created_at desc, rowid desc limit 1"))
+            if not rows:
+                raise NotFound("no runs yet, so no 'last' run")
+        if not rows:
+            rows = list(self.db.query("select * from runs where name = ? order by created_at desc, rowid desc "
+                                      "limit 1", [ref]))
         if not rows:
             escaped = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            rows = list(self.db.query("select * from runs where id like ? escape '\\' limit 2", [escaped + "%"]))
+            rows = list(self.db.query("select * from runs where id like ? escape '\\' order by created_at limit 6",
+                                      [f"%{escaped}%"]))
+            prefixed = [r for r in rows if r["id"].startswith(ref)]
+            rows = prefixed if len(prefixed) == 1 else rows
         if len(rows) != 1:
-            raise NotFound(f"no run {ref!r}" if not rows else f"{ref!r} matches more than one run; give more of the id")
+            if not rows:
+                raise NotFound(f"no run {ref!r} (give its id, any part of the id only one run has, its name, or 'last')")
+            shown = ", ".join(r["id"] for r in rows[:5]) + (", …" if len(rows) > 5 else "")
+            raise NotFound(f"{ref!r} matches more than one run ({shown}); give more of the id")
         return _row_to_record(rows[0])
 
     def list_runs(self, include_all: bool = False, recent: int = 20) -> list[dict]:
@@ -202,11 +225,25 @@ class Store:
             self.db["events"].insert({"run_id": event.get("run_id"), "type": event["type"],
                                       "time": event.get("time", time.time()), "data": json.dumps(data)})
 
-    def events(self, run_id: str, types: Optional[Iterable[str]] = None) -> list[dict]:
-        rows = self.db.query("select * from events where run_id = ? order by id", [run_id])
-        wanted = set(types) if types else None
+    def events(self, run_id: str, types: Optional[Iterable[str]] = None, last: Optional[int] = None) -> list[dict]:
+        """A run's stored events, oldest first (only `types`, when given; only the `last` N, when given)."""
+        wanted = list(types) if types else []
+        where = "run_id = ?" + (f" and type in ({','.join('?' * len(wanted))})" if wanted else "")
+        sql = f"select * from events where {where} order by id desc" + (" limit ?" if last else "")
+        rows = list(self.db.query(sql, [run_id, *wanted] + ([int(last)] if last else [])))
         return [{"type": r["type"], "time": r["time"], "run_id": r["run_id"], **json.loads(r["data"])}
-                for r in rows if wanted is None or r["type"] in wanted]
+                for r in reversed(rows)]
+
+    def pending_publications(self) -> list[tuple[str, dict]]:
+        """(run id, publication) of every publish in progress: names chosen and stored but not yet finished."""
+        rows = self.db.query("select id, publish from runs where published_file is null and publish like ?",
+                             ['%"pending"%'])
+        found = []
+        for row in rows:
+            pending = (json.loads(row["publish"] or "{}") or {}).get("pending")
+            if isinstance(pending, dict):
+                found.append((row["id"], pending))
+        return found
 
     def add_metric(self, run_id: str, step: int, loss: Optional[float], lr: Optional[float], when: float) -> None:
         with self._lock, self.db.conn:

@@ -21,7 +21,9 @@ from typing import Optional
 from . import procs, states
 from .bus import Bus
 from .gpus import child_env
-from .publish import publish_adapter, publish_lora
+from .publish import (Publication, plan_adapter, plan_lora, publish_adapter, publish_lora, rollback,
+                      sidecar_text)
+from .queue import caption_command_args
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,8 @@ LOG_TAIL_LINES = 30
 EXIT_CONFIG = 2
 EXIT_STOPPED = 3
 EXIT_OOM = 4
+# What a `sample_progress` event of the engine carries: the training step, prompt i of n, denoising step j of m.
+SAMPLE_PROGRESS_FIELDS = ("step", "prompt_index", "prompts", "denoise_step", "denoise_steps", "prompt")
 
 
 @dataclass
@@ -95,18 +99,17 @@ def job_command(run: dict) -> list[str]:
     files = RunFiles(Path(run["run_dir"]))
     if run["kind"] == "caption":
         job = run["config"]
-        cmd = [sys.executable, "-m", "lora_core.dataset.auto_label", "--input", job["folder"], "--events", str(files.events)]
-        for key, value in sorted((job.get("options") or {}).items()):
-            flag = "--" + key.replace("_", "-")
-            if value is True:
-                cmd.append(flag)
-            elif value not in (None, False):
-                cmd += [flag, str(value)]
-        return cmd
+        return [sys.executable, "-m", "lora_core.dataset.auto_label", f"--input={job['folder']}",
+                f"--events={files.events}", *caption_command_args(job.get("options") or {})]
+    if run["kind"] == "tools":  # a LoRA-toolbox job: argv was built from checked values by `tools_job`
+        return [sys.executable, "-m", "lora_core.tools", *run["config"]["argv"], f"--events={files.events}",
+                "--no-progress", "--json"]
     cmd = [sys.executable, "-m", "lora_core.train", "--config", str(files.config), "--events", str(files.events),
            "--no-progress"]
     if run["resume"] and any((files.output_dir / "checkpoints").glob("step-*")):
         cmd += ["--resume", "latest"]
+    elif not run.get("plan"):
+        cmd.append("--plan-first")  # the memory plan is the run's first phase, not a wait behind the tab's Start
     return cmd
 
 
@@ -122,6 +125,7 @@ class RunFollower:
         self.log_offset = run.get("log_offset") or 0
         self.end: Optional[dict] = None
         self.advice: Optional[str] = None
+        self.in_phase = bool(run.get("phase"))  # a phase (e.g. sampling) is shown until the next training step
 
     def poll(self) -> None:
         lines, offset = read_new_lines(self.files.events, self.events_offset)
@@ -145,13 +149,27 @@ class RunFollower:
         rid = self.run_id
         if kind == "start":
             self.store.update_run(rid, total_steps=event.get("total_steps"), step=event.get("step") or 0)
+        elif kind == "plan":
+            plan = {k: v for k, v in event.items() if k not in ("type", "time")}
+            self.store.update_run(rid, plan=plan)
+            self.bus.emit("run.plan", rid, plan=plan)
+        elif kind == "sample_progress":  # rendering samples: prompt i/n, denoising step j/m (no steps meanwhile)
+            phase = {"phase": "sample", **{k: event.get(k) for k in SAMPLE_PROGRESS_FIELDS}}
+            self.in_phase = True
+            self.store.update_run(rid, phase=phase)
+            self.bus.emit("run.progress", rid, phase=phase, step=event.get("step"), child_time=event.get("time"))
         elif kind == "step":
             fields = {k: event.get(k) for k in ("step", "total_steps", "loss", "lr", "it_s", "eta_s", "peak_mem_mb")}
-            self.store.update_run(rid, **{k: v for k, v in fields.items() if v is not None})
+            fields = {k: v for k, v in fields.items() if v is not None}
+            if self.in_phase:
+                self.in_phase = False
+                fields["phase"] = None
+            self.store.update_run(rid, **fields)
+            fields.pop("phase", None)
             self.store.add_metric(rid, int(event.get("step") or 0), event.get("loss"), event.get("lr"),
                                   event.get("time", time.time()))
             self.bus.emit("run.progress", rid, **fields, epoch=event.get("epoch"), child_time=event.get("time"))
-        elif kind == "caption":  # an auto-label job's batch: images done of total, shown like training steps
+        elif kind in ("caption", "progress"):  # auto-label batches, toolbox steps: done of total, like steps
             fields = {"step": event.get("done"), "total_steps": event.get("total"), "it_s": event.get("it_s"),
                       "eta_s": event.get("eta_s")}
             fields = {k: v for k, v in fields.items() if v is not None}
@@ -173,27 +191,54 @@ class RunFollower:
             self.advice = event.get("advice") or self.advice
             if event.get("output"):
                 self.store.update_run(rid, output_file=event["output"])
+            if self.in_phase:
+                self.in_phase = False
+                self.store.update_run(rid, phase=None)
+
+
+_PLANNING = threading.Lock()  # two workers finishing at once must not choose the same free name
 
 
 def _publish(store: Store, bus: Bus, settings: Settings, run: dict) -> dict:
-    """Copy a finished run's result where the WebUI finds it; idempotent, so a restart never publishes twice."""
-    if run["kind"] == "caption" or run.get("published_file"):
+    """Copy a finished run's result where the WebUI finds it, as a recorded step: the name is chosen once and
+    stored (``publish.pending``) before any file is written, so a daemon killed at any point finishes the same
+    publication on restart — never a second copy, never an orphan sidecar (see `lora_daemon.publish`)."""
+    if run["kind"] in ("caption", "tools") or run.get("published_file"):  # tools write into place themselves
         return run
     cfg = run["config"]
     name = cfg["output"]["output_name"]
-    output = Path(run.get("output_file") or "")
-    targets = run.get("publish") or {}
-    if run["kind"] == "text":
-        output = output if run.get("output_file") else Path(cfg["output"]["output_dir"]) / name
-        done = publish_adapter(output, Path(targets.get("adapters_dir") or settings.adapters_dir), name)
+    targets = dict(run.get("publish") or {})
+    pending = targets.pop("pending", None)
+    text = run["kind"] == "text"
+    output = Path(run["output_file"]) if run.get("output_file") else \
+        Path(cfg["output"]["output_dir"]) / (name if text else f"{name}.safetensors")
+    if pending:
+        pub = Publication.from_dict(pending)
+        log.info("run %s: finishing the publication of %s that a stopped daemon began", run["id"], pub.stem)
     else:
-        output = output if run.get("output_file") else Path(cfg["output"]["output_dir"]) / f"{name}.safetensors"
-        preview = Path(run["preview_file"]) if run.get("preview_file") else None
-        done = publish_lora(output, Path(targets.get("lora_dir") or settings.lora_dir), name,
-                            trigger_words=cfg["data"].get("trigger_word"),
-                            preferred_weight=float(targets.get("preferred_weight") or settings.preferred_weight),
-                            preview=preview)
-    store.update_run(run["id"], published_file=str(done.path))
+        with _PLANNING:
+            folder = Path(targets.get("adapters_dir") or settings.adapters_dir) if text else \
+                Path(targets.get("lora_dir") or settings.lora_dir)
+            reserved = [p["stem"] for rid, p in store.pending_publications()
+                        if rid != run["id"] and Path(p.get("folder", "")) == folder]
+            pub = (plan_adapter if text else plan_lora)(folder, name, run["id"], reserved)
+            store.update_run(run["id"], publish={**targets, "pending": pub.to_dict()})
+    preview = Path(run["preview_file"]) if run.get("preview_file") and not text else None
+    trigger = cfg["data"].get("trigger_word")
+    weight = float(targets.get("preferred_weight") or settings.preferred_weight)
+    try:
+        if text:
+            done = publish_adapter(output, pub)
+        else:
+            done = publish_lora(output, pub, trigger_words=trigger, preferred_weight=weight, preview=preview)
+    except Exception:
+        sources: dict = {pub.folder / pub.stem: output} if text else {
+            pub.folder / f"{pub.stem}.safetensors": output, pub.folder / f"{pub.stem}.json":
+            sidecar_text(output, trigger, weight), **({pub.folder / f"{pub.stem}.png": preview} if preview else {})}
+        rollback(pub, sources)
+        store.update_run(run["id"], publish=targets)
+        raise
+    store.update_run(run["id"], published_file=str(done.path), publish=targets)
     bus.emit("lora.published", run["id"], path=str(done.path), name=done.path.name.rsplit(".safetensors", 1)[0],
              kind=run["kind"], sidecar=str(done.sidecar) if done.sidecar else None,
              preview=str(done.preview) if done.preview else None)

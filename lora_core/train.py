@@ -1,6 +1,6 @@
 """``python -m lora_core.train --config my.yaml`` (also ``lora-train``): train a LoRA from one YAML file.
 
-Prints a progress bar on stderr and, at the end, the path of the finished LoRA on stdout. ``--events FILE`` writes the
+Prints progress on stderr (a bar on a terminal, plain lines otherwise; `lora_core.console`) and, at the end, the path of the finished LoRA on stdout. ``--events FILE`` writes the
 JSON-lines event stream the daemon reads (see `lora_core.events`). ``--plan`` prints the memory plan without
 training. SIGTERM or Ctrl+C finishes the current step, writes a checkpoint and the current LoRA and exits with code 3;
 a second signal aborts at once. Exit codes: `lora_core.events.EXIT_CODES`.
@@ -16,8 +16,10 @@ import sys
 from typing import Optional
 
 from .config import ConfigError, TrainConfig, config_from_dict, load_config
+from . import preflight
 from .errors import InputError
 from .events import EXIT_ABORTED, EXIT_CONFIG, EXIT_ERROR, EXIT_OK, EXIT_OOM, EXIT_STOPPED, EventWriter
+from .console import ConsoleProgress, quiet_known_noise
 from .loop import OOM_ADVICE, StopFlag, TrainResult, train
 
 log = logging.getLogger("lora_core.train")
@@ -37,18 +39,39 @@ def step_down(cfg: TrainConfig) -> Optional[dict]:
     return None
 
 
+def emit_plan(cfg: TrainConfig, events: EventWriter) -> None:
+    """The memory plan as the first phase of a run (``--plan-first``, what the daemon asks for), so the tab's Start
+    need not wait for it: the plan event lands in the run's row. A plan that fails never stops the run."""
+    from .plan import make_plan
+
+    try:
+        plan = make_plan(cfg)
+    except Exception as e:  # the plan is advice; training itself reports real problems with their own messages
+        log.warning("no memory plan: %s: %s", type(e).__name__, e)
+        events.emit("plan", error=f"{type(e).__name__}: {e}")
+        return
+    log.info("memory plan: %s", plan.describe().replace("\n", "; "))
+    events.emit("plan", **plan.to_dict())
+
+
 def run_training(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional[StopFlag] = None,
-                 show_progress: bool = True) -> TrainResult:
-    """Train, applying ``oom_policy: step_down`` by resuming from the saved step with smaller settings."""
+                 show_progress: bool = True, plan_first: bool = False) -> TrainResult:
+    """Train, applying ``oom_policy: step_down`` by resuming from the saved step with smaller settings.
+
+    ``show_progress`` renders the loop's progress on stderr (`lora_core.console`: a bar on a terminal, plain lines
+    otherwise)."""
     events = events or EventWriter(enabled=False)
+    progress = ConsoleProgress() if show_progress else None
     if cfg.training.auto_fit:
         from .plan import auto_fit
 
         cfg, plan = auto_fit(cfg)
         events.emit("plan", estimate_mb=round(plan.estimate_mb, 1), capacity_mb=round(plan.capacity_mb, 1),
                     fits=plan.fits, applied=plan.suggestion)
+    elif plan_first:
+        emit_plan(cfg, events)
     while True:
-        result = train(cfg, events, stop, show_progress)
+        result = train(cfg, events, stop, progress)
         if result.status != "oom":
             return result
         change = step_down(cfg) if cfg.training.oom_policy == "step_down" else None
@@ -100,9 +123,12 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="kohya .safetensors (default; A1111/Forge/ComfyUI/diffusers) or a diffusers/peft folder")
     parser.add_argument("--plan", action="store_true", help="print the memory plan and exit without training")
     parser.add_argument("--json", action="store_true", help="with --plan: print JSON")
+    parser.add_argument("--plan-first", action="store_true",
+                        help="work out the memory plan as the run's first phase and emit it as a 'plan' event")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (events and logs only)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    quiet_known_noise()
     events = EventWriter(args.events)
     try:
         overrides = _parse_set(args.set)
@@ -111,6 +137,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.resume:
             overrides["training.resume_from_checkpoint"] = args.resume
         cfg = load_config(args.config, overrides=overrides)
+        preflight.require(cfg)  # the same file checks the daemon ran before queueing, for lora-train users too
     except ConfigError as e:
         print("config error:\n  " + "\n  ".join(e.problems), file=sys.stderr)
         events.emit("end", status="failed", step=0, output=None, error=str(e), advice="fix the config")
@@ -124,7 +151,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     stop = StopFlag()
     install_signal_handlers(stop)
     try:
-        result = run_training(cfg, events, stop, show_progress=not args.no_progress)
+        result = run_training(cfg, events, stop, show_progress=not args.no_progress,
+                              plan_first=args.plan_first)
     except InputError as e:  # bad data or model files found while loading: the message says what to fix
         events.emit("end", status="failed", step=0, output=None, error=str(e), advice="fix the input named above")
         print(f"error: {e}", file=sys.stderr)

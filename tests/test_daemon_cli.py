@@ -57,3 +57,62 @@ def test_start_submit_wait_show_and_stop_from_the_command_line(tmp_path, tiny_sd
         stopped = cli(home, "stop")
     assert stopped.returncode == 0 and "stopped" in stopped.stdout
     assert cli(home, "status").stderr.strip() == "lora-daemon: daemon not running — start it with `lora-daemon start`"
+
+
+def _wait(predicate, timeout: float = 180.0, every: float = 0.5):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("gave up waiting")
+
+
+@pytest.mark.slow
+def test_runs_are_found_by_name_id_tail_or_last_and_list_shows_speed_eta_and_the_plan(tmp_path, tiny_sd, tiny_data):
+    """`--name` names the run and its LoRA file; `show`/`cancel` take the name, the id's random tail or `last`;
+    `list` shows it/s and an ETA for a running run, from its step events; `show` gives the memory plan the run
+    worked out as its first phase."""
+    home, lora = tmp_path / "home", tmp_path / "Lora"
+    assert cli(home, "start", "--gpus", "cpu", "--lora-dir", str(lora)).returncode == 0
+    try:
+        config = tmp_path / "my.yaml"
+        config.write_text(yaml.safe_dump({"base_model": str(tiny_sd), "train_data_dir": str(tiny_data),
+                                          "resolution": 64, "max_train_steps": 3, "lora_rank": 4,
+                                          "output_name": "from_config"}))
+        done = cli(home, "submit", str(config), "--name", "prio_run", "--wait")
+        assert done.returncode == 0, done.stdout + done.stderr
+        first = done.stdout.splitlines()[0]
+        assert "memory plan: peak ~" in done.stdout  # the plan arrives as the run's first phase
+        assert (lora / "prio_run.safetensors").is_file() and not (lora / "from_config.safetensors").exists()
+
+        by_tail = json.loads(cli(home, "show", first[-4:], "--json").stdout)
+        by_name = json.loads(cli(home, "show", "prio_run", "--json").stdout)
+        assert by_tail["id"] == by_name["id"] == first and by_name["name"] == "prio_run"
+        assert by_name["plan"]["estimate_mb"] > 0 and by_name["plan"]["fits"] is True
+        shown = cli(home, "show", "last").stdout
+        assert f"id: {first}" in shown and "memory plan: peak ~" in shown
+
+        config.write_text(yaml.safe_dump({"base_model": str(tiny_sd), "train_data_dir": str(tiny_data),
+                                          "resolution": 64, "max_train_steps": 100000, "lora_rank": 4}))
+        second = cli(home, "submit", str(config), "--name", "long_run").stdout.strip()
+        assert json.loads(cli(home, "show", "last", "--json").stdout)["id"] == second
+
+        def running_line():
+            line = next(l for l in cli(home, "list").stdout.splitlines() if l.startswith(second))
+            return line if "running" in line and " 0/" not in line and "/100000" in line else None
+
+        header = cli(home, "list").stdout.splitlines()[0]
+        assert header.split()[-3:] == ["IT/S", "ETA", "NAME"]
+        fields = _wait(running_line).split()
+        it_s, eta = fields[-3], fields[-2]
+        assert float(it_s) > 0 and eta != "-" and eta[-1] in "sm"
+        cancelled = cli(home, "cancel", "last")
+        assert cancelled.returncode == 0 and second in cancelled.stdout
+        ambiguous = cli(home, "show", "-")  # every id holds a dash
+        assert ambiguous.returncode == 1 and "matches more than one run" in ambiguous.stderr
+    finally:
+        cli(home, "stop")
