@@ -23,6 +23,7 @@ OPS: dict[str, tuple[str, str]] = {
     "captions.set": ("lora_core.dataset.captions", "set_caption"),
     "captions.edit": ("lora_core.dataset.captions", "apply_edit"),
     "captioners": ("lora_daemon.core_bridge", "captioner_list"),
+    "tools.inspect": ("lora_core.tools.inspect", "inspect_file"),
 }
 
 
