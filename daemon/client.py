@@ -23,7 +23,7 @@ __all__ = ["DaemonClient", "DaemonError", "DaemonNotRunning", "EventSubscription
 
 NOT_RUNNING = "daemon not running — start it with `lora-daemon start`"
 READ_ONLY = frozenset({"ping", "status", "validate", "list", "get", "logs", "metrics", "check", "captions.get",
-                       "plan"})
+                       "plan", "tools.inspect"})
 LIVENESS_SLICE_S = 0.4  # a daemon killed mid-request is noticed after this long, not after the whole timeout
 SLOW_TIMEOUT_S = 300.0  # dataset checks and plans run a child process; they get minutes, not 1.5 s
 
@@ -265,6 +265,16 @@ class DaemonClient:
 
     def plan(self, config: dict | str, timeout: float = SLOW_TIMEOUT_S, **extra: Any) -> dict:
         return self._call("plan", {"config": config, "cwd": os.getcwd(), **extra}, timeout)
+
+    def tools(self, command: str, **args: Any) -> dict:
+        """Queue a LoRA-toolbox job: ``merge`` (loras=[{path, weight}], out, rank), ``bake`` (base, loras, out,
+        precision), ``resize`` (file, out, rank | dynamic+param), ``extract`` (tuned, base, out, rank, conv_rank).
+        Bare file names mean the daemon's Lora folder (LoRAs) or checkpoint folder (models); it runs like a run."""
+        return self._call("tools", {"command": command, **args}, SLOW_TIMEOUT_S)
+
+    def tools_inspect(self, path: str, timeout: float = SLOW_TIMEOUT_S) -> dict:
+        """`lora-tools inspect` of a file in the daemon's folders: family, adapter, rank/alpha, training metadata."""
+        return self._call("tools.inspect", {"path": path}, timeout)
 
     def shutdown(self) -> dict:
         return self.request("shutdown")

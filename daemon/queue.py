@@ -139,11 +139,12 @@ def package_versions() -> dict:
 def new_record(run_id: str, runs_dir: Path, kind: str, name: str, config: dict, priority: int,
                publish: Optional[dict] = None, versions: Optional[dict] = None) -> dict:
     """A queued run record (what the store keeps and what every client sees)."""
-    to_hash = {k: v for k, v in config.items() if k != "output"} if kind != "caption" else config
+    plain = kind in ("caption", "tools")  # jobs without a training config
+    to_hash = config if plain else {k: v for k, v in config.items() if k != "output"}
     return {
         "id": run_id, "name": name, "kind": kind, "status": states.QUEUED, "priority": priority,
         "config": config, "config_hash": _digest(to_hash),
-        "dataset_fingerprint": dataset_fingerprint(config) if kind != "caption" else None,
+        "dataset_fingerprint": None if plain else dataset_fingerprint(config),
         "versions": versions, "publish": publish or {}, "created_at": time.time(), "step": 0,
         "attempts": 0, "resume": 0, "run_dir": str(runs_dir / run_id),
     }

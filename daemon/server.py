@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 import zmq
 
-from . import __version__, core_bridge, procs, states
+from . import __version__, core_bridge, procs, states, tools_job
 from .bus import Bus
 from .gpus import detect_slots
 from .home import INFO_FILE, read_info, write_private_json
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 EVENTS_INPROC = "inproc://lora-daemon-events"
 REPLIES_INPROC = "inproc://lora-daemon-replies"
-SLOW_COMMANDS = ("check", "captions.get", "captions.set", "captions.edit", "plan")
+SLOW_COMMANDS = ("check", "captions.get", "captions.set", "captions.edit", "plan", "tools.inspect")
 CAPTIONERS_MAX_AGE_S = 60.0  # `status` re-asks the engine after this long, so weights put in place later show up
 
 
@@ -56,6 +56,7 @@ class DaemonOptions:
     events_port: int = 0
     lora_dir: Optional[Path] = None
     adapters_dir: Optional[Path] = None
+    checkpoint_dir: Optional[Path] = None  # where `tools` bake/extract read and write checkpoints
     gpus: Optional[str] = None
     grace_s: float = 60.0
     max_attempts: int = 3
@@ -109,7 +110,7 @@ class Daemon:
             "resume": self.cmd_resume, "caption": self.cmd_caption, "shutdown": self.cmd_shutdown,
             "check": self._dataset_tool("check"), "captions.get": self._dataset_tool("captions.get"),
             "captions.set": self._dataset_tool("captions.set"), "captions.edit": self._dataset_tool("captions.edit"),
-            "plan": self.cmd_plan,
+            "plan": self.cmd_plan, "tools": self.cmd_tools, "tools.inspect": self.cmd_tools_inspect,
         }
 
     # --- start / stop ---------------------------------------------------------------------------------------
@@ -367,6 +368,7 @@ class Daemon:
             "uptime_s": round(time.time() - self.started_at, 1), "started_at": self.started_at,
             "endpoint": self.info["endpoint"], "events": self.info["events"], "home": str(self.home),
             "lora_dir": str(self.settings.lora_dir), "adapters_dir": str(self.settings.adapters_dir),
+            "checkpoint_dir": str(self._tool_folders().checkpoint_dir),
             "gpus": [{"slot": slot, "run_id": busy.get(slot)} for slot in self.slots],
             "queue_length": self.store.count(states.QUEUED),
             "running": len(self.store.runs_in(states.ACTIVE)), "host": socket.gethostname(),
@@ -425,6 +427,26 @@ class Daemon:
         record = new_record(run_id, self.runs_dir, "caption", name, job, priority)
         Path(record["run_dir"]).mkdir(parents=True, exist_ok=True)
         return self._enqueue(record)
+
+    def _tool_folders(self) -> tools_job.Folders:
+        checkpoint_dir = Path(self.options.checkpoint_dir or self.home / "Stable-diffusion").resolve()
+        return tools_job.Folders(self.settings.lora_dir, checkpoint_dir, self.home)
+
+    def cmd_tools(self, args: dict) -> dict:
+        """A LoRA-toolbox job (merge, bake, resize, extract), queued and run like a training run: its paths are
+        confined to the Lora, checkpoint and home folders and its command line built from checked values."""
+        job = tools_job.tool_job(args, self._tool_folders())
+        Path(job["output"]).parent.mkdir(parents=True, exist_ok=True)
+        name = args.get("name") if isinstance(args.get("name"), str) else \
+            f"{job['command']} {Path(job['output']).name}"
+        record = new_record(new_run_id(), self.runs_dir, "tools", name[:200], job, parse_priority(args))
+        Path(record["run_dir"]).mkdir(parents=True, exist_ok=True)
+        return self._enqueue(record)
+
+    def cmd_tools_inspect(self, args: dict) -> Any:
+        """`lora-tools inspect` of one file in the daemon's folders, in a child (the daemon never loads torch)."""
+        path = tools_job.inspect_path(args, self._tool_folders())
+        return core_bridge.run_op("tools.inspect", {"path": path}, self.home, self.options.slow_timeout_s)
 
     def cmd_list(self, args: dict) -> dict:
         return {"runs": self.store.list_runs(include_all=bool(args.get("all")))}
