@@ -118,8 +118,15 @@ def _add_start(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a detached daemon to answer")
 
 
+# Where the engine looks for captioner weights (`lora_core.dataset.captioners.MODELS_ENV`); the daemon points it
+# into its own state folder, so a daemon with --home or LORA_DAEMON_HOME does not look in the user's data folder.
+CAPTIONERS_ENV = "LORA_SCRIPTS_CAPTIONERS"
+
+
 def _start_foreground(args: argparse.Namespace, home: Path) -> int:
     from .server import DaemonOptions, DaemonStartError, run_daemon
+
+    os.environ.setdefault(CAPTIONERS_ENV, str(home / "captioners"))  # children inherit it
 
     _setup_logging(args, home)
     options = DaemonOptions(home=home, host=args.host, port=args.port, events_port=args.events_port,

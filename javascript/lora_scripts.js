@@ -29,33 +29,92 @@
     }
 
     // ---------------------------------------------------------------- runs table and details
+    // What a running run does besides steps (the daemon's `phase`): rendering samples, prompt i/n, denoising j/m.
+    function phaseText(r) {
+        const p = r.phase || {};
+        if (p.phase !== "sample") return "";
+        let text = `sampling prompt ${p.prompt_index || "?"}/${p.prompts || "?"}`;
+        if (p.denoise_steps) text += `, step ${p.denoise_step || 0}/${p.denoise_steps}`;
+        return text;
+    }
+    // The memory plan the run worked out as its first phase; "planning…" until it arrives.
+    function planText(r) {
+        const p = r.plan;
+        if (!p) return r.kind !== "caption" && ["running", "cancelling"].includes(r.status) && !r.step ? "planning…" : "";
+        if (p.error) return "no plan";
+        if (p.estimate_mb === null || p.estimate_mb === undefined) return "";
+        const mb = (v) => v >= 1024 ? (v / 1024).toFixed(1) + " GB" : Math.round(v) + " MB";
+        return `${mb(p.estimate_mb)} of ${mb((p.capacity_mb || 0) * 0.9)} ${p.fits ? "fits" : "does NOT fit"}`;
+    }
+
     function runsTable(runs) {
         if (!runs.length) return '<p class="lora-scripts-empty">No runs yet: start one in the Train section.</p>';
         const rows = runs.map((r) => {
             const total = r.total_steps || 0, step = r.step || 0;
             const pct = total ? Math.min(100, Math.round(100 * step / total)) : (r.status === "finished" ? 100 : 0);
+            const live = ["running", "cancelling"].includes(r.status);
+            const phase = live ? phaseText(r) : "";
+            const plan = planText(r);
             return `<tr data-run-id="${esc(r.id)}" data-status="${esc(r.status)}" class="${r.id === state.selected ? "selected" : ""}">` +
                 `<td>${esc(r.name)}</td><td class="lora-scripts-status-${esc(r.status)}">${esc(r.status)}</td>` +
-                `<td><div class="lora-scripts-progress"><div style="width:${pct}%"></div></div>${step}/${total || "?"}</td>` +
-                `<td>${r.status === "running" ? esc(fmtTime(r.eta_s)) : ""}</td><td>${esc(fmtNum(r.loss, 4))}</td><td>${esc(fmtNum(r.it_s, 2))}</td>` +
+                `<td class="lora-scripts-progress-cell"><div class="lora-scripts-progress"><div style="width:${pct}%"></div></div>${step}/${total || "?"}` +
+                (phase ? ` <span class="lora-scripts-phase">${esc(phase)}</span>` : "") + `</td>` +
+                `<td class="lora-scripts-eta">${live ? esc(fmtTime(r.eta_s)) : ""}</td><td>${esc(fmtNum(r.loss, 4))}</td>` +
+                `<td class="lora-scripts-its">${esc(fmtNum(r.it_s, 2))}</td>` +
+                `<td class="lora-scripts-plan${r.plan && r.plan.fits === false ? " lora-scripts-error" : ""}">${esc(plan)}</td>` +
                 `<td>${esc(r.kind)}</td></tr>`;
         }).join("");
         return '<table id="lora_scripts_runs_table" class="lora-scripts-table"><thead><tr><th>run</th><th>status</th>' +
-            "<th>progress</th><th>ETA</th><th>loss</th><th>it/s</th><th>kind</th></tr></thead><tbody>" + rows +
+            "<th>progress</th><th>ETA</th><th>loss</th><th>it/s</th><th>memory plan</th><th>kind</th></tr></thead><tbody>" + rows +
             "</tbody></table>";
+    }
+
+    // Exponential moving average, debiased like TensorBoard's smoothing, so the trend shows through noisy steps.
+    function smooth(values, weight) {
+        const out = [];
+        let last = 0, n = 0;
+        for (const v of values) { last = last * weight + (1 - weight) * v; n += 1; out.push(last / (1 - Math.pow(weight, n))); }
+        return out;
+    }
+    // Round tick values: 1, 2 or 5 times a power of ten, about `count` of them across [lo, hi].
+    function ticks(lo, hi, count) {
+        if (!(hi > lo)) return [lo];
+        const raw = (hi - lo) / count, mag = Math.pow(10, Math.floor(Math.log10(raw)));
+        const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+        const out = [];
+        for (let v = Math.ceil(lo / step) * step; v <= hi + step * 1e-9; v += step) out.push(Number(v.toPrecision(12)));
+        return out;
+    }
+    function fmtTick(v) {
+        const a = Math.abs(v);
+        return a !== 0 && (a < 1e-3 || a >= 1e5) ? v.toExponential(1) : String(Number(v.toPrecision(3)));
     }
 
     function lossCurve(points) {
         if (points.length < 2) return '<div id="lora_scripts_loss_curve" data-points="' + points.length + '">Loss curve: waiting for steps…</div>';
-        const w = 600, h = 160, pad = 4;
+        const w = 640, h = 220, left = 56, right = 12, top = 10, bottom = 38;
         const steps = points.map((p) => p.step), losses = points.map((p) => p.loss);
+        const smoothed = smooth(losses, points.length > 20 ? 0.9 : 0.6);
         const x0 = Math.min(...steps), x1 = Math.max(...steps), y0 = Math.min(...losses), y1 = Math.max(...losses);
-        const sx = (v) => pad + (w - 2 * pad) * (x1 === x0 ? 0 : (v - x0) / (x1 - x0));
-        const sy = (v) => h - pad - (h - 2 * pad) * (y1 === y0 ? 0.5 : (v - y0) / (y1 - y0));
-        const line = points.map((p) => sx(p.step).toFixed(1) + "," + sy(p.loss).toFixed(1)).join(" ");
+        const sx = (v) => left + (w - left - right) * (x1 === x0 ? 0 : (v - x0) / (x1 - x0));
+        const sy = (v) => h - bottom - (h - top - bottom) * (y1 === y0 ? 0.5 : (v - y0) / (y1 - y0));
+        const line = (ys) => points.map((p, i) => sx(p.step).toFixed(1) + "," + sy(ys[i]).toFixed(1)).join(" ");
+        const xt = ticks(x0, x1, 5).filter((v) => Number.isInteger(v));
+        const yt = ticks(y0, y1, 4);
+        const grid = yt.map((v) => `<line class="lora-scripts-grid" x1="${left}" x2="${w - right}" y1="${sy(v).toFixed(1)}" y2="${sy(v).toFixed(1)}"/>` +
+            `<text class="lora-scripts-tick" x="${left - 6}" y="${(sy(v) + 4).toFixed(1)}" text-anchor="end">${esc(fmtTick(v))}</text>`).join("") +
+            xt.map((v) => `<line class="lora-scripts-grid" x1="${sx(v).toFixed(1)}" x2="${sx(v).toFixed(1)}" y1="${h - bottom}" y2="${h - bottom + 4}"/>` +
+            `<text class="lora-scripts-tick" x="${sx(v).toFixed(1)}" y="${h - bottom + 16}" text-anchor="middle">${esc(String(v))}</text>`).join("");
+        const axes = `<line class="lora-scripts-axis" x1="${left}" y1="${top}" x2="${left}" y2="${h - bottom}"/>` +
+            `<line class="lora-scripts-axis" x1="${left}" y1="${h - bottom}" x2="${w - right}" y2="${h - bottom}"/>` +
+            `<text class="lora-scripts-axis-title" x="${(left + w - right) / 2}" y="${h - 4}" text-anchor="middle">step</text>` +
+            `<text class="lora-scripts-axis-title" x="12" y="${(top + h - bottom) / 2}" text-anchor="middle" transform="rotate(-90 12 ${(top + h - bottom) / 2})">loss</text>`;
         return `<div id="lora_scripts_loss_curve" data-points="${points.length}"><div class="lora-scripts-curve-label">` +
-            `loss ${fmtNum(y1, 4)} → ${fmtNum(losses[losses.length - 1], 4)} (min ${fmtNum(y0, 4)}), steps ${x0}–${x1}</div>` +
-            `<svg viewBox="0 0 ${w} ${h}" preserveAspectRatio="none"><polyline fill="none" stroke="currentColor" stroke-width="1.5" points="${line}"/></svg></div>`;
+            `loss ${fmtNum(y1, 4)} → ${fmtNum(losses[losses.length - 1], 4)} (min ${fmtNum(y0, 4)}; smoothed ${fmtNum(smoothed[smoothed.length - 1], 4)}), steps ${x0}–${x1}` +
+            ` <span class="lora-scripts-legend"><i class="raw"></i>raw <i class="smoothed"></i>smoothed</span></div>` +
+            `<svg viewBox="0 0 ${w} ${h}" preserveAspectRatio="none">${grid}${axes}` +
+            `<polyline class="lora-scripts-loss-raw" fill="none" stroke="currentColor" stroke-opacity="0.35" stroke-width="1" points="${line(losses)}"/>` +
+            `<polyline class="lora-scripts-loss-smoothed" fill="none" stroke="currentColor" stroke-width="2" points="${line(smoothed)}"/></svg></div>`;
     }
 
     function details(sel) {
@@ -74,8 +133,12 @@
             `<pre class="lora-scripts-log">${esc(c.text)}${c.truncated ? "…" : ""}</pre></div>`).join("");
         const published = r.published_file ? `<p class="lora-scripts-ok">Published: <code>${esc(r.published_file)}</code></p>` : "";
         const error = r.error ? `<p class="lora-scripts-error">${esc(r.error)}</p>` : "";
+        const phase = ["running", "cancelling"].includes(r.status) ? phaseText(r) : "";
+        const plan = planText(r);
+        const facts = (plan ? `<p id="lora_scripts_run_plan">Memory plan: ${esc(plan)}</p>` : "") +
+            (phase ? `<p id="lora_scripts_run_phase" class="lora-scripts-phase">Now ${esc(phase)}</p>` : "");
         return `<div id="lora_scripts_run_details" data-run-id="${esc(r.id)}" data-status="${esc(r.status)}">` +
-            `<h3>${esc(r.name)} <small>${esc(r.id)} · ${esc(r.status)}</small></h3>${buttons}${published}${error}` +
+            `<h3>${esc(r.name)} <small>${esc(r.id)} · ${esc(r.status)}</small></h3>${buttons}${published}${error}${facts}` +
             lossCurve(points) +
             `<details open><summary>Log</summary><pre id="lora_scripts_run_log" class="lora-scripts-log">${esc(sel.log.join("\n"))}</pre></details>` +
             (samples ? `<details open><summary>Samples</summary><div class="lora-scripts-samples">${samples}</div></details>` : "") +
@@ -105,14 +168,23 @@
     }
 
     // ---------------------------------------------------------------- daemon, setup
-    function daemonStatus(d) {
+    // The Daemon section: what is true for this tab — where ITS runs publish (the WebUI's Lora folder, sent with
+    // every Start), the daemon's own default for terminal submits, where each captioner's weights are looked for.
+    function daemonStatus(d, tabLoraDir) {
         if (!d || !d.up) return `<div class="lora-scripts-msg lora-scripts-error" id="lora_scripts_daemon_state" data-running="false">` +
             `Daemon not running. ${esc((d && d.message) || "")}</div>`;
         const gpus = (d.gpus || []).map((g) => `${esc(g.slot)}${g.run_id ? " (busy: " + esc(g.run_id) + ")" : " (free)"}`).join(", ");
+        const own = tabLoraDir || d.lora_dir;
+        const other = d.lora_dir && d.lora_dir !== own ?
+            ` <small>(runs queued from a terminal with <code>lora-daemon submit</code> go to <code>${esc(d.lora_dir)}</code>)</small>` : "";
+        const captioners = (d.captioners || []).map((c) => `<li class="lora-scripts-captioner" data-name="${esc(c.name)}">Captioner ${esc(c.name)}: ` +
+            (c.ready ? "ready" + (c.model_dir ? ` (weights in <code>${esc(c.model_dir)}</code>)` : "") :
+                `no weights yet — put them in <code>${esc(c.model_dir || "?")}</code>`) + "</li>").join("");
         return `<div class="lora-scripts-msg lora-scripts-ok" id="lora_scripts_daemon_state" data-running="true">` +
             `Daemon ${esc(d.version)} running (pid ${esc(d.pid)}, up ${esc(fmtTime(d.uptime_s))}) at ${esc(d.endpoint)}</div>` +
             `<ul><li>Devices: ${gpus || "none"}</li><li>Queue: ${esc(d.queue_length)} waiting, ${esc(d.running)} running</li>` +
-            `<li>State folder: <code>${esc(d.home)}</code></li><li>Publishes LoRAs to: <code>${esc(d.lora_dir)}</code></li></ul>`;
+            `<li>State folder: <code>${esc(d.home)}</code></li>` +
+            `<li id="lora_scripts_publish_dir">This tab publishes LoRAs to: <code>${esc(own)}</code>${other}</li>${captioners}</ul>`;
     }
 
     async function pollSetup() {
@@ -195,7 +267,7 @@
             if (!res.ok) { runsHost.innerHTML = `<p class="lora-scripts-error">Status route answered ${res.status}</p>`; return; }
             const data = await res.json();
             const daemonHost = byId("lora_scripts_daemon_live");
-            if (daemonHost) daemonHost.innerHTML = daemonStatus(data.daemon);
+            if (daemonHost) daemonHost.innerHTML = daemonStatus(data.daemon, data.lora_dir);
             state.lastRuns = data.runs || [];
             const wanted = pickDefault(state.lastRuns);
             if (wanted !== state.selected) { state.selected = wanted; setSelectedInput(wanted); }

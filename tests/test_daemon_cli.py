@@ -116,3 +116,34 @@ def test_runs_are_found_by_name_id_tail_or_last_and_list_shows_speed_eta_and_the
         assert ambiguous.returncode == 1 and "matches more than one run" in ambiguous.stderr
     finally:
         cli(home, "stop")
+
+
+@pytest.mark.slow
+def test_the_tabs_advice_starts_the_daemon_as_printed_and_captioners_are_looked_for_in_its_home(tmp_path):
+    """While the daemon is down the tab prints a command; pasted into a shell as is, it starts the daemon with
+    the tab's Lora folder, and that daemon looks for captioner weights under its own state folder."""
+    import shlex
+
+    from lora_daemon.ui.context import TabContext, UiSettings
+
+    home, lora = tmp_path / "state home", tmp_path / "webui" / "models" / "Lora"
+    ctx = TabContext(settings=lambda: UiSettings(home=str(home), daemon_python=sys.executable),
+                     checkpoints=dict, lora_dir=lambda: lora)
+    advice = ctx.start_advice()
+    assert advice.startswith("Press “Start daemon” below, or run: ")
+    command = shlex.split(advice.split("or run: ", 1)[1])
+    env = {k: v for k, v in os.environ.items() if k not in ("LORA_SCRIPTS_CAPTIONERS", "LORA_DAEMON_HOME")}
+    env["PYTHONPATH"] = str(ROOT)
+    started = subprocess.run(command + ["--gpus", "cpu"], capture_output=True, text=True, timeout=120, env=env,
+                             cwd=str(tmp_path))
+    assert started.returncode == 0, started.stderr
+    try:
+        status = _wait(lambda: (lambda s: s if s.get("captioners") else None)(
+            json.loads(cli(home, "status", "--json").stdout)), timeout=120)
+        assert status["lora_dir"] == str(lora.resolve())
+        assert any(c["model_dir"] for c in status["captioners"]) and all(Path(c["model_dir"]).parent == home.resolve() / "captioners"
+                                            for c in status["captioners"] if c["model_dir"])
+    finally:
+        cli(home, "stop")
+    no_engine = TabContext(settings=lambda: UiSettings(home=str(home)), checkpoints=dict, lora_dir=lambda: lora)
+    assert "press “Set up the training engine”" in no_engine.start_advice()

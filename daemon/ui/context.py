@@ -16,7 +16,7 @@ from ..client import DaemonClient
 from ..home import resolve_home
 
 from .lora_watch import LoraFeed
-from .setup_env import SetupJob
+from .setup_env import SetupJob, shown
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +66,30 @@ class TabContext:
         venv_python = self.setup.python if self.setup else None
         return venv_python if venv_python and venv_python.exists() else None
 
-    def start_daemon(self) -> str:
-        """Start the daemon as a detached process in its own environment; returns what happened, for the user."""
+    def start_command(self) -> Optional[list[str]]:
+        """The command that starts this tab's daemon (what the Start button runs), or None before setup.
+        --lora-dir: the daemon publishes only into folders it was started with, so give it the WebUI's."""
         python = self.daemon_python()
         if python is None:
+            return None
+        return [str(python), "-m", "lora_daemon.cli", "--home", str(self.home()), "start",
+                "--lora-dir", str(self.lora_dir())]
+
+    def start_advice(self) -> str:
+        """What to do while the daemon is down, as a command that works as printed: `lora-daemon` itself is on no
+        PATH (it lives in the engine's venv), so the interpreter's full path is given."""
+        command = self.start_command()
+        if command is None:
+            return ("The training engine is not installed yet: press “Set up the training engine” below, or set the "
+                    "daemon's Python in Settings.")
+        return f"Press “Start daemon” below, or run: {shown(command)}"
+
+    def start_daemon(self) -> str:
+        """Start the daemon as a detached process in its own environment; returns what happened, for the user."""
+        command = self.start_command()
+        if command is None:
             return "The training engine is not installed yet: press Set up, or set the daemon's Python in Settings."
-        # --lora-dir: the daemon publishes only into folders it was started with, so give it the WebUI's
-        command = [str(python), "-m", "lora_daemon.cli", "--home", str(self.home()), "start",
-                   "--lora-dir", str(self.lora_dir())]
+        python = command[0]
         # procs.spawn: detached on every platform, and the checkout put in front of PYTHONPATH (not replacing it)
         procs.spawn(command, subprocess.DEVNULL, cwd=REPO_ROOT, detach=True)
         log.info("started the daemon: %s", " ".join(command))

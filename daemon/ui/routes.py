@@ -116,8 +116,8 @@ def live_view(ctx: TabContext, since: int, run_id: Optional[str], metrics_since:
         view["runs"] = client.list_runs(all=True)
         if run_id:
             view["selected"] = run_view(ctx, run_id, metrics_since=metrics_since)
-    except DaemonNotRunning as e:
-        view["daemon"] = {"up": False, "message": str(e)}
+    except DaemonNotRunning:
+        view["daemon"] = {"up": False, "message": ctx.start_advice()}
         view["runs"] = []
     except DaemonError as e:
         view["daemon"] = view.get("daemon") or {"up": False}
