@@ -38,6 +38,12 @@ EXIT_ABORTED = 130
 EXIT_CODES = {"finished": EXIT_OK, "failed": EXIT_ERROR, "config": EXIT_CONFIG, "stopped": EXIT_STOPPED,
               "oom": EXIT_OOM, "aborted": EXIT_ABORTED}
 
+# What to change after running out of memory: the trainer's ``oom`` events carry it, and the daemon shows it when a
+# child dies without saying why (killed by the system's OOM killer). One text, so the two never disagree.
+OOM_ADVICE = ("lower training.batch_size or data.resolution, turn on training.gradient_checkpointing and "
+              "data.cache_latents, use training.mixed_precision fp16/bf16 or optimizer adamw8bit, or lower "
+              "model.lora_rank (or set training.oom_policy: step_down to let the trainer do it)")
+
 
 def _clean(value: Any) -> Any:
     """JSON has no NaN/inf; a diverged loss must still produce a valid line."""

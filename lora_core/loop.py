@@ -1,10 +1,12 @@
-"""The one training loop, for image and text LoRAs alike: setup → (resume) → steps → checkpoints → export.
+"""The one training loop, for image and text LoRAs alike: prepare → (resume) → optimizer steps → checkpoints → export.
 
-Read top to bottom: build the accelerator and the task, the optimizer and the LR schedule, restore a checkpoint if
-asked, then for each epoch replay the task's deterministic batch order from the saved position. Progress goes to three
-places from one source (`_report_step`): the tqdm bar, the JSON-lines events and TensorBoard. A stop request (signal)
-is honoured between optimizer steps: checkpoint + current LoRA, then status "stopped". CUDA out-of-memory never
-escapes as a traceback: the loop saves the last completed step and reports "oom" with what to change.
+`train` only loops; `TrainingRun` holds one attempt's state (declared in its ``__init__``) and its phases, each a named
+method: `prepare` (accelerator, task, optimizer, LR schedule, resume, announce), `optimizer_step` (one group of
+micro-batches, the NaN guard, periodic saves and samples, stop = save), `end_epoch` and `finish`. Every step is
+reported from one place (`StepReporter`): the JSON-lines events, TensorBoard, and the caller's progress callback —
+the loop draws no progress bar itself; the CLI (`lora_core.train`) renders one. A stop request (signal) is honoured
+between optimizer steps: checkpoint + current LoRA, then status "stopped". CUDA out-of-memory never escapes as a
+traceback: the loop saves the last completed step and reports "oom" with what to change.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -26,19 +28,25 @@ from .checkpoint import (Position, capture_rng, latest_checkpoint, load_checkpoi
                          save_checkpoint)
 from .config import TrainConfig, save_resolved_config
 from .errors import InputError
-from .events import EventWriter
+from .events import OOM_ADVICE, EventWriter
+from .task import TrainingTask
 
 log = logging.getLogger(__name__)
 
-OOM_ADVICE = ("out of GPU memory: lower training.batch_size, turn on training.gradient_checkpointing and "
-              "data.cache_latents, use training.mixed_precision fp16/bf16 or optimizer adamw8bit, or lower "
-              "data.resolution / model.lora_rank (or set training.oom_policy: step_down to let the trainer do it)")
-
+__all__ = ["OOM_ADVICE", "StopFlag", "TrainResult", "TrainingRun", "train", "make_task", "make_accelerator",
+           "make_optimizer", "make_lr_scheduler", "ProgressCallback"]
 
 MAX_BAD_STEPS = 3
 DIVERGED = f"the loss was not a finite number for {MAX_BAD_STEPS} steps in a row (training diverged)"
 DIVERGED_ADVICE = ("lower training.learning_rate, use training.mixed_precision bf16 instead of fp16, or resume from "
                    "an earlier checkpoint")
+FAULT_OOM_ENV = "LORA_CORE_FAULT_OOM"
+
+ProgressCallback = Callable[[str, dict], None]
+"""What a front end (the CLI's bar) is told, on the main process only, as ``(kind, fields)``:
+``("cache", {what, done, total})`` for every cached item, ``("start", {step, total_steps})`` once before the first
+step, ``("step", {step, total_steps, epoch, loss, lr, it_s, eta_s, peak_mem_mb})`` after every optimizer step and
+``("close", {})`` when the attempt ends. It must not raise."""
 
 
 class StopFlag:
@@ -68,7 +76,7 @@ class TrainResult:
     peak_mem_mb: float = 0.0
 
 
-def make_task(cfg: TrainConfig, progress=None):
+def make_task(cfg: TrainConfig, progress: Optional[Callable[[str, int, int], None]] = None) -> TrainingTask:
     if cfg.is_text:
         from .text.task import TextTask
 
@@ -96,6 +104,7 @@ def make_accelerator(cfg: TrainConfig):
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]):
+    """The optimizer for the task's parameter groups: the one place an optimizer type is chosen."""
     t = cfg.training
     if t.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
@@ -130,28 +139,38 @@ def peak_memory_mb(device: torch.device) -> float:
         return psutil.Process().memory_info().peak_wset / 2**20
 
 
-def _injected_oom(step: int, batch_size: int) -> bool:
+@dataclass(frozen=True)
+class InjectedOOM:
     """Fault injection for tests and drills: LORA_CORE_FAULT_OOM="STEP[:MIN_BATCH]" raises a CUDA OOM at that step
-    while the batch size is at least MIN_BATCH — so step-down can be proven on a machine without a GPU."""
-    spec = os.environ.get("LORA_CORE_FAULT_OOM")
-    if not spec:
-        return False
-    at, _, min_batch = spec.partition(":")
-    return step == int(at) and batch_size >= int(min_batch or 1)
+    while the batch size is at least MIN_BATCH — so step-down can be proven on a machine without a GPU. Read once
+    per attempt, not per micro-batch."""
+
+    at_step: int
+    min_batch: int = 1
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] = os.environ) -> Optional["InjectedOOM"]:
+        spec = environ.get(FAULT_OOM_ENV)
+        if not spec:
+            return None
+        at, _, min_batch = spec.partition(":")
+        return cls(int(at), int(min_batch or 1))
+
+    def check(self, step: int, batch_size: int) -> None:
+        if step == self.at_step and batch_size >= self.min_batch:
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {FAULT_OOM_ENV})")
 
 
-class _Progress:
-    """tqdm bar + events + TensorBoard, fed from one place."""
+class StepReporter:
+    """Events + TensorBoard + the progress callback, fed from one place (main process only)."""
 
-    def __init__(self, cfg: TrainConfig, events: EventWriter, total: int, start: int, main: bool, show_bar: bool):
+    def __init__(self, cfg: TrainConfig, events: EventWriter, total: int, start: int, main: bool,
+                 progress: Optional[ProgressCallback]):
         self.events, self.total, self.main = events, total, main
+        self.progress = progress if main else None
         self.start_step, self.t0 = start, time.perf_counter()
-        self.bar = None
-        self.tb = None
-        if main and show_bar:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=start, desc="training", unit="step", dynamic_ncols=True)
+        self.tb: Any = None
+        self.closed = False
         if main:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -159,6 +178,8 @@ class _Progress:
                 self.tb = SummaryWriter(cfg.output.logging_dir)
             except ImportError:
                 log.warning("tensorboard is not installed: no TensorBoard logs")
+        if self.progress is not None:
+            self.progress("start", {"step": start, "total_steps": total})
 
     def step(self, step: int, epoch: int, loss: float, lr: float, peak_mb: float) -> None:
         if not self.main:
@@ -167,220 +188,324 @@ class _Progress:
         elapsed = time.perf_counter() - self.t0
         it_s = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / it_s if it_s > 0 else None
-        self.events.emit("step", step=step, total_steps=self.total, epoch=epoch, loss=loss, lr=lr,
-                         it_s=round(it_s, 4), eta_s=round(eta, 1) if eta is not None else None,
-                         peak_mem_mb=round(peak_mb, 1))
-        if self.bar is not None:
-            self.bar.update(1)
-            self.bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+        fields = {"step": step, "total_steps": self.total, "epoch": epoch, "loss": loss, "lr": lr,
+                  "it_s": round(it_s, 4), "eta_s": round(eta, 1) if eta is not None else None,
+                  "peak_mem_mb": round(peak_mb, 1)}
+        self.events.emit("step", **fields)
+        if self.progress is not None:
+            self.progress("step", fields)
         if self.tb is not None:
             self.tb.add_scalar("loss/train", loss, step)
             self.tb.add_scalar("lr", lr, step)
 
     def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        if self.closed:
+            return
+        self.closed = True
+        if self.progress is not None:
+            self.progress("close", {})
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
 
 
-def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional[StopFlag] = None,
-          show_progress: bool = True) -> TrainResult:
-    """Run one training attempt with ``cfg``; never raises for OOM (returns status "oom")."""
-    events = events or EventWriter(enabled=False)
-    stop = stop or StopFlag()
-    t, o = cfg.training, cfg.output
-    out_dir = Path(o.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    accelerator = make_accelerator(cfg)
-    main = accelerator.is_main_process
-    if main:
-        save_resolved_config(cfg, out_dir / "config.yaml")
-    rank, world = accelerator.process_index, accelerator.num_processes
-    torch.manual_seed(t.seed + rank)
-    random.seed(t.seed + rank)
-    np.random.seed((t.seed + rank) % 2**32)
-    generator = torch.Generator().manual_seed(t.seed + rank)
+class TrainingRun:
+    """One training attempt: its state, declared here, and its phases as named methods (`train` drives them)."""
 
-    cache_bars: dict = {}
+    def __init__(self, cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional[StopFlag] = None,
+                 progress: Optional[ProgressCallback] = None):
+        self.cfg = cfg
+        self.events = events or EventWriter(enabled=False)
+        self.stop = stop or StopFlag()
+        self.progress = progress
+        self.out_dir = Path(cfg.output.output_dir)
+        self.batch_size = cfg.training.batch_size
+        self.accumulation = cfg.training.gradient_accumulation_steps
+        self.fault = InjectedOOM.from_env()
+        # set by prepare()
+        self.accelerator: Any = None
+        self.main = True
+        self.rank, self.world = 0, 1
+        self.generator = torch.Generator()
+        self.task: Optional[TrainingTask] = None
+        self.optimizer: Any = None
+        self.lr_scheduler: Any = None
+        self.scaler: Any = None  # fp16's grad scaler, or None
+        self.modules: list[torch.nn.Module] = []
+        self.params: list[torch.nn.Parameter] = []
+        self.total = 0  # optimizer steps of the whole run
+        self.num_epochs = 0
+        self.reporter: Optional[StepReporter] = None
+        # advanced by every optimizer step
+        self.pos = Position()
+        self.losses: list[float] = []
+        self.bad_steps = 0  # non-finite losses in a row
+        self._cache_reported: dict[str, int] = {}
 
-    def caching(what: str, done: int, total: int) -> None:
+    # ---- prepare -------------------------------------------------------------------------------------------------
+    def prepare(self) -> Optional[TrainResult]:
+        """Everything before the first step; a TrainResult when the run ended already (stopped while caching)."""
+        self.start_accelerator()
+        if not self.setup_task():
+            return TrainResult("stopped", None, 0, 0, 0)
+        self.setup_optimization()
+        resumed_from = self.resume()
+        self.announce(resumed_from)
+        return None
+
+    def start_accelerator(self) -> None:
+        t = self.cfg.training
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.accelerator = make_accelerator(self.cfg)
+        self.main = self.accelerator.is_main_process
+        if self.main:
+            save_resolved_config(self.cfg, self.out_dir / "config.yaml")
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        seed = t.seed + self.rank
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def on_cache(self, what: str, done: int, total: int) -> None:
         """Progress of the one-off latent/text caching; a stop request cancels it (nothing is trained yet)."""
-        if stop.is_set():
+        if self.stop.is_set():
             raise KeyboardInterrupt("stopped while caching")
-        if main and show_progress:
-            from tqdm.auto import tqdm
+        if self.main and self.progress is not None:
+            self.progress("cache", {"what": what, "done": done, "total": total})
+        if self.main and (done == total or done % 10 == 0):
+            self.events.emit("cache", what=what, done=done, total=total)
 
-            bar = cache_bars.setdefault(what, tqdm(total=total, desc=f"caching {what}", unit="item", leave=False))
-            bar.update(done - bar.n)
-            if done == total:
-                bar.close()
-        if main and (done == total or done % 10 == 0):
-            events.emit("cache", what=what, done=done, total=total)
+    def setup_task(self) -> bool:
+        """Build and set up the task; False when a stop request cancelled its caching."""
+        self.task = make_task(self.cfg, progress=self.on_cache)
+        try:
+            self.task.setup(self.accelerator)
+        except KeyboardInterrupt:  # cancelled while caching: nothing trained, nothing to save
+            if self.main:
+                self.events.emit("end", status="stopped", step=0, output=None, error="stopped while caching",
+                                 advice=None)
+            return False
+        return True
 
-    task = make_task(cfg, progress=caching)
-    try:
-        task.setup(accelerator)
-    except KeyboardInterrupt:  # cancelled while caching: nothing trained, nothing to save
-        if main:
-            events.emit("end", status="stopped", step=0, output=None, error="stopped while caching", advice=None)
-        return TrainResult("stopped", None, 0, 0, 0)
-    optimizer = accelerator.prepare_optimizer(make_optimizer(cfg, task.param_groups(t.learning_rate)))
-    ga, bs = t.gradient_accumulation_steps, t.batch_size
+    def setup_optimization(self) -> None:
+        """Optimizer, run length (steps per epoch from this rank's batches) and LR schedule."""
+        t = self.cfg.training
+        self.optimizer = self.accelerator.prepare_optimizer(
+            make_optimizer(self.cfg, self.task.param_groups(t.learning_rate)))
+        steps_per_epoch = max(1, math.ceil(len(self.batches_for(0)) / self.accumulation))
+        self.total = t.max_train_steps or t.epochs * steps_per_epoch
+        self.num_epochs = math.ceil(self.total / steps_per_epoch)
+        self.lr_scheduler = make_lr_scheduler(self.cfg, self.optimizer, self.total)
+        self.scaler = getattr(self.accelerator, "scaler", None)
 
-    def my_batches(epoch: int) -> list[list[int]]:
-        batches = task.epoch_batches(epoch, bs)
-        if world > 1:  # every rank must run the same number of steps, or DDP waits forever
-            batches = batches[: max(world, len(batches) // world * world)]
-            batches = batches[rank::world]
+    def resume(self) -> Optional[str]:
+        """Restore the checkpoint asked for (``latest`` or a folder); returns its path, or None for a fresh run."""
+        source = self.cfg.training.resume_from_checkpoint
+        ckpt_path = latest_checkpoint(self.out_dir) if source == "latest" else (Path(source) if source else None)
+        if ckpt_path is None:
+            return None
+        ckpt = load_checkpoint(ckpt_path)
+        self.task.load_lora_state_dict(ckpt.lora)
+        restore_training_state(ckpt, self.optimizer, self.lr_scheduler, self.scaler, self.generator)
+        saved_bs = ckpt.state.get("config", {}).get("training", {}).get("batch_size", self.batch_size)
+        self.pos = ckpt.position
+        if saved_bs != self.batch_size:  # OOM step-down changed the batch size: continue from the same example
+            self.pos.batch_in_epoch = self.pos.examples_in_epoch // self.batch_size
+        log.info("resumed from %s at step %d", ckpt_path, self.pos.step)
+        return str(ckpt_path)
+
+    def announce(self, resumed_from: Optional[str]) -> None:
+        """Dataset and start events, the reporter, and the modules in training mode."""
+        task, pos = self.task, self.pos
+        summary = task.dataset_summary() if self.main else None
+        if summary is not None:
+            self.events.emit("dataset", **summary)
+        task.started_at = time.time()
+        task.total_steps = self.total
+        if self.main:
+            self.events.emit("start", step=pos.step, total_steps=self.total, epoch=pos.epoch,
+                             output_dir=str(self.out_dir), resumed_from=resumed_from,
+                             device=str(self.accelerator.device), task_type=self.cfg.model.task_type,
+                             num_examples=task.num_examples(), num_processes=self.world)
+        self.reporter = StepReporter(self.cfg, self.events, self.total, pos.step, self.main, self.progress)
+        self.modules = task.trainable_modules()
+        self.params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        for m in self.modules:
+            m.train()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ---- steps ---------------------------------------------------------------------------------------------------
+    def batches_for(self, epoch: int) -> list[list[int]]:
+        """This rank's batches of one epoch (the task's deterministic order, split between processes)."""
+        batches = self.task.epoch_batches(epoch, self.batch_size)
+        if self.world > 1:  # every rank must run the same number of steps, or DDP waits forever
+            batches = batches[: max(self.world, len(batches) // self.world * self.world)]
+            batches = batches[self.rank::self.world]
         return batches
 
-    steps_per_epoch = max(1, math.ceil(len(my_batches(0)) / ga))
-    total = t.max_train_steps or t.epochs * steps_per_epoch
-    num_epochs = math.ceil(total / steps_per_epoch)
-    lr_scheduler = make_lr_scheduler(cfg, optimizer, total)
-    scaler = getattr(accelerator, "scaler", None)
+    def optimizer_step(self, batches: list[list[int]]) -> Optional[TrainResult]:
+        """One optimizer step over the next group of micro-batches; a TrainResult when the run ends here."""
+        pos = self.pos
+        group = batches[pos.batch_in_epoch: pos.batch_in_epoch + self.accumulation]
+        rng_at_group_start = capture_rng(self.generator)
+        try:
+            group_loss = self.forward_backward(group)
+        except torch.OutOfMemoryError:
+            return self.out_of_memory(rng_at_group_start)
+        if not self.update(group_loss):
+            return self.diverged()
+        pos.step += 1
+        pos.batch_in_epoch += len(group)
+        pos.examples_in_epoch += sum(len(b) for b in group)
+        self.losses.append(group_loss)
+        self.reporter.step(pos.step, pos.epoch, group_loss, self.lr_scheduler.get_last_lr()[0],
+                           peak_memory_mb(self.accelerator.device))
+        return self.after_step()
 
-    pos = Position()
-    resumed_from = None
-    source = t.resume_from_checkpoint
-    ckpt_path = latest_checkpoint(out_dir) if source == "latest" else (Path(source) if source else None)
-    if ckpt_path is not None:
-        ckpt = load_checkpoint(ckpt_path)
-        task.load_lora_state_dict(ckpt.lora)
-        restore_training_state(ckpt, optimizer, lr_scheduler, scaler, generator)
-        saved_bs = ckpt.state.get("config", {}).get("training", {}).get("batch_size", bs)
-        pos = ckpt.position
-        if saved_bs != bs:  # OOM step-down changed the batch size: continue from the same example, approximately
-            pos.batch_in_epoch = pos.examples_in_epoch // bs
-        resumed_from = str(ckpt_path)
-        log.info("resumed from %s at step %d", ckpt_path, pos.step)
-    if main and hasattr(task, "dataset_summary"):
-        events.emit("dataset", **task.dataset_summary())
-    task.started_at = time.time()
-    task.total_steps = total
-    if main:
-        events.emit("start", step=pos.step, total_steps=total, epoch=pos.epoch, output_dir=str(out_dir),
-                    resumed_from=resumed_from, device=str(accelerator.device), task_type=cfg.model.task_type,
-                    num_examples=task.num_examples(), num_processes=world)
-    progress = _Progress(cfg, events, total, pos.step, main, show_progress)
-    losses: list[float] = []
-    modules = task.trainable_modules()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    name = o.output_name
+    def forward_backward(self, group: list[list[int]]) -> float:
+        """Accumulate the gradients of a group of micro-batches; returns their mean loss (over all processes)."""
+        accelerator, task = self.accelerator, self.task
+        group_loss = 0.0
+        for k, indices in enumerate(group):
+            if self.fault is not None:
+                self.fault.check(self.pos.step + 1, self.batch_size)
+            batch = task.collate(indices, self.pos.epoch)
+            sync = k == len(group) - 1
+            ctx = accelerator.no_sync(self.modules[0]) if (self.world > 1 and not sync) else nullcontext()
+            with ctx, accelerator.autocast():
+                loss = task.loss(batch, self.generator)
+                accelerator.backward(loss / len(group))
+            group_loss += loss.detach().float().item() / len(group)
+        if self.world > 1:
+            group_loss = accelerator.reduce(torch.tensor(group_loss, device=accelerator.device), "mean").item()
+        return group_loss
 
-    def checkpoint(rng_override=None) -> Path:
-        path = save_checkpoint(out_dir, pos, task.lora_state_dict(), optimizer, lr_scheduler, scaler, generator,
-                               cfg.to_dict(), o.keep_last_checkpoints, rng_override)
-        return path
+    def update(self, group_loss: float) -> bool:
+        """Apply the accumulated gradients; False when the run diverged.
 
-    def save_step(kind: str = "checkpoint") -> tuple[Optional[Path], Optional[Path]]:
-        path = checkpoint() if main else None
-        lora = task.export(out_dir / f"{name}-step{pos.step:08d}", pos.step, pos.epoch) if main else None
+        A non-finite loss would poison the LoRA: that update is skipped (fp16's grad scaler does the same for
+        overflows), and the run gives up with advice when it keeps happening."""
+        finite = math.isfinite(group_loss) or self.scaler is not None
+        self.bad_steps = 0 if finite else self.bad_steps + 1
+        if finite:
+            if self.cfg.training.max_grad_norm > 0:
+                self.accelerator.clip_grad_norm_(self.params, self.cfg.training.max_grad_norm)
+            self.optimizer.step()
+        elif self.bad_steps >= MAX_BAD_STEPS:
+            return False
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return True
+
+    def after_step(self) -> Optional[TrainResult]:
+        """Periodic checkpoint and samples; a stop request saves and ends the run."""
+        o, step = self.cfg.output, self.pos.step
+        if o.save_steps and step % o.save_steps == 0 and step < self.total:
+            self.save_step()
+        if self.cfg.sample.sample_every_n_steps and step % self.cfg.sample.sample_every_n_steps == 0:
+            self.samples()
+        if self.stop.is_set():
+            path, lora = self.save_step("stop")
+            if self.main:
+                self.events.emit("end", status="stopped", step=step, output=str(lora) if lora else None,
+                                 error=None, advice=None)
+            return self.result("stopped", lora, checkpoint=path)
+        return None
+
+    def end_epoch(self) -> None:
+        pos, o = self.pos, self.cfg.output
+        pos.epoch += 1
+        pos.batch_in_epoch = 0
+        pos.examples_in_epoch = 0
+        if o.save_every_n_epochs and pos.epoch % o.save_every_n_epochs == 0 and pos.step < self.total:
+            self.save_step("epoch")
+        if self.cfg.sample.sample_every_n_epochs and pos.epoch % self.cfg.sample.sample_every_n_epochs == 0:
+            self.samples()
+
+    # ---- endings -------------------------------------------------------------------------------------------------
+    def out_of_memory(self, rng_at_group_start) -> TrainResult:
+        """Drop the half-accumulated gradients and save the last completed step (with the RNG as it was before this
+        group, so a resumed run replays it)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.empty_cache()
+        path = self.checkpoint(rng_at_group_start) if self.main else None
+        if self.main:
+            self.events.emit("oom", step=self.pos.step, batch_size=self.batch_size,
+                             action=self.cfg.training.oom_policy, advice=OOM_ADVICE, checkpoint=str(path))
+        return self.result("oom", checkpoint=path, error="CUDA out of memory", advice=OOM_ADVICE)
+
+    def diverged(self) -> TrainResult:
+        if self.main:
+            self.events.emit("end", status="failed", step=self.pos.step, output=None, error=DIVERGED,
+                             advice=DIVERGED_ADVICE)
+        return self.result("failed", error=DIVERGED, advice=DIVERGED_ADVICE)
+
+    def finish(self) -> TrainResult:
+        """The final checkpoint (lets a finished run be continued with more steps), the LoRA and its metrics."""
+        pos, main = self.pos, self.main
+        self.accelerator.wait_for_everyone()
+        final_ckpt = self.checkpoint() if main else None
+        output = self.task.export(self.out_dir / self.cfg.output.output_name, pos.step, pos.epoch) if main else None
+        metrics = self.task.evaluate(pos.step) if main else None
+        if metrics:
+            self.events.emit("eval", step=pos.step, **metrics)
         if main:
-            events.emit("checkpoint", step=pos.step, epoch=pos.epoch, path=str(path), lora=str(lora), reason=kind)
-            metrics = task.evaluate(pos.step)
-            if metrics:
-                events.emit("eval", step=pos.step, **metrics)
+            self.events.emit("end", status="finished", step=pos.step, output=str(output), error=None, advice=None)
+        return self.result("finished", output, checkpoint=final_ckpt)
+
+    def checkpoint(self, rng_override=None) -> Path:
+        return save_checkpoint(self.out_dir, self.pos, self.task.lora_state_dict(), self.optimizer,
+                               self.lr_scheduler, self.scaler, self.generator, self.cfg.to_dict(),
+                               self.cfg.output.keep_last_checkpoints, rng_override)
+
+    def save_step(self, reason: str = "checkpoint") -> tuple[Optional[Path], Optional[Path]]:
+        """Checkpoint + this step's LoRA (+ validation metrics) on the main process."""
+        if not self.main:
+            return None, None
+        pos = self.pos
+        path = self.checkpoint()
+        lora = self.task.export(self.out_dir / f"{self.cfg.output.output_name}-step{pos.step:08d}", pos.step,
+                                pos.epoch)
+        self.events.emit("checkpoint", step=pos.step, epoch=pos.epoch, path=str(path), lora=str(lora), reason=reason)
+        metrics = self.task.evaluate(pos.step)
+        if metrics:
+            self.events.emit("eval", step=pos.step, **metrics)
         return path, lora
 
-    def samples() -> None:
-        if not main:
+    def samples(self) -> None:
+        if not self.main:
             return
-        for path, prompt in task.sample(pos.step, out_dir / "samples"):
-            events.emit("sample", step=pos.step, path=str(path), prompt=prompt)
+        for path, prompt in self.task.sample(self.pos.step, self.out_dir / "samples"):
+            self.events.emit("sample", step=self.pos.step, path=str(path), prompt=prompt)
 
-    def result(status: str, output=None, **kw) -> TrainResult:
-        progress.close()
-        return TrainResult(status, output, pos.step, pos.epoch, total, losses=losses,
-                           peak_mem_mb=peak_memory_mb(accelerator.device), **kw)
+    def result(self, status: str, output: Optional[Path] = None, **kw: Any) -> TrainResult:
+        self.close()
+        return TrainResult(status, output, self.pos.step, self.pos.epoch, self.total, losses=self.losses,
+                           peak_mem_mb=peak_memory_mb(self.accelerator.device), **kw)
 
-    for m in modules:
-        m.train()
-    optimizer.zero_grad(set_to_none=True)
-    bad_steps = 0
-    sample_steps, sample_epochs = cfg.sample.sample_every_n_steps, cfg.sample.sample_every_n_epochs
+    def close(self) -> None:
+        if self.reporter is not None:
+            self.reporter.close()
+
+
+def train(cfg: TrainConfig, events: Optional[EventWriter] = None, stop: Optional[StopFlag] = None,
+          progress: Optional[ProgressCallback] = None) -> TrainResult:
+    """Run one training attempt with ``cfg``; never raises for OOM (returns status "oom")."""
+    run = TrainingRun(cfg, events, stop, progress)
     try:
-        while pos.step < total and pos.epoch < num_epochs + 1:
-            batches = my_batches(pos.epoch)
-            bi = pos.batch_in_epoch
-            while bi < len(batches) and pos.step < total:
-                group = batches[bi: bi + ga]
-                rng_at_group_start = capture_rng(generator)
-                group_loss = 0.0
-                try:
-                    for k, indices in enumerate(group):
-                        if _injected_oom(pos.step + 1, bs):
-                            raise torch.OutOfMemoryError("CUDA out of memory (injected by LORA_CORE_FAULT_OOM)")
-                        batch = task.collate(indices, pos.epoch)
-                        sync = k == len(group) - 1
-                        ctx = accelerator.no_sync(modules[0]) if (world > 1 and not sync) else nullcontext()
-                        with ctx, accelerator.autocast():
-                            loss = task.loss(batch, generator)
-                            accelerator.backward(loss / len(group))
-                        group_loss += loss.detach().float().item() / len(group)
-                except torch.OutOfMemoryError:
-                    optimizer.zero_grad(set_to_none=True)
-                    if accelerator.device.type == "cuda":
-                        torch.cuda.empty_cache()
-                    path = checkpoint(rng_at_group_start) if main else None
-                    if main:
-                        events.emit("oom", step=pos.step, batch_size=bs, action=t.oom_policy, advice=OOM_ADVICE,
-                                    checkpoint=str(path))
-                    return result("oom", checkpoint=path, error="CUDA out of memory", advice=OOM_ADVICE)
-                if world > 1:
-                    group_loss = accelerator.reduce(torch.tensor(group_loss, device=accelerator.device),
-                                                    "mean").item()
-                # a non-finite loss would poison the LoRA: skip that update (fp16's grad scaler does the same for
-                # overflows), and give up with advice when it keeps happening
-                finite = math.isfinite(group_loss) or scaler is not None
-                bad_steps = 0 if finite else bad_steps + 1
-                if finite:
-                    if t.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(params, t.max_grad_norm)
-                    optimizer.step()
-                elif bad_steps >= MAX_BAD_STEPS:
-                    if main:
-                        events.emit("end", status="failed", step=pos.step, output=None, error=DIVERGED,
-                                    advice=DIVERGED_ADVICE)
-                    return result("failed", error=DIVERGED, advice=DIVERGED_ADVICE)
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                bi += len(group)
-                pos.step += 1
-                pos.batch_in_epoch = bi
-                pos.examples_in_epoch += sum(len(b) for b in group)
-                losses.append(group_loss)
-                progress.step(pos.step, pos.epoch, group_loss, lr_scheduler.get_last_lr()[0],
-                              peak_memory_mb(accelerator.device))
-                if o.save_steps and pos.step % o.save_steps == 0 and pos.step < total:
-                    save_step()
-                if sample_steps and pos.step % sample_steps == 0:
-                    samples()
-                if stop.is_set():
-                    path, lora = save_step("stop")
-                    if main:
-                        events.emit("end", status="stopped", step=pos.step, output=str(lora) if lora else None,
-                                    error=None, advice=None)
-                    return result("stopped", lora, checkpoint=path)
-            if bi >= len(batches):
-                pos.epoch += 1
-                pos.batch_in_epoch = 0
-                pos.examples_in_epoch = 0
-                if o.save_every_n_epochs and pos.epoch % o.save_every_n_epochs == 0 and pos.step < total:
-                    save_step("epoch")
-                if sample_epochs and pos.epoch % sample_epochs == 0:
-                    samples()
-        accelerator.wait_for_everyone()
-        final_ckpt = checkpoint() if main else None  # lets a finished run be continued with more steps
-        output = task.export(out_dir / name, pos.step, pos.epoch) if main else None
-        metrics = task.evaluate(pos.step) if main else None
-        if metrics:
-            events.emit("eval", step=pos.step, **metrics)
-        if main:
-            events.emit("end", status="finished", step=pos.step, output=str(output), error=None, advice=None)
-        return result("finished", output, checkpoint=final_ckpt)
+        ended = run.prepare()
+        if ended is not None:
+            return ended
+        while run.pos.step < run.total and run.pos.epoch < run.num_epochs + 1:
+            batches = run.batches_for(run.pos.epoch)
+            while run.pos.batch_in_epoch < len(batches) and run.pos.step < run.total:
+                ended = run.optimizer_step(batches)
+                if ended is not None:
+                    return ended
+            if run.pos.batch_in_epoch >= len(batches):
+                run.end_epoch()
+        return run.finish()
     finally:
-        progress.close()
-
+        run.close()

@@ -1,22 +1,33 @@
 """The contract between the one training loop (`lora_core.loop`) and a kind of run (images or text).
 
 The loop owns everything that is the same for every run: accelerate, optimizer, LR schedule, gradient accumulation,
-exact checkpoints and resume, stop = save, OOM handling, the progress bar, events and TensorBoard. A task owns what
+exact checkpoints and resume, stop = save, OOM handling, progress, events and TensorBoard. A task owns what
 differs: which model, which LoRA targets, which data, which loss, and what file the user gets at the end.
+
+`ImageTask` and `TextTask` satisfy it structurally (no base class); the loop is typed with it, and
+tests/test_loop_parts.py checks both with ``isinstance`` (the protocol is runtime-checkable).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 
 
+@runtime_checkable
 class TrainingTask(Protocol):
     kind: str  # "image" or "text"
+    # written by the loop before the first step (a task declares both in __init__): the run's start time and length,
+    # which exported files record in their metadata
+    started_at: float
+    total_steps: int
 
     def setup(self, accelerator: Any) -> None:
         """Load the base model from a local path, add the LoRA (base weights frozen), scan and cache the data."""
+
+    def dataset_summary(self) -> Optional[dict]:
+        """The ``dataset`` event's fields (counts, skipped and duplicate files), or None when there is nothing to say."""
 
     def num_examples(self) -> int:
         """How many examples one epoch visits (repeats included): sizes the epoch."""

@@ -14,7 +14,7 @@ import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,17 @@ def _seed_for(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
+def min_snr_weight(scheduler, timesteps: torch.Tensor, gamma: float, prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), per example: min(SNR, gamma) / SNR for epsilon prediction,
+    min(SNR, gamma) / (SNR + 1) for v-prediction (whose target already carries a factor SNR + 1) — as diffusers'
+    and sd-scripts' trainers weight it. SNR(t) = alphas_cumprod[t] / (1 - alphas_cumprod[t]), from diffusers."""
+    from diffusers.training_utils import compute_snr
+
+    snr = compute_snr(scheduler, timesteps)
+    clipped = torch.clamp(snr, max=gamma)
+    return clipped / (snr + 1) if prediction_type == "v_prediction" else clipped / snr
+
+
 @dataclass
 class Example:
     item: ImageItem
@@ -44,45 +55,83 @@ class Example:
 
 
 class ImageTask:
+    """A Stable Diffusion LoRA (SD1/SD2/SDXL) as a `lora_core.task.TrainingTask`.
+
+    All state is declared here; `setup` fills it in named steps: scan the data, load the model, add the LoRA, place
+    the weights, cache latents/text, hand the trained modules to accelerate."""
+
     kind = "image"
 
-    def __init__(self, cfg: TrainConfig, progress=None):
+    def __init__(self, cfg: TrainConfig, progress: Optional[Callable[[str, int, int], None]] = None):
         self.cfg = cfg
         self.progress = progress  # callable(what, done, total) for caching progress; may raise to cancel
-        self.model: Optional[SDModel] = None
+        self.started_at = 0.0  # set by the loop before the first step (recorded in the file's metadata)
+        self.total_steps = 0
+        # _use_accelerator
+        self.device = torch.device("cpu")
+        self.weight_dtype = torch.float32  # the frozen base weights' dtype (LoRA weights stay fp32)
+        # _scan_data
         self.scan: Optional[DatasetScan] = None
-        self.examples: list[Example] = []
+        self.reg_scan: Optional[DatasetScan] = None
+        self.items: list[ImageItem] = []  # training then regularisation images, each once
+        self.examples: list[Example] = []  # items repeated `repeats` times: what an epoch visits
+        self.bucket_table: Optional[dict] = None
+        # _load_model, _add_lora
+        self.model: Optional[SDModel] = None
+        self.alpha = 0.0
+        self.te_targets: list[str] = []  # text-encoder modules holding LoRA layers (empty: UNet only)
+        # the modules training runs through: the model's own until _prepare wraps them (DDP on several GPUs)
+        self.unet: Any = None
+        self.text_encoder: Any = None
+        self.text_encoder_2: Any = None  # SDXL only
+        # _cache
+        self.cache_latents = False
+        self.cache_text = False
         self.latent_cache: dict[int, torch.Tensor] = {}
         self.text_cache: dict[str, torch.Tensor] = {}
         self.pooled_cache: dict[str, torch.Tensor] = {}  # SDXL: the second encoder's pooled embedding per caption
         self.crops: dict[int, tuple[int, int]] = {}  # SDXL: (top, left) of each item's latest crop, for time ids
-        self.bucket_table: Optional[dict] = None
+        self.disk_cache_stats: Optional[dict] = None
 
     # ---- setup -------------------------------------------------------------------------------------------------
     def setup(self, accelerator) -> None:
-        cfg = self.cfg
-        self.accelerator = accelerator
+        self._use_accelerator(accelerator)
+        self._scan_data()
+        self._load_model()
+        # LoRA init draws from the global RNG; seed it here so the model's source (folder or single file, which
+        # consume different amounts of randomness while loading) never changes the run
+        torch.manual_seed(self.cfg.training.seed + accelerator.process_index)
+        self._add_lora()
+        self._place_weights()
+        self._cache()
+        self._prepare(accelerator)
+
+    def _use_accelerator(self, accelerator) -> None:
         self.device = accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                                  torch.float32)
-        d, m = cfg.data, cfg.model
+
+    def _scan_data(self) -> None:
+        """Scan the training (and regularisation) folders and assign every image its bucket."""
+        d = self.cfg.data
         self.scan = scan_dataset(d.train_data_dir, d.metadata_path, d.caption_extension, d.default_caption)
         items = list(self.scan.items)
-        self.reg_scan = None
         if d.reg_data_dir:
             self.reg_scan = scan_dataset(d.reg_data_dir, None, d.caption_extension, d.default_caption, is_reg=True)
             items += self.reg_scan.items
         for name, reason in self.scan.skipped:
             log.warning("skipped %s: %s", name, reason)
-        buckets = assign_buckets(items, d.resolution, d.enable_bucket, d.min_bucket_reso, d.max_bucket_reso,
-                                 d.bucket_reso_steps)
+        assign_buckets(items, d.resolution, d.enable_bucket, d.min_bucket_reso, d.max_bucket_reso,
+                       d.bucket_reso_steps)
         if d.enable_bucket:
             self.bucket_table = bucket_info([i.bucket for i in items], [i.width / i.height for i in items])
             log.info("%s", format_bucket_table(self.bucket_table))
         self.items = items
         self.examples = [Example(item, idx) for idx, item in enumerate(items) for _ in range(item.repeats)]
-        self.buckets = buckets
 
+    def _load_model(self) -> None:
+        """Load the base model from its local path, every base weight frozen; the VAE on the device for encoding."""
+        m = self.cfg.model
         model = load_sd_model(m.base_model, m.model_family, m.prediction_type, m.allow_pickle)
         if model.family == "sdxl" and m.clip_skip > 1:
             log.warning("model.clip_skip %d is ignored for SDXL, which always uses the penultimate layer", m.clip_skip)
@@ -90,28 +139,36 @@ class ImageTask:
         model.vae.requires_grad_(False).to(self.device).eval()
         if self.weight_dtype != torch.float32:
             model.vae.to(dtype=self.weight_dtype)
-        text_encoders = [e for e in (model.text_encoder, model.text_encoder_2) if e is not None]
-        for encoder in text_encoders:
+        for encoder in self._base_text_encoders():
             encoder.requires_grad_(False)
         model.unet.requires_grad_(False)
+        self.unet, self.text_encoder, self.text_encoder_2 = model.unet, model.text_encoder, model.text_encoder_2
+
+    def _base_text_encoders(self) -> list:
+        return [e for e in (self.model.text_encoder, self.model.text_encoder_2) if e is not None]
+
+    def _add_lora(self) -> None:
+        """peft LoRA layers in the UNet (and the text encoders when they are trained)."""
+        m, model = self.cfg.model, self.model
         alpha = m.alpha if m.alpha is not None else float(m.lora_rank)
         self.alpha = alpha
-        # LoRA init draws from the global RNG; seed it here so the model's source (folder or single file, which
-        # consume different amounts of randomness while loading) never changes the run
-        torch.manual_seed(cfg.training.seed + accelerator.process_index)
         add_lora(model.unet, m.unet_target_modules, m.lora_rank, alpha, m.dropout)
-        self.te_targets: list[str] = []
         if m.train_text_encoder:
             self.te_targets = add_lora(model.text_encoder, m.text_encoder_target_modules, m.lora_rank, alpha,
                                        m.dropout, field="model.text_encoder_target_modules")
             if model.text_encoder_2 is not None:  # SDXL: both encoders, one learning rate (text_encoder_lr)
                 add_lora(model.text_encoder_2, m.text_encoder_target_modules, m.lora_rank, alpha, m.dropout,
                          field="model.text_encoder_target_modules")
-        # base weights in the compute dtype, LoRA weights stay fp32 (they are what the optimizer updates)
+
+    def _place_weights(self) -> None:
+        """Base weights in the compute dtype on the device, LoRA weights fp32 (they are what the optimizer updates);
+        gradient checkpointing and train/eval modes as configured."""
+        m, model = self.cfg.model, self.model
+        text_encoders = self._base_text_encoders()
         for module in (model.unet, *text_encoders):
             for name, param in module.named_parameters():
                 param.data = param.data.to(self.device, torch.float32 if ".lora_" in name else self.weight_dtype)
-        if cfg.training.gradient_checkpointing:
+        if self.cfg.training.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             if m.train_text_encoder:
                 for encoder in text_encoders:
@@ -119,6 +176,10 @@ class ImageTask:
         for encoder in text_encoders:
             encoder.train(m.train_text_encoder)
         model.unet.train()
+
+    def _cache(self) -> None:
+        """Encode latents and captions once when nothing about them changes between epochs."""
+        d, m = self.cfg.data, self.cfg.model
         self.cache_latents = d.cache_latents and not d.flip_aug and d.center_crop
         self.cache_text = (d.cache_text_encoder_outputs and not m.train_text_encoder and not d.shuffle_caption
                            and d.caption_dropout == 0)
@@ -126,12 +187,15 @@ class ImageTask:
             self._cache_all_latents()
         if self.cache_text:
             self._cache_all_text()
+
+    def _prepare(self, accelerator) -> None:
+        """Hand the modules that train to accelerate (DDP-wrapped on several GPUs); frozen ones stay as they are."""
+        model = self.model
         self.unet = accelerator.prepare_model(model.unet)
-        self.text_encoder = accelerator.prepare_model(model.text_encoder) if m.train_text_encoder \
-            else model.text_encoder
-        self.text_encoder_2 = accelerator.prepare_model(model.text_encoder_2) \
-            if m.train_text_encoder and model.text_encoder_2 is not None else model.text_encoder_2
-        self.alphas_cumprod = model.noise_scheduler.alphas_cumprod.to(self.device)
+        if self.cfg.model.train_text_encoder:
+            self.text_encoder = accelerator.prepare_model(model.text_encoder)
+            if model.text_encoder_2 is not None:
+                self.text_encoder_2 = accelerator.prepare_model(model.text_encoder_2)
 
     def _cache_all_latents(self) -> None:
         d = self.cfg.data
@@ -172,8 +236,9 @@ class ImageTask:
         return {"images": len(self.scan.items), "examples": len(self.examples),
                 "skipped": [{"file": n, "reason": r} for n, r in self.scan.skipped],
                 "duplicates": [{"file": n, "same_as": k} for n, k in self.scan.duplicates],
+                "converted": [{"file": n, "note": why} for n, why in self.scan.notes],
                 "reg_images": len(self.reg_scan.items) if self.reg_scan else 0,
-                "latent_disk_cache": getattr(self, "disk_cache_stats", None),
+                "latent_disk_cache": self.disk_cache_stats,
                 "buckets": self.bucket_table}
 
     # ---- data --------------------------------------------------------------------------------------------------
@@ -232,16 +297,16 @@ class ImageTask:
     def _encode_text(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(encoder_hidden_states, pooled embedding or None). SDXL conditions on both encoders' penultimate hidden
         states side by side and on the second encoder's projected pooled embedding (``clip_skip`` does not apply)."""
-        te = self.text_encoder if hasattr(self, "text_encoder") else self.model.text_encoder
+        te = self.text_encoder
         if self.model.family == "sdxl":
-            te2 = self.text_encoder_2 if hasattr(self, "text_encoder_2") else self.model.text_encoder_2
+            te2 = self.text_encoder_2
             out1 = te(input_ids[:, 0].to(self.device), output_hidden_states=True)
             out2 = te2(input_ids[:, 1].to(self.device), output_hidden_states=True)
             return torch.cat([out1.hidden_states[-2], out2.hidden_states[-2]], dim=-1), out2.text_embeds
         clip_skip = self.cfg.model.clip_skip
         out = te(input_ids.to(self.device), output_hidden_states=clip_skip > 1)
         if clip_skip > 1:
-            inner = getattr(te, "module", te)
+            inner = self.model.text_encoder  # unwrapped (DDP hides the layers under .module)
             return (inner.text_model.final_layer_norm(out.hidden_states[-clip_skip]) if hasattr(inner, "text_model")
                     else inner.final_layer_norm(out.hidden_states[-clip_skip])), None
         return out[0], None
@@ -316,12 +381,7 @@ class ImageTask:
         pred = self.unet(noisy, timesteps, text, added_cond_kwargs=added).sample
         per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         if t.min_snr_gamma:
-            ac = self.alphas_cumprod[timesteps]
-            snr = ac / (1 - ac)
-            weight = torch.clamp(snr, max=t.min_snr_gamma) / snr
-            if self.model.prediction_type == "v_prediction":
-                weight = torch.clamp(snr, max=t.min_snr_gamma) / (snr + 1)
-            per_example = per_example * weight
+            per_example = per_example * min_snr_weight(sched, timesteps, t.min_snr_gamma, self.model.prediction_type)
         is_reg = batch["is_reg"].to(self.device)
         if is_reg.any():
             per_example = torch.where(is_reg, per_example * self.cfg.data.prior_loss_weight, per_example)
@@ -352,7 +412,7 @@ class ImageTask:
             return save_diffusers_lora(path_stem, unet_state, te_states, m.lora_rank, self.alpha,
                                        cfg.output.save_precision)
         tensors = kohya_lora_tensors(self.model.family, unet_state, te_states, self.alpha,
-                                     getattr(self.unet, "module", self.unet).config)
+                                     self.model.unet.config)
         t = cfg.training
         meta = training_metadata(
             output_name=path_stem.name, base_model_version=self.model.base_model_version,
@@ -360,8 +420,8 @@ class ImageTask:
             learning_rate=t.learning_rate, text_encoder_lr=m.text_encoder_lr if self.te_targets else None,
             resolution=cfg.data.resolution, num_train_images=self.scan.num_images,
             tag_frequency=self.scan.tag_frequency(), dataset_dirs=self.scan.dataset_dirs(),
-            started_at=getattr(self, "started_at", 0.0), steps=step, epoch=epoch,
-            max_train_steps=getattr(self, "total_steps", step), base_model_path=m.base_model,
+            started_at=self.started_at, steps=step, epoch=epoch,
+            max_train_steps=self.total_steps or step, base_model_path=m.base_model,
             batch_size=t.batch_size, gradient_accumulation_steps=t.gradient_accumulation_steps,
             mixed_precision=t.mixed_precision, optimizer=t.optimizer, lr_scheduler=t.lr_scheduler, seed=t.seed,
             noise_offset=t.noise_offset, min_snr_gamma=t.min_snr_gamma, clip_skip=m.clip_skip,
@@ -377,12 +437,12 @@ class ImageTask:
             return []
         from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-        unet = getattr(self.unet, "module", self.unet)
-        te = getattr(self.text_encoder, "module", self.text_encoder)
+        # the unwrapped modules (the same weights the prepared, possibly DDP-wrapped ones train)
+        unet, te = self.model.unet, self.model.text_encoder
         scheduler = DDIMScheduler.from_config(self.model.noise_scheduler.config)
         if self.model.family == "sdxl":
             pipe = StableDiffusionXLPipeline(vae=self.model.vae, text_encoder=te,
-                                             text_encoder_2=getattr(self.text_encoder_2, "module", self.text_encoder_2),
+                                             text_encoder_2=self.model.text_encoder_2,
                                              tokenizer=self.model.tokenizer, tokenizer_2=self.model.tokenizer_2,
                                              unet=unet, scheduler=scheduler)
         else:

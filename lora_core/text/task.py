@@ -51,11 +51,18 @@ class TextTask:
         self.tokenizer: Any = None
         self.dataset: Optional[text_data.TextDataset] = None
         self.device = torch.device("cpu")
+        self.started_at = 0.0  # set by the loop before the first step (TrainingTask)
+        self.total_steps = 0
 
     # -- setup -----------------------------------------------------------------------------------------------------
     def setup(self, accelerator: Any) -> None:
-        cfg = self.cfg
         self.device = accelerator.device
+        self._load_data()
+        self._load_model(accelerator)
+
+    def _load_data(self) -> None:
+        """The tokenizer (and its chat template), then the tokenized, masked dataset and its validation split."""
+        cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model.base_model)
         try:
             resolve_chat_template(self.tokenizer, cfg.data.chat_template)
@@ -64,11 +71,18 @@ class TextTask:
                 cfg.data.packing, cfg.data.validation_split, cfg.training.seed)
         except TemplateError as e:
             raise ConfigError([str(e)]) from None
+
+    def _load_model(self, accelerator: Any) -> None:
+        """The base model (quantized when asked), its LoRA, and the copy accelerate prepares for the forward pass."""
+        cfg = self.cfg
         base = load_base_model(cfg.model.base_model, base_dtype(cfg, self.device),
                                quantization_config(cfg, self.device), self.device)
         self.model = add_lora(base, cfg)
         self.model.train()
         self.forward_model = accelerator.prepare_model(self.model)
+
+    def dataset_summary(self) -> Optional[dict]:
+        return None  # the text dataset reports its problems while loading (errors name the line)
 
     def num_examples(self) -> int:
         return len(self.dataset.train)
