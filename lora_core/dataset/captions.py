@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..files import atomic_write_text
 from .scan import IMAGE_EXTS, DatasetError, caption_for, find_images, read_metadata_csv, write_metadata_csv
 from .check import tag_frequency
 
@@ -82,6 +83,13 @@ def add_trigger(caption: str, word: str) -> str:
     return join_tags([word] + [t for t in split_tags(caption) if t.lower() != word.lower()])
 
 
+def add_tags(caption: str, tags: list[str]) -> str:
+    """Append the tags the caption lacks (compared case-insensitively), in the order given."""
+    have = {t.lower() for t in split_tags(caption)}
+    extra = [t.strip() for t in tags if t.strip() and t.strip().lower() not in have]
+    return join_tags(split_tags(caption) + list(dict.fromkeys(extra)))
+
+
 def remove_tags(caption: str, tags: list[str]) -> str:
     """Drop whole tags, compared case-insensitively (``remove_tags("1girl, Solo", ["solo"])`` → ``"1girl"``)."""
     gone = {t.strip().lower() for t in tags}
@@ -122,6 +130,7 @@ def dedupe_tags(caption: str) -> str:
 EDIT_OPS: dict[str, tuple[Callable[[str, dict[str, int], dict], str], tuple[str, ...], tuple[str, ...]]] = {
     "add_trigger": (lambda c, f, p: add_trigger(c, p["word"]), ("word",), ()),
     "remove_trigger": (lambda c, f, p: remove_tags(c, [p["word"]]), ("word",), ()),
+    "add_tags": (lambda c, f, p: add_tags(c, p["tags"]), ("tags",), ()),
     "remove_tags": (lambda c, f, p: remove_tags(c, p["tags"]), ("tags",), ()),
     "replace": (lambda c, f, p: replace_text(c, p["find"], p.get("replace", ""), bool(p.get("regex", False))),
                 ("find",), ("replace", "regex")),
@@ -135,9 +144,7 @@ def metadata_file(folder: Path, metadata_path: str | Path | None) -> Path:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
 
 
 def csv_key(rel: str, csv_captions: dict[str, str]) -> Optional[str]:
@@ -222,7 +229,7 @@ def apply_edit(folder: str | Path, op: str, params: Optional[dict] = None, capti
     unknown = sorted(set(params) - set(required) - set(optional))
     if unknown:
         raise CaptionError(f"{op}: unknown parameter {', '.join(unknown)}")
-    if op == "remove_tags" and isinstance(params["tags"], str):
+    if op in ("add_tags", "remove_tags") and isinstance(params["tags"], str):
         params["tags"] = split_tags(params["tags"])
     root = Path(folder)
     captions = read_captions(root, caption_extension, metadata_path)
@@ -243,6 +250,40 @@ def apply_edit(folder: str | Path, op: str, params: Optional[dict] = None, capti
         write_captions(root, updates, captions, caption_extension, metadata_path)
     log.info("%s: %d captions changed in %s%s", op, len(report.changed), root, " (dry run)" if dry_run else "")
     return report
+
+
+@dataclass
+class CaptionStats:
+    """How a folder's captions look, for ``captions stats``: coverage, sources, length and the commonest tags."""
+    folder: str
+    images: int
+    captioned: int
+    sources: dict[str, int]
+    tags_per_caption: float
+    tag_frequency: dict[str, int]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_text(self, top: int = 20) -> str:
+        lines = [f"{self.folder}: {self.images} images, {self.captioned} captioned, "
+                 f"{self.images - self.captioned} without a caption",
+                 "captions from: " + (", ".join(f"{k} {v}" for k, v in sorted(self.sources.items())) or "-"),
+                 f"{len(self.tag_frequency)} distinct tags, {self.tags_per_caption:.1f} per caption"]
+        lines += [f"  {n:5}  {tag}" for tag, n in list(self.tag_frequency.items())[:top]]
+        return "\n".join(lines)
+
+
+def caption_stats(folder: str | Path, caption_extension: str = ".txt",
+                  metadata_path: str | Path | None = None) -> CaptionStats:
+    captions = read_captions(Path(folder), caption_extension, metadata_path)
+    texts = [e.caption for e in captions.entries if e.caption]
+    sources: dict[str, int] = {}
+    for e in captions.entries:
+        if e.source:
+            sources[e.source] = sources.get(e.source, 0) + 1
+    per = sum(len(split_tags(t)) for t in texts) / len(texts) if texts else 0.0
+    return CaptionStats(captions.folder, len(captions.entries), len(texts), sources, per, tag_frequency(texts))
 
 
 @dataclass
