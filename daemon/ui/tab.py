@@ -1,4 +1,4 @@
-"""The LoRA Training tab: Dataset, Train, Runs and Daemon sections, as one gradio Blocks.
+"""The LoRA Training tab: Dataset, Train, Runs, Combine (`combine.py`) and Daemon sections, as one gradio Blocks.
 
 Built the same way inside A1111 (gradio 3.41) and Forge (gradio 4.40) and in standalone mode, so it uses only what
 both gradio majors share: no ``.style()``, ``gr.update(...)`` for every change, ``gr.Group`` rather than
@@ -19,6 +19,7 @@ import yaml
 from ..client import DaemonError, DaemonNotRunning
 
 from . import render
+from .combine import CombineSection
 from .context import TabContext
 from .datasets import DatasetPathError, confined, dataset_folder, list_images, save_uploads
 from .forms import (FIELDS, TEXT_FIELDS, config_to_form, form_to_config, is_text_config, parse_extra_yaml,
@@ -94,6 +95,9 @@ class TrainTab:
                     self._train_section()
                 with gr.Tab("Runs", elem_id="lora_scripts_runs_section"):
                     self._runs_section()
+                with gr.Tab("Combine", elem_id="lora_scripts_combine_section"):
+                    self.combine = CombineSection(self.ctx)
+                    self.combine.build()
                 with gr.Tab("Daemon", elem_id="lora_scripts_daemon_section"):
                     self._daemon_section()
             self._wire_dataset()

@@ -1,0 +1,183 @@
+"""The tab's Combine section: pick LoRAs from the Lora folder with weights, preview what they are, and merge them
+into one LoRA or bake them into a checkpoint — as a daemon job that shows progress in Runs like a training run.
+
+Only the daemon touches the files (``tools.inspect`` and ``tools`` requests; `lora_daemon.tools_job` confines
+them to its Lora/checkpoint folders), so the WebUI process never loads a tensor. LoRAs are sent by their name
+relative to the Lora folder, which the daemon resolves in its own Lora folder. Works on gradio 3.41 and 4.40:
+``gr.update`` for every change, no ``.style()``, multiselect dropdowns only.
+"""
+from __future__ import annotations
+
+import html
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+import gradio as gr
+
+from ..client import DaemonError, DaemonNotRunning
+from .context import TabContext
+
+log = logging.getLogger(__name__)
+
+MERGE = "Merge into one LoRA"
+BAKE = "Bake into a checkpoint"
+ACTIONS = (MERGE, BAKE)
+PRECISIONS = ("fp16", "bf16", "fp32")
+MAX_LISTED = 500
+DAEMON_DOWN = "The training daemon is not running: start it in the Daemon section."
+
+
+def list_loras(folder: Path) -> list[str]:
+    """LoRA files under the Lora folder as relative names (subfolders as the WebUI shows them), hidden and
+    half-written files left out."""
+    if not folder.is_dir():
+        return []
+    names = []
+    for path in sorted(folder.rglob("*.safetensors")):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        names.append(rel.as_posix())
+        if len(names) >= MAX_LISTED:
+            break
+    return names
+
+
+def parse_weights(text: str, count: int) -> list[float]:
+    """``"0.8, 1"`` → one weight per chosen LoRA; missing ones are 1.0, a bad entry is named."""
+    parts = [p.strip() for p in (text or "").replace(";", ",").split(",") if p.strip()]
+    if len(parts) > count:
+        raise ValueError(f"Weights: {len(parts)} given for {count} LoRAs")
+    weights = []
+    for i, part in enumerate(parts):
+        try:
+            weights.append(float(part))
+        except ValueError:
+            raise ValueError(f"Weights: entry {i + 1} ({part!r}) is not a number") from None
+    return weights + [1.0] * (count - len(weights))
+
+
+def _message(error: Exception) -> str:
+    if isinstance(error, DaemonNotRunning):
+        return DAEMON_DOWN
+    return str(getattr(error, "message", None) or error)
+
+
+def _status(text: str, kind: str = "info") -> str:
+    return f'<div class="lora-scripts-status lora-scripts-{kind}">{html.escape(text)}</div>'
+
+
+def preview_html(infos: list[tuple[str, float, dict]]) -> str:
+    """One row per LoRA (family, adapter, rank/alpha, steps, top tags) and a verdict on combining them."""
+    rows = []
+    for name, weight, info in infos:
+        t = info.get("training") or {}
+        tags = ", ".join(str(tag[0]) for tag in (t.get("top_tags") or [])[:5])
+        rows.append("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in (
+            name, weight, info.get("family"), ", ".join(info.get("adapter_types") or []), info.get("rank"),
+            info.get("alpha"), info.get("modules"), t.get("steps") or "", tags)) + "</tr>")
+    head = "".join(f"<th>{h}</th>" for h in ("LoRA", "weight", "family", "adapter", "rank", "alpha", "modules",
+                                             "steps", "top tags"))
+    families = sorted({str(info.get("family")) for _, _, info in infos})
+    if len(families) > 1:
+        verdict = _status(f"These LoRAs are of different model families ({', '.join(families)}): they cannot be "
+                          f"combined.", "error")
+    else:
+        exact = sum(int(r) if isinstance(r, int) else max(r or [0]) for r in
+                    (info.get("rank") for _, _, info in infos))
+        verdict = _status(f"One family ({families[0] if families else '?'}); an exact merge has rank {exact}.")
+    return (f'<table class="lora-scripts-combine-preview"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table>{verdict}')
+
+
+class CombineSection:
+    """Builds the section's components (inside the tab's Blocks) and owns its handlers."""
+
+    def __init__(self, ctx: TabContext):
+        self.ctx = ctx
+        self.c: dict[str, Any] = {}
+
+    def build(self) -> None:
+        c = self.c
+        names = list_loras(self.ctx.lora_dir())
+        with gr.Row():
+            c["loras"] = gr.Dropdown(choices=names, value=[], multiselect=True, label="LoRAs (from the Lora folder)",
+                                     elem_id="lora_scripts_combine_loras")
+            c["refresh"] = gr.Button("Refresh", elem_id="lora_scripts_combine_refresh")
+        c["weights"] = gr.Textbox(label="Weights, one per LoRA in order (e.g. 0.8, 0.5; missing ones are 1)",
+                                  elem_id="lora_scripts_combine_weights")
+        c["preview"] = gr.Button("Preview", elem_id="lora_scripts_combine_preview_button")
+        c["info"] = gr.HTML(elem_id="lora_scripts_combine_info")
+        with gr.Row():
+            c["action"] = gr.Radio(choices=list(ACTIONS), value=MERGE, label="Combine by",
+                                   elem_id="lora_scripts_combine_action")
+            c["rank"] = gr.Number(value=0, precision=0, label="Rank (0: exact, the ranks concatenated)",
+                                  elem_id="lora_scripts_combine_rank")
+            c["precision"] = gr.Dropdown(choices=list(PRECISIONS), value="fp16", label="Precision",
+                                         elem_id="lora_scripts_combine_precision")
+        with gr.Row():
+            c["base"] = gr.Dropdown(choices=sorted(self.ctx.checkpoints()), label="Base model (bake)",
+                                    elem_id="lora_scripts_combine_base")
+            c["out"] = gr.Textbox(label="Output name", value="combined", elem_id="lora_scripts_combine_out")
+        c["run"] = gr.Button("Combine", variant="primary", elem_id="lora_scripts_combine_run")
+        c["status"] = gr.HTML(elem_id="lora_scripts_combine_status")
+        c["refresh"].click(self.refresh, inputs=[c["loras"], c["base"]], outputs=[c["loras"], c["base"]])
+        c["preview"].click(self.preview, inputs=[c["loras"], c["weights"]], outputs=[c["info"]])
+        c["run"].click(self.run, inputs=[c["action"], c["loras"], c["weights"], c["rank"], c["base"], c["out"],
+                                         c["precision"]], outputs=[c["status"], c["loras"]])
+
+    # ---------------------------------------------------------------- handlers
+    def refresh(self, chosen: Optional[list], base: Optional[str]):
+        names = list_loras(self.ctx.lora_dir())
+        models = sorted(self.ctx.checkpoints())
+        return (gr.update(choices=names, value=[n for n in (chosen or []) if n in names]),
+                gr.update(choices=models, value=base if base in models else None))
+
+    def preview(self, chosen: Optional[list], weights_text: str) -> str:
+        chosen = list(chosen or [])
+        if not chosen:
+            return _status("Choose one or more LoRAs first.", "error")
+        try:
+            weights = parse_weights(weights_text, len(chosen))
+            client = self.ctx.client(timeout=10.0)
+            infos = [(name, w, client.tools_inspect(name)) for name, w in zip(chosen, weights)]
+        except (ValueError, DaemonError, DaemonNotRunning) as e:
+            return _status(_message(e), "error")
+        return preview_html(infos)
+
+    def request(self, action: str, chosen: list, weights_text: str, rank: Any, base: Optional[str], out: str,
+                precision: str) -> tuple[str, dict]:
+        """The daemon request the form describes (command, arguments); a form mistake raises ValueError."""
+        if not chosen:
+            raise ValueError("Choose one or more LoRAs first.")
+        weights = parse_weights(weights_text, len(chosen))
+        out = (out or "").strip()
+        if not out:
+            raise ValueError("Output name: give the new file a name.")
+        args: dict[str, Any] = {"loras": [{"path": n, "weight": w} for n, w in zip(chosen, weights)], "out": out,
+                                "precision": precision or "fp16"}
+        if action == BAKE:
+            models = self.ctx.checkpoints()
+            if not base or base not in models:
+                raise ValueError("Base model: choose the checkpoint to bake the LoRAs into.")
+            args["base"] = str(models[base])
+            return "bake", args
+        rank = int(rank or 0)
+        if rank < 0:
+            raise ValueError("Rank: 0 for an exact merge, or a positive rank")
+        if rank:
+            args["rank"] = rank
+        return "merge", args
+
+    def run(self, action: str, chosen: Optional[list], weights_text: str, rank: Any, base: Optional[str],
+            out: str, precision: str):
+        names = list_loras(self.ctx.lora_dir())
+        try:
+            command, args = self.request(action, list(chosen or []), weights_text, rank, base, out, precision)
+            job = self.ctx.client(timeout=10.0).tools(command, **args)
+        except (ValueError, DaemonError, DaemonNotRunning) as e:
+            return _status(_message(e), "error"), gr.update(choices=names)
+        where = "the checkpoint folder" if command == "bake" else "the Lora folder"
+        return (_status(f"Queued {job['name']} as job {job['id']}: follow it in Runs; the file appears in {where} "
+                        f"when it finishes (press Refresh)."), gr.update(choices=names))

@@ -1,0 +1,102 @@
+"""The tab's Combine section under gradio 3.41 (A1111) and 4.40 (Forge): it builds inside the whole tab, lists
+the Lora folder, previews LoRAs through a real daemon (`tools.inspect`) and queues merge and bake jobs that the
+daemon runs to real files."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon_fixtures import ROOT, daemon_factory  # noqa: F401  (fixture)
+from prepare_webui_envs import ENVS, require
+from test_tools import make_lora
+
+PROBE = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("lora_daemon_bootstrap", sys.argv[1])
+bootstrap = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bootstrap)
+bootstrap.import_lora_daemon()
+from pathlib import Path
+import gradio as gr
+from lora_daemon.ui.context import TabContext, UiSettings
+from lora_daemon.ui.tab import TrainTab
+from lora_daemon.ui.combine import BAKE, MERGE
+
+home, lora_dir, base = sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+ctx = TabContext(settings=lambda: UiSettings(home=home), checkpoints=lambda: {"base.safetensors [0]": base},
+                 lora_dir=lambda: lora_dir)
+tab = TrainTab(ctx)
+blocks = tab.build()
+c = tab.combine
+ids = sorted(getattr(b, "elem_id", None) or "" for b in blocks.blocks.values())
+def plain(update):
+    return {k: v for k, v in update.items() if k in ("choices", "value")}
+report = {"gradio": gr.__version__, "combine_ids": [i for i in ids if "combine" in i],
+          "choices": c.c["loras"].choices}
+report["refresh"] = [plain(u) for u in c.refresh(["style.safetensors", "gone.safetensors"], None)]
+report["preview"] = c.preview(["style.safetensors", "character.safetensors"], "0.8")
+report["preview_mixed"] = c.preview(["style.safetensors", "xl.safetensors"], "")
+report["preview_bad_weight"] = c.preview(["style.safetensors"], "lots")
+report["merge"] = c.run(MERGE, ["style.safetensors", "character.safetensors"], "0.8, 0.5", 0, None, "combo", "fp32")[0]
+report["bake"] = c.run(BAKE, ["style.safetensors"], "0.5", 0, "base.safetensors [0]", "baked", "fp16")[0]
+report["bake_no_base"] = c.run(BAKE, ["style.safetensors"], "", 0, None, "baked2", "fp16")[0]
+report["escape"] = c.run(MERGE, ["style.safetensors"], "", 0, None, "../../escape", "fp16")[0]
+print("REPORT " + json.dumps(report, default=str))
+"""
+
+
+def _wait_files(paths: list[Path], timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not all(p.is_file() for p in paths):
+        time.sleep(0.5)
+
+
+@pytest.mark.parametrize("env_name", list(ENVS))
+def test_combine_section_previews_and_queues_merge_and_bake_jobs(env_name, daemon_factory, tmp_path):
+    from lora_core.tiny import build_tiny_sd
+
+    python = require(env_name)
+    checkpoints = tmp_path / "Stable-diffusion"
+    lora_dir = tmp_path / "Lora"
+    base = build_tiny_sd(checkpoints, single_file=True)
+    make_lora(lora_dir / "style.safetensors", "sd1", seed=1, text=False)
+    make_lora(lora_dir / "character.safetensors", "sd1", seed=2, rank=2, text=False)
+    make_lora(lora_dir / "xl.safetensors", "sdxl", seed=1, text=False)
+    daemon = daemon_factory("--checkpoint-dir", str(checkpoints))
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE, encoding="utf-8")
+    done = subprocess.run([str(python), str(probe), str(ROOT / "daemon" / "bootstrap.py"), str(daemon.home),
+                           str(lora_dir), str(base)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""}, cwd=str(tmp_path))
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(lines[-1][len("REPORT "):])
+
+    assert {"lora_scripts_combine_loras", "lora_scripts_combine_run", "lora_scripts_combine_base"} <= \
+        set(report["combine_ids"])
+    choices = [c[0] if isinstance(c, list) else c for c in report["choices"]]
+    assert choices == ["character.safetensors", "style.safetensors", "xl.safetensors"]
+    assert report["refresh"][0]["value"] == ["style.safetensors"]
+    assert "<td>style.safetensors</td><td>0.8</td><td>sd1</td><td>lora</td><td>4</td>" in report["preview"]
+    assert "an exact merge has rank 6" in report["preview"]
+    assert "different model families (sd1, sdxl)" in report["preview_mixed"]
+    assert "Weights: entry 1" in report["preview_bad_weight"]
+    assert "Queued merge combo.safetensors" in report["merge"]
+    assert "Queued bake baked.safetensors" in report["bake"]
+    assert "Base model: choose" in report["bake_no_base"]
+    assert "outside the daemon" in report["escape"]
+
+    merged, baked = lora_dir / "combo.safetensors", checkpoints / "baked.safetensors"
+    _wait_files([merged, baked])
+    runs = {r["name"]: r for r in daemon.client().list_runs(all=True)}
+    assert merged.is_file() and baked.is_file(), runs
+    from lora_core.tools.inspect import inspect_file
+
+    info = inspect_file(merged)
+    assert info["rank"] == 6 and [s["weight"] for s in info["training"]["merged_from"]] == [0.8, 0.5]
+    assert not (tmp_path / "escape.safetensors").exists()
