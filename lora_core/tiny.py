@@ -10,7 +10,8 @@ quarter of the VAE's, so the share of each step spent in the VAE stays close to 
 and ``family="sdxl"`` (two text encoders, pooled embeddings, size/crop conditioning) come in size ``tiny``.
 
     python -m lora_core.tiny --out DIR [--single-file] [--family sd1|sd2|sdxl] [--prediction-type v_prediction]
-                             [--dataset DIR]
+                             [--dataset DIR] [--tagger DIR]
+    python -m lora_core.tiny --out my/model.safetensors --single-file   (a file path for a single file)
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from typing import Optional
 
 from PIL import Image, ImageDraw
 
+from .files import atomic_path
 from .image.clip_tokenizer import write_clip_tokenizer
 from .image.sd_models import clip_text_model
 
@@ -155,6 +157,9 @@ def build_tiny_sd(out_dir: str | Path, single_file: bool = False, family: str = 
     out = Path(out_dir)
     parts = build_components(family, size, seed, prediction_type)
     if single_file:
+        if out.suffix.lower() == ".safetensors":  # the file's own path, as the user asked for it
+            out.parent.mkdir(parents=True, exist_ok=True)
+            return write_single_file(parts, out, family)
         suffix = "-768-v" if prediction_type == "v_prediction" else ""
         return write_single_file(parts, out / f"{size}-{family}{suffix}.safetensors", family)
     if family == "sdxl":
@@ -190,10 +195,8 @@ def write_single_file(parts: dict, path: Path, family: str = "sd1") -> Path:
         state.update(open_clip_to_ldm(parts["text_encoder_2"].state_dict(), "conditioner.embedders.1.model."))
     else:
         state.update(clip_to_ldm(te_state))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata={"format": "pt"})
     return path
 
 
@@ -230,10 +233,65 @@ def make_tiny_dataset(out_dir: str | Path, n: int = 4, size: int = 64, seed: int
     return out
 
 
+# The demo tagger's tags: (name, category, bias, weight on the image's mean R, G, B in 0-1). Category 9 is WD14's
+# rating; the colour tags fire on the tiny dataset's shapes by their colour, "simple_background" on every image.
+DEMO_TAGGER_TAGS = [("general", 9, 2.0, (0, 0, 0)), ("sensitive", 9, -2.0, (0, 0, 0)),
+                    ("simple_background", 0, 3.0, (0, 0, 0)), ("red_shape", 0, -0.5, (4.0, -2.0, -2.0)),
+                    ("blue_shape", 0, -0.5, (-2.0, -2.0, 4.0)), ("yellow_shape", 0, -0.5, (2.0, 2.0, -4.0))]
+
+
+def build_tiny_tagger(out: str | Path, tags: Optional[list[tuple]] = None, dynamic_batch: bool = True) -> Path:
+    """A WD14-layout tagger folder (``model.onnx`` + ``selected_tags.csv``) with hand-set weights, so auto-label can
+    be tried without downloading anything: ``python -m lora_core.tiny --tagger DIR``, then auto-label with
+    ``--captioner wd14 --model DIR``. Needs the ``onnx`` package (``pip install onnx``) to write the graph.
+
+    Its interface is WD14's: NHWC BGR 0-255 in, one sigmoid per tag out; inside, the image's mean colour goes
+    through one linear layer. ``dynamic_batch=False`` exports a fixed batch of one, as some published taggers are.
+    """
+    import csv
+
+    import numpy as np
+    try:
+        import onnx
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        raise SystemExit("the demo tagger is written with the onnx package: pip install onnx") from None
+
+    tags = DEMO_TAGGER_TAGS if tags is None else tags
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rgb = np.array([t[3] for t in tags], dtype=np.float32).T / 255.0  # (3, tags); the input is 0-255
+    bgr = rgb[::-1].copy()  # the tagger is fed BGR
+    bias = np.array([t[2] for t in tags], dtype=np.float32)
+    batch = "batch" if dynamic_batch else 1
+    graph = helper.make_graph(
+        [helper.make_node("ReduceMean", ["input", "axes"], ["mean"], keepdims=0),
+         helper.make_node("MatMul", ["mean", "w"], ["logits0"]),
+         helper.make_node("Add", ["logits0", "b"], ["logits"]),
+         helper.make_node("Sigmoid", ["logits"], ["output"])],
+        "tiny_wd14",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 32, 32, 3])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, len(tags)])],
+        [numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
+         numpy_helper.from_array(bgr, "w"), numpy_helper.from_array(bias, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 8
+    onnx.save(model, str(out / "model.onnx"))
+    with open(out / "selected_tags.csv", "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["tag_id", "name", "category", "count"])
+        for i, (name, category, *_) in enumerate(tags):
+            writer.writerow([i, name, category, 100 - i])
+    return out
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lora_core.tiny", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", required=True, help="folder to write the model into")
+    parser.add_argument("--out", help="folder to write the model into; with --single-file a folder or the "
+                                      "checkpoint's own path (x.safetensors)")
     parser.add_argument("--single-file", action="store_true", help="write one WebUI-style .safetensors checkpoint")
+    parser.add_argument("--tagger", metavar="DIR", help="write a demo WD14-style tagger into DIR, to try "
+                                                        "auto-label without downloaded weights")
     parser.add_argument("--family", default="sd1", choices=FAMILY_NAMES)
     parser.add_argument("--prediction-type", default="epsilon", choices=PREDICTION_TYPES,
                         help="v_prediction builds an SD 2.x 768-v-style model")
@@ -242,8 +300,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--dataset", help="also write a tiny dataset of coloured shapes into this folder")
     parser.add_argument("--images", type=int, default=4)
     args = parser.parse_args(argv)
-    path = build_tiny_sd(args.out, args.single_file, args.family, args.size, args.seed, args.prediction_type)
-    print(path)
+    if not (args.out or args.tagger or args.dataset):
+        parser.error("give --out (a model), --tagger DIR and/or --dataset DIR")
+    if args.out and Path(args.out).suffix.lower() == ".safetensors" and not args.single_file:
+        parser.error(f"--out {args.out}: a .safetensors path is a single-file checkpoint; add --single-file, or "
+                     f"give a folder for a diffusers model")
+    if args.out:
+        print(build_tiny_sd(args.out, args.single_file, args.family, args.size, args.seed, args.prediction_type))
+    if args.tagger:
+        print(build_tiny_tagger(args.tagger))
     if args.dataset:
         print(make_tiny_dataset(args.dataset, n=args.images))
     return 0

@@ -1,7 +1,6 @@
 """Generated image folders for the dataset-tool tests: real files, written with PIL, each with one known flaw."""
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import numpy as np
@@ -92,35 +91,8 @@ def colour_folder(root: Path) -> Path:
 
 
 def make_tagger_dir(out: Path, tags: list[tuple] = TAGGER_TAGS, dynamic_batch: bool = True) -> Path:
-    """A WD14-layout tagger folder (model.onnx + selected_tags.csv) with hand-set weights, built with onnx alone.
+    """A WD14-layout tagger folder with hand-set weights: the engine's demo tagger (`lora_core.tiny`) with these
+    tags. ``dynamic_batch=False`` exports a fixed batch of one, as some published taggers are."""
+    from lora_core.tiny import build_tiny_tagger
 
-    Its interface is WD14's: NHWC BGR 0-255 in, one sigmoid per tag out; inside, the image's mean colour goes
-    through one linear layer. ``dynamic_batch=False`` exports a fixed batch of one, as some published taggers are.
-    """
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
-    out.mkdir(parents=True, exist_ok=True)
-    rgb = np.array([t[3] for t in tags], dtype=np.float32).T / 255.0  # (3, tags); the input is 0-255
-    bgr = rgb[::-1].copy()  # the tagger is fed BGR
-    bias = np.array([t[2] for t in tags], dtype=np.float32)
-    batch = "batch" if dynamic_batch else 1
-    graph = helper.make_graph(
-        [helper.make_node("ReduceMean", ["input", "axes"], ["mean"], keepdims=0),
-         helper.make_node("MatMul", ["mean", "w"], ["logits0"]),
-         helper.make_node("Add", ["logits0", "b"], ["logits"]),
-         helper.make_node("Sigmoid", ["logits"], ["output"])],
-        "tiny_wd14",
-        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 32, 32, 3])],
-        [helper.make_tensor_value_info("output", TensorProto.FLOAT, [batch, len(tags)])],
-        [numpy_helper.from_array(np.array([1, 2], dtype=np.int64), "axes"),
-         numpy_helper.from_array(bgr, "w"), numpy_helper.from_array(bias, "b")])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 8
-    onnx.save(model, str(out / "model.onnx"))
-    with open(out / "selected_tags.csv", "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["tag_id", "name", "category", "count"])
-        for i, (name, category, *_) in enumerate(tags):
-            writer.writerow([i, name, category, 100 - i])
-    return out
+    return build_tiny_tagger(out, tags, dynamic_batch)
