@@ -97,11 +97,19 @@ def test_the_folder_runs_as_lora_daemon_in_a_venv_without_the_project(wheels, tm
     missing = subprocess.run([str(python), "-c", "import lora_daemon"], capture_output=True, text=True,
                              cwd=tmp_path, env={**os.environ, "PYTHONPATH": ""})
     assert missing.returncode != 0 and "No module named 'lora_daemon'" in missing.stderr
-    assert "submit" in run(python, ROOT / "daemon", "--help", cwd=tmp_path).stdout
+    # Python puts the folder itself first on sys.path, where daemon/queue.py would shadow the standard library's
+    # `queue` for everything imported later (gradio's urllib3 does): an exit hook imports it after the CLI ran.
+    site = next((tmp_path / "venv").glob("lib*/python*/site-packages"), None) or tmp_path / "venv/Lib/site-packages"
+    (site / "sitecustomize.py").write_text("import atexit\n\n@atexit.register\ndef report():\n"
+                                           "    import queue\n    print('QUEUE', queue.__file__)\n")
+    out = run(python, ROOT / "daemon", "--help", cwd=tmp_path).stdout
+    assert "submit" in out
+    stdlib_queue = Path(out.split("QUEUE ", 1)[1].strip())
+    assert stdlib_queue.name == "queue.py" and stdlib_queue.parent != ROOT / "daemon", out
     both = run(python, "-c", "import importlib.util, daemon\n"
                f"spec = importlib.util.spec_from_file_location('b', {str(ROOT / 'daemon' / 'bootstrap.py')!r})\n"
                "b = importlib.util.module_from_spec(spec); spec.loader.exec_module(b)\n"
                "ours = b.import_lora_daemon(); import lora_daemon.client\n"
                "print(daemon.DaemonContext.__module__, ours.__file__)", cwd=tmp_path)
-    context, ours = both.stdout.split()
+    context, ours = both.stdout.splitlines()[0].split()
     assert context == "daemon.daemon" and Path(ours).resolve() == ROOT / "daemon" / "__init__.py"
