@@ -49,9 +49,24 @@ def add_lora(model: torch.nn.Module, targets: list[str], rank: int, alpha: float
                         target_modules=list(targets) + [n for n in conv_names], rank_pattern=patterns,
                         alpha_pattern=alphas, init_lora_weights=True)
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    _full_precision_init(model)
     for name, param in model.named_parameters():
         param.requires_grad_(".lora_" in name)
     return sorted(set(matched) | set(conv_names))
+
+
+def _full_precision_init(model: torch.nn.Module) -> None:
+    """LoRA weights are what the optimizer updates, so they live in fp32 whatever the base weights' dtype. peft
+    creates them in the base layer's dtype (bf16/fp16 when the model is loaded in its training dtype), which would
+    round the initial A matrix: each layer's LoRA is cast to fp32 and initialised again there, so a bf16 run starts
+    from the LoRA an fp32 run of the same seed starts from."""
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and ADAPTER in module.lora_A:
+            module.lora_A[ADAPTER].float()
+            module.lora_B[ADAPTER].float()
+            module.reset_lora_parameters(ADAPTER, True)
 
 
 def lora_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
