@@ -6,10 +6,15 @@ Baseline in the same run: a bare ZeroMQ ROUTER echo server in its own process, d
 daemon's own cost (JSON, token check, SQLite, config validation) is the difference between the two rows.
 Event latency is the child's event timestamp (`lora_core.train --events`) to its arrival as `run.progress` at a
 subscriber, on a real tiny-model training run.
+
+Every client thread opens its own client and socket (the JSON line counts them), and the last line is one JSON object
+with every row's p50/p99, the load average at start and end and the core count; a load above the core count prints a
+warning (latency figures from a busy machine are not results).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -20,12 +25,16 @@ from pathlib import Path
 
 import zmq
 
-ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(HERE))
 
 from lora_daemon.client import DaemonClient  # noqa: E402
 from lora_daemon.home import read_info  # noqa: E402
 from lora_daemon.protocol import encode, make_request  # noqa: E402
+
+from bench_common import LoadWatch, emit  # noqa: E402
 
 ECHO_SERVER = """
 import sys, zmq
@@ -39,20 +48,28 @@ while True:
 """
 
 
-def percentiles(samples: list[float]) -> str:
+def summary(samples: list[float]) -> dict:
     ms = sorted(s * 1000 for s in samples)
-    p = lambda q: ms[min(len(ms) - 1, int(q * len(ms)))]  # noqa: E731
-    return f"p50 {statistics.median(ms):7.2f} ms   p99 {p(0.99):7.2f} ms   n={len(ms)}"
+    return {"p50_ms": round(statistics.median(ms), 3), "p99_ms": round(ms[min(len(ms) - 1, int(0.99 * len(ms)))], 3),
+            "n": len(ms)}
 
 
-def hammer(call, clients: int, requests: int) -> list[float]:
-    """`clients` threads, each with its own socket, each timing `requests` sequential round trips."""
+def percentiles(row: dict) -> str:
+    return f"p50 {row['p50_ms']:7.2f} ms   p99 {row['p99_ms']:7.2f} ms   n={row['n']}"
+
+
+def hammer(call, clients: int, requests: int) -> tuple[list[float], int]:
+    """`clients` threads, each opening its own client (and so its own socket) in its own thread, each timing
+    `requests` sequential round trips. ``call(i)`` returns (request function, the socket it uses after one request
+    or the object owning it); returns the samples and the number of distinct sockets used."""
     samples: list[float] = []
+    sockets: list = []
     lock = threading.Lock()
     barrier = threading.Barrier(clients)
 
     def one(index: int) -> None:
-        fn = call(index)
+        fn, owner = call(index)
+        fn()  # connect outside the timing: the first request opens the socket
         barrier.wait()
         mine = []
         for _ in range(requests):
@@ -61,16 +78,18 @@ def hammer(call, clients: int, requests: int) -> list[float]:
             mine.append(time.perf_counter() - t0)
         with lock:
             samples.extend(mine)
+            sockets.append(getattr(owner, "_sock", owner))  # DaemonClient keeps its REQ socket in _sock
 
     threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    return samples
+    distinct = len({id(s) for s in sockets if s is not None})  # all alive until here, so ids are unique
+    return samples, distinct
 
 
-def echo_baseline(clients: int, requests: int, payload: bytes) -> list[float]:
+def echo_baseline(clients: int, requests: int, payload: bytes) -> tuple[list[float], int]:
     server = subprocess.Popen([sys.executable, "-c", ECHO_SERVER], stdout=subprocess.PIPE, text=True)
     port = int(server.stdout.readline())
     ctx = zmq.Context.instance()
@@ -78,7 +97,7 @@ def echo_baseline(clients: int, requests: int, payload: bytes) -> list[float]:
     def call(_: int):
         sock = ctx.socket(zmq.REQ)
         sock.connect(f"tcp://127.0.0.1:{port}")
-        return lambda: (sock.send(payload), sock.recv())
+        return (lambda: (sock.send(payload), sock.recv())), sock
 
     try:
         return hammer(call, clients, requests)
@@ -115,12 +134,22 @@ def event_latency(home: Path, work: Path, steps: int) -> list[float]:
     return delays
 
 
+def daemon_client(home: Path, method: str, *args):
+    """A client of its own (own socket) calling one method: what one WebUI tab or CLI process does."""
+    def call(_: int):
+        client = DaemonClient(home=home, timeout=10)
+        return (lambda: getattr(client, method)(*args)), client
+    return call
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clients", type=int, default=20)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--steps", type=int, default=30, help="training steps for the event-latency run (0: skip)")
     args = parser.parse_args()
+    watch = LoadWatch()
+    result: dict = {"bench": "daemon_latency", "clients": args.clients, "requests": args.requests}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         home = work / "home"
@@ -138,20 +167,26 @@ def main() -> int:
             token = read_info(home)["token"]
             status_payload = encode(make_request("status", token=token))
             print(f"{args.clients} concurrent clients × {args.requests} sequential requests each")
-            print(f"  baseline zmq echo    {percentiles(echo_baseline(args.clients, args.requests, status_payload))}")
-            status = hammer(lambda i: DaemonClient(home=home, timeout=10).status, args.clients, args.requests)
-            print(f"  daemon status        {percentiles(status)}")
-            validate = hammer(lambda i: (lambda c=DaemonClient(home=home, timeout=10): c.validate(config)),
-                              args.clients, args.requests)
-            print(f"  daemon validate      {percentiles(validate)}  (submit's validation path, nothing queued)")
+            rows = [("echo", "baseline zmq echo", lambda: echo_baseline(args.clients, args.requests, status_payload),
+                     ""),
+                    ("status", "daemon status", lambda: hammer(daemon_client(home, "status"), args.clients,
+                                                                 args.requests), ""),
+                    ("validate", "daemon validate", lambda: hammer(daemon_client(home, "validate", config),
+                                                                     args.clients, args.requests),
+                     "  (submit's validation path, nothing queued)")]
+            for key, label, measure, note in rows:
+                samples, sockets = measure()
+                result[key] = {**summary(samples), "sockets": sockets}
+                print(f"  {label:<20} {percentiles(result[key])}  {sockets} sockets{note}")
             if args.steps:
-                delays = event_latency(home, work, args.steps)
-                print(f"  event child→sub      {percentiles(delays)}  (run.progress, tiny model training)")
+                result["event"] = summary(event_latency(home, work, args.steps))
+                print(f"  event child→sub      {percentiles(result['event'])}  (run.progress, tiny model training)")
             DaemonClient(home=home).shutdown()
             daemon.wait(60)
         finally:
             if daemon.poll() is None:
                 daemon.kill()
+    emit(result, watch)
     return 0
 
 
