@@ -240,7 +240,7 @@ class TrainingRun:
         self.pos = Position()
         self.losses: list[float] = []
         self.bad_steps = 0  # non-finite losses in a row
-        self._cache_reported: dict[str, int] = {}
+        self.sampled = False  # an image was rendered: finish() renders a card preview only for runs without one
 
     # ---- prepare -------------------------------------------------------------------------------------------------
     def prepare(self) -> Optional[TrainResult]:
@@ -447,6 +447,11 @@ class TrainingRun:
         pos, main = self.pos, self.main
         self.accelerator.wait_for_everyone()
         final_ckpt = self.checkpoint() if main else None
+        if main and not self.sampled and not any((self.out_dir / "samples").glob("step*.png")):
+            try:  # the card preview; a failed render must not cost the finished LoRA
+                self.samples(preview=True)
+            except Exception as e:
+                log.warning("no preview image: %s: %s", type(e).__name__, e)
         output = self.task.export(self.out_dir / self.cfg.output.output_name, pos.step, pos.epoch) if main else None
         metrics = self.task.evaluate(pos.step) if main else None
         if metrics:
@@ -474,11 +479,25 @@ class TrainingRun:
             self.events.emit("eval", step=pos.step, **metrics)
         return path, lora
 
-    def samples(self) -> None:
+    def samples(self, preview: bool = False) -> None:
+        """Render the sample prompts (``preview``: the card picture of a run that asked for none), reporting each
+        prompt and denoising step as ``sample_progress`` and saying in the log how long it took."""
         if not self.main:
             return
-        for path, prompt in self.task.sample(self.pos.step, self.out_dir / "samples"):
-            self.events.emit("sample", step=self.pos.step, path=str(path), prompt=prompt)
+        step = self.pos.step
+
+        def progress(fields: dict) -> None:
+            self.events.emit("sample_progress", step=step, **fields)
+
+        started = time.perf_counter()
+        written = self.task.sample(step, self.out_dir / "samples", progress=progress, preview=preview)
+        for path, prompt in written:
+            self.events.emit("sample", step=step, path=str(path), prompt=prompt, **({"preview": True} if preview
+                                                                                        else {}))
+        if written:
+            self.sampled = True
+            log.info("%s at step %d: %d image(s) in %.1f s", "preview" if preview else "samples", step,
+                     len(written), time.perf_counter() - started)
 
     def result(self, status: str, output: Optional[Path] = None, **kw: Any) -> TrainResult:
         self.close()

@@ -10,7 +10,7 @@ tests/test_loop_parts.py checks both with ``isinstance`` (the protocol is runtim
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional, Protocol, runtime_checkable
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import torch
 
@@ -57,8 +57,11 @@ class TrainingTask(Protocol):
     def export(self, path_stem: Path, step: int, epoch: int) -> Path:
         """Write the user-facing LoRA (kohya .safetensors, or a peft adapter folder) and return its path."""
 
-    def sample(self, step: int, out_dir: Path) -> list[tuple[Path, str]]:
-        """Render the configured sample prompts with the current LoRA; returns (file, prompt) pairs."""
+    def sample(self, step: int, out_dir: Path, progress: Optional[Callable[[dict], None]] = None,
+               preview: bool = False) -> list[tuple[Path, str]]:
+        """Render the configured sample prompts with the current LoRA; returns (file, prompt) pairs. ``progress``
+        receives ``{prompt_index, prompts, denoise_step, denoise_steps, prompt}`` as rendering goes; ``preview``
+        renders the run's card picture instead (image tasks; others return nothing)."""
 
     def evaluate(self, step: int) -> Optional[dict]:
         """Validation metrics (text runs with a validation split), or None."""

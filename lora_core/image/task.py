@@ -25,7 +25,7 @@ from ..dataset.scan import (DatasetScan, ImageItem, assign_buckets, load_image_w
 from .export import kohya_lora_tensors, save_diffusers_lora, save_lora_file, training_metadata
 from .latent_cache import DiskLatentCache
 from .lora import add_lora, load_lora_state, lora_parameters, lora_state
-from .sample_prompts import parse_sample_prompts
+from .sample_prompts import SamplePrompt, parse_sample_prompts
 from .sd_models import SDModel, load_sd_model
 
 log = logging.getLogger(__name__)
@@ -431,8 +431,21 @@ class ImageTask:
             prior_loss_weight=cfg.data.prior_loss_weight, trigger_word=cfg.data.trigger_word)
         return save_lora_file(path_stem.with_suffix(".safetensors"), tensors, meta, cfg.output.save_precision)
 
-    def sample(self, step: int, out_dir: Path) -> list[tuple[Path, str]]:
-        prompts = parse_sample_prompts(self.cfg.sample.sample_prompts, self.cfg)
+    def preview_prompts(self) -> list[SamplePrompt]:
+        """The card preview of a run that asked for no samples: its first training caption (with the trigger word)
+        at the training resolution, in a few denoising steps — cheap next to the training itself."""
+        ex = self.examples[0] if self.examples else None
+        caption = self._caption(ex, epoch=0, index=0) if ex is not None else (self.cfg.data.trigger_word or "")
+        res = self.cfg.data.resolution
+        return [SamplePrompt(caption or "a picture", width=res, height=res, steps=min(PREVIEW_STEPS,
+                             self.cfg.sample.sample_steps), guidance=self.cfg.sample.sample_guidance_scale,
+                             seed=self.cfg.training.seed)]
+
+    def sample(self, step: int, out_dir: Path, progress: Optional[SampleProgress] = None,
+               preview: bool = False) -> list[tuple[Path, str]]:
+        """Render the sample prompts (``preview``: the `preview_prompts` instead); ``progress`` hears of every
+        prompt and denoising step (prompt i of n, step j of m), so a slow render never looks like a hang."""
+        prompts = self.preview_prompts() if preview else parse_sample_prompts(self.cfg.sample.sample_prompts, self.cfg)
         if not prompts:
             return []
         from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
@@ -457,10 +470,12 @@ class ImageTask:
         try:
             for i, p in enumerate(prompts):
                 gen = torch.Generator().manual_seed(p.seed if p.seed is not None else self.cfg.training.seed + i)
+                report = _denoise_reporter(progress, i + 1, len(prompts), p)
                 with torch.no_grad():
                     image = pipe(p.prompt, negative_prompt=p.negative or None, width=p.width, height=p.height,
-                                 num_inference_steps=p.steps, guidance_scale=p.guidance, generator=gen).images[0]
-                path = out_dir / f"step{step:08d}_{i:02d}.png"
+                                 num_inference_steps=p.steps, guidance_scale=p.guidance, generator=gen,
+                                 callback_on_step_end=report).images[0]
+                path = out_dir / ("preview.png" if preview else f"step{step:08d}_{i:02d}.png")
                 image.save(path)
                 written.append((path, p.prompt))
         finally:
@@ -469,3 +484,21 @@ class ImageTask:
 
     def evaluate(self, step: int) -> Optional[dict]:
         return None
+
+
+# What a task tells about rendering samples: prompt_index (1-based), prompts, denoise_step, denoise_steps, prompt.
+SampleProgress = Callable[[dict], None]
+PREVIEW_STEPS = 8  # the end-of-run card preview: a few steps are enough to show what the LoRA does
+
+
+def _denoise_reporter(progress: Optional[SampleProgress], index: int, count: int, p: SamplePrompt):
+    """A diffusers ``callback_on_step_end`` that reports each denoising step; None without a listener."""
+    if progress is None:
+        return None
+    fields = {"prompt_index": index, "prompts": count, "denoise_steps": p.steps, "prompt": p.prompt[:200]}
+    progress({**fields, "denoise_step": 0})
+
+    def on_step_end(pipe, step_index, timestep, callback_kwargs):
+        progress({**fields, "denoise_step": step_index + 1})
+        return callback_kwargs
+    return on_step_end

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -137,11 +137,15 @@ class TextTask:
             save_merged(self.cfg.model.base_model, folder, folder.with_name(folder.name + MERGED_SUFFIX))
         return folder
 
-    def sample(self, step: int, out_dir: Path) -> list[tuple[Path, str]]:
-        """One .txt per configured prompt holding the greedy completion at this step."""
-        prompts = read_sample_prompts(self.cfg.sample.sample_prompts)
+    def sample(self, step: int, out_dir: Path, progress: Optional[Callable[[dict], None]] = None,
+               preview: bool = False) -> list[tuple[Path, str]]:
+        """One .txt per configured prompt holding the greedy completion at this step (no preview for text: an
+        adapter has no card picture). ``progress`` hears that the prompts are being completed."""
+        prompts = [] if preview else read_sample_prompts(self.cfg.sample.sample_prompts)
         if not prompts:
             return []
+        if progress is not None:
+            progress({"prompt_index": 1, "prompts": len(prompts), "prompt": prompts[0][:200]})
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         chat = self.dataset.text_format != "text"
