@@ -106,6 +106,11 @@ class ModelConfig:
         "help": "auto: the model's own", "choices": list(PREDICTION_TYPES)})
     allow_pickle: bool = field(default=False, metadata={
         "help": "allow .ckpt/.pt base models (pickle can run code: only for files you trust)"})
+    fp8_base: bool = field(default=False, metadata={
+        "help": "store the frozen UNet/text-encoder Linear and Conv weights in fp8 (half of bf16's memory), "
+                "upcast per layer; the LoRA stays fp32 (kohya's --fp8_base)"})
+    no_half_vae: bool = field(default=False, metadata={
+        "help": "keep the VAE in fp32 under fp16/bf16 mixed precision (SDXL's VAE can overflow in fp16)"})
     lora_rank: int = field(default=8, metadata={"help": "network_dim: size of the LoRA matrices", "ge": 1, "le": 1024})
     alpha: Optional[float] = field(default=None, metadata={
         "help": "network_alpha; empty = same as lora_rank (scale 1)", "gt": 0})
@@ -187,6 +192,18 @@ class TrainingConfig:
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
         "help": "latest, or the path to a checkpoint folder"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    compile: bool = field(default=False, metadata={
+        "help": "torch.compile the UNet: faster steps on a GPU after a first compile of minutes"})
+    fused_optimizer: Optional[bool] = field(default=None, metadata={
+        "help": "fused AdamW kernel; empty = on with CUDA (adamw only)"})
+    tf32: Optional[bool] = field(default=None, metadata={
+        "help": "TF32 matmuls/convolutions for fp32 work; empty = on for CUDA GPUs of the Ampere generation or "
+                "newer; CUDA only"})
+    channels_last: Optional[bool] = field(default=None, metadata={
+        "help": "channels-last memory layout for the UNet's convolutions; empty = on with CUDA and fp16/bf16"})
+    pin_memory: Optional[bool] = field(default=None, metadata={
+        "help": "cached latents/embeddings in pinned RAM, copied to the GPU without waiting; empty = on with CUDA; "
+                "CUDA only"})
 
 
 @dataclass
@@ -572,6 +589,10 @@ def _validate(cfg: TrainConfig, given: dict[str, dict[str, tuple[Any, str]]], pr
                 check(False, section, f.name, reason)
     # rules that involve more than one field
     check(not (m.load_in_4bit and m.load_in_8bit), "model", "load_in_4bit", "cannot be combined with load_in_8bit")
+    check(not (cfg.is_text and m.fp8_base), "model", "fp8_base",
+          "applies to image models (SD1/SD2/SDXL); use load_in_8bit or load_in_4bit for a language model")
+    check(not (t.fused_optimizer and t.optimizer != "adamw"), "training", "fused_optimizer",
+          f"applies to optimizer adamw only (optimizer is {t.optimizer})")
     check(d.min_bucket_reso <= d.resolution <= d.max_bucket_reso or not d.enable_bucket, "data", "min_bucket_reso",
           f"must be <= resolution ({d.resolution}) <= max_bucket_reso ({d.max_bucket_reso})")
     check(m.lokr_factor == -1 or m.lokr_factor >= 1, "model", "lokr_factor", "must be -1 (automatic) or at least 1")

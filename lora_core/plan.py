@@ -33,6 +33,10 @@ class Measurements:
     act_per_example: int  # saved-for-backward bytes at batch 1, no checkpointing (fp32)
     act_per_example_gc: int  # ... with gradient checkpointing
     vae_encode_per_example: int  # peak transient of one VAE encode (fp32)
+    fp8_params: int = 0  # frozen Linear/Conv weights that model.fp8_base stores in one byte each
+    fp8_channels: int = 0  # their output channels (each keeps an fp32 scale)
+    fp8_largest: int = 0  # the largest of those layers (upcast for its matmul: one at a time)
+    param_shapes: list = field(default_factory=list)  # trainable tensors' shapes: each optimizer's state size
 
 
 @dataclass
@@ -89,15 +93,16 @@ def measure_text(cfg: TrainConfig) -> Measurements:
             model(input_ids=ids, labels=ids)
         lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
         frozen = module_bytes(model) - lora * 4
-        return saved["bytes"], lora, frozen
+        shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+        return saved["bytes"], lora, frozen, shapes
 
     wanted = cfg.training.gradient_checkpointing
     try:
-        act, params, weights = forward_bytes(False)
-        act_gc, _, _ = forward_bytes(True)
+        act, params, weights, shapes = forward_bytes(False)
+        act_gc, _, _, _ = forward_bytes(True)
     finally:
         cfg.training.gradient_checkpointing = wanted
-    return Measurements(weights, params, act, act_gc, 0)
+    return Measurements(weights, params, act, act_gc, 0, param_shapes=shapes)
 
 
 def measure(cfg: TrainConfig) -> Measurements:
@@ -105,22 +110,27 @@ def measure(cfg: TrainConfig) -> Measurements:
     if cfg.is_text:
         return measure_text(cfg)
     from .dataset.buckets import make_buckets
-    from .image.lora import add_lora, lora_parameters
+    from .image.adapters import AdapterSpec, adapter_parameters, add_network
     from .image.sd_models import load_sd_model
 
     m, d = cfg.model, cfg.data
     sd = load_sd_model(m.base_model, m.model_family, m.prediction_type, m.allow_pickle)
-    alpha = m.alpha if m.alpha is not None else float(m.lora_rank)
-    add_lora(sd.unet, m.unet_target_modules, m.lora_rank, alpha, m.dropout)
-    params = sum(p.numel() for p in lora_parameters(sd.unet))
+    spec = AdapterSpec.from_model_config(m)  # the network type decides the trainable tensors (and their state)
+    add_network(sd.unet, spec, m.unet_target_modules)
+    trainable = adapter_parameters(sd.unet)
     encoders = [te for te in (sd.text_encoder, sd.text_encoder_2) if te is not None]
     if m.train_text_encoder:
         for te in encoders:
-            add_lora(te, m.text_encoder_target_modules, m.lora_rank, alpha, m.dropout,
-                     field="model.text_encoder_target_modules")
-            params += sum(p.numel() for p in lora_parameters(te))
+            add_network(te, spec, m.text_encoder_target_modules, field="model.text_encoder_target_modules",
+                        conv=False)
+            trainable += adapter_parameters(te)
+    params = sum(p.numel() for p in trainable)
     lora_bytes = params * 4
     weights = module_bytes(sd.unet) + module_bytes(sd.vae) + sum(module_bytes(te) for te in encoders) - lora_bytes
+    from .image.fp8 import convertible_layers
+
+    fp8_layers = [layer for module in (sd.unet, *encoders) for layer in convertible_layers(module)]
+    fp8_sizes = [layer.weight.numel() for layer in fp8_layers]
     buckets = make_buckets(d.resolution, d.min_bucket_reso, d.max_bucket_reso, d.bucket_reso_steps) \
         if d.enable_bucket else []
     width, height = max(((b.width, b.height) for b in buckets), key=lambda s: s[0] * s[1],
@@ -133,7 +143,9 @@ def measure(cfg: TrainConfig) -> Measurements:
     meter = TensorMemoryMeter()
     with torch.no_grad(), meter:
         sd.vae.encode(torch.zeros(1, 3, height, width)).latent_dist.mean
-    return Measurements(weights, params, act, act_gc, meter.peak_bytes)
+    return Measurements(weights, params, act, act_gc, meter.peak_bytes, sum(fp8_sizes),
+                        sum(layer.weight.shape[0] for layer in fp8_layers), max(fp8_sizes, default=0),
+                        param_shapes=[tuple(p.shape) for p in trainable])
 
 
 def activation_bytes(unet: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor, checkpointing: bool) -> int:
@@ -161,9 +173,17 @@ def estimate_mb(meas: Measurements, settings: dict, device: torch.device) -> tup
     mixed_precision, lora_rank scale)."""
     half = settings["mixed_precision"] in ("fp16", "bf16")
     weights = meas.weights * (0.5 if half else 1.0)
+    if settings.get("fp8_base"):  # one byte per frozen Linear/Conv weight + an fp32 scale per channel, and one
+        # layer at a time upcast to the compute dtype for its matmul
+        element = 2 if half else 4
+        weights -= meas.fp8_params * (element - 1) - meas.fp8_channels * 4 - meas.fp8_largest * element
     rank_scale = settings.get("rank_scale", 1.0)
-    state_bytes = 2 if settings["optimizer"] == "adamw8bit" else 8
-    lora = meas.lora_params * rank_scale * (4 + 4 + state_bytes)
+    from .optimizers import optimizer_state_bytes
+
+    # weights + gradients (fp32) + the optimizer's own state, counted from the trainable tensors' shapes
+    state = optimizer_state_bytes(settings["optimizer"], meas.param_shapes) if meas.param_shapes \
+        else meas.lora_params * (2 if settings["optimizer"] == "adamw8bit" else 8)
+    lora = rank_scale * (meas.lora_params * (4 + 4) + state)
     per_example = meas.act_per_example_gc if settings["gradient_checkpointing"] else meas.act_per_example
     if settings["gradient_checkpointing"]:
         per_example += meas.act_per_example / 8  # one block's activations are recomputed at a time
@@ -180,12 +200,13 @@ def current_settings(cfg: TrainConfig) -> dict:
     t = cfg.training
     return {"batch_size": t.batch_size, "gradient_checkpointing": t.gradient_checkpointing,
             "cache_latents": cfg.data.cache_latents and not cfg.data.flip_aug, "optimizer": t.optimizer,
-            "mixed_precision": t.mixed_precision}
+            "mixed_precision": t.mixed_precision, "fp8_base": cfg.model.fp8_base}
 
 
 def candidate_changes(cfg: TrainConfig, device: torch.device) -> list[dict]:
     """Overrides to try, mildest first: caching and checkpointing cost little, a smaller batch costs throughput,
-    8-bit optimizer and half precision need CUDA, a lower rank changes the LoRA."""
+    8-bit optimizer and half precision need CUDA, fp8 base weights cost a little precision, a lower rank changes
+    the LoRA."""
     t = cfg.training
     steps: list[dict] = []
     if not cfg.data.cache_latents:
@@ -202,6 +223,8 @@ def candidate_changes(cfg: TrainConfig, device: torch.device) -> list[dict]:
             steps.append({"training.optimizer": "adamw8bit"})
         if t.mixed_precision == "no":
             steps.append({"training.mixed_precision": "bf16" if torch.cuda.is_bf16_supported() else "fp16"})
+    if not cfg.is_text and not cfg.model.fp8_base:  # halves the frozen weights again, at a small cost in precision
+        steps.append({"model.fp8_base": True})
     if cfg.model.lora_rank > 4:
         steps.append({"model.lora_rank": 4})
     return steps

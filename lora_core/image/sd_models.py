@@ -6,6 +6,10 @@ weights are renamed with diffusers' own ``convert_ldm_*`` functions, and the CLI
 shipped with the package — so nothing is fetched from a hub, and a pruned or unusual checkpoint loads as long as it
 has the SD layout. ``.ckpt`` (pickle) is refused unless the config allows it; an unknown layout gets an error that says
 what was found.
+
+Weights are loaded in the dtype they will be trained in (``dtype`` for the UNet and text encoders, ``vae_dtype`` for
+the VAE), tensor by tensor (`weights_io`): a bf16 SDXL run never holds an fp32 copy of the model, which is what made
+a 16 GB desktop run out of RAM before the first step.
 """
 from __future__ import annotations
 
@@ -15,14 +19,18 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
+
+from .weights_io import WeightsFileError, assign_weights, empty_module, iter_tensors, read_header
 
 log = logging.getLogger(__name__)
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
+# the parts of a WebUI checkpoint the trainer uses; EMA copies, model_ema.* and the like are never read
+USED_PREFIXES = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.embedders.")
 
 
 class ModelLoadError(InputError):
@@ -52,18 +60,31 @@ class SDModel:
 
 
 def load_sd_model(path: str | Path, family: str = "auto", prediction_type: str = "auto",
-                  allow_pickle: bool = False) -> SDModel:
+                  allow_pickle: bool = False, dtype: torch.dtype = torch.float32,
+                  vae_dtype: Optional[torch.dtype] = None) -> SDModel:
+    """Load a base model with the UNet and text encoders in ``dtype`` and the VAE in ``vae_dtype`` (default: the
+    same), every floating tensor cast as it is read."""
     path = Path(path)
+    vae_dtype = vae_dtype or dtype
     if path.is_dir():
-        model = _load_diffusers_folder(path)
+        model = _load_diffusers_folder(path, dtype, vae_dtype)
     elif path.suffix.lower() == ".safetensors":
-        model = _load_single_file(read_safetensors(path), str(path), safetensors_metadata(path))
+        model = _load_single_file(read_safetensors(path, _ldm_dtypes(dtype, vae_dtype)), str(path),
+                                  safetensors_metadata(path), dtype, vae_dtype)
     elif path.suffix.lower() in (".ckpt", ".pt", ".pth", ".bin"):
         if not allow_pickle:
             raise ModelLoadError(f"{path.name} is a pickle checkpoint, which can run code when loaded; convert it to "
                                  f".safetensors or set model.allow_pickle: true")
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-        model = _load_single_file(raw.get("state_dict", raw), str(path), {})
+        raw = _load_pickle(path)
+        raw = raw.get("state_dict", raw)
+        cast = _ldm_dtypes(dtype, vae_dtype)
+        state = {}
+        for k in list(raw):  # one tensor at a time, so the pickle's fp32 copy shrinks as the cast one grows
+            v = raw.pop(k)
+            if isinstance(v, torch.Tensor) and (k.startswith(USED_PREFIXES) or k == "v_pred"):
+                state[k] = v.to(cast(k, v.dtype)) if v.is_floating_point() else v
+        del raw
+        model = _load_single_file(state, str(path), {}, dtype, vae_dtype)
     else:
         raise ModelLoadError(f"{path}: not a diffusers folder, .safetensors or .ckpt file")
     if family != "auto" and family != model.family:
@@ -77,20 +98,48 @@ def load_sd_model(path: str | Path, family: str = "auto", prediction_type: str =
     return model
 
 
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _load_pickle(path: Path) -> dict:
+    """A pickle checkpoint (allowed by model.allow_pickle): first with torch's restricted unpickler, which loads
+    tensors but runs no code; only a file that needs more (e.g. pickled training callbacks) is unpickled in full.
+    Memory-mapped where the file allows it (the zip format), so the pickle is not read whole."""
+    import pickle
+
+    def load(weights_only: bool) -> dict:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=True)
+        except RuntimeError:  # the legacy (pre-zip) pickle format cannot be memory-mapped
+            return torch.load(path, map_location="cpu", weights_only=weights_only)
 
     try:
-        return load_file(str(path))
-    except Exception as e:
+        return load(True)
+    except pickle.UnpicklingError as e:
+        log.warning("%s: does not load with weights_only=True (%s); unpickling it in full because "
+                    "model.allow_pickle is set", path.name, str(e).splitlines()[0][:200])
+        return load(False)
+
+
+def _ldm_dtypes(dtype: torch.dtype, vae_dtype: torch.dtype) -> Callable[[str, torch.dtype], torch.dtype]:
+    """Which dtype each tensor of a WebUI checkpoint is loaded in: the VAE's own, everything else the model's."""
+    return lambda name, stored: vae_dtype if name.startswith(VAE_PREFIX) else dtype
+
+
+def read_safetensors(path: Path, dtype_for: Optional[Callable[[str, torch.dtype], torch.dtype]] = None
+                     ) -> dict[str, torch.Tensor]:
+    """The used tensors of a WebUI checkpoint (`USED_PREFIXES`, the ``v_pred`` marker), each cast as it is read."""
+    try:
+        return dict(iter_tensors(path, dtype_for or (lambda name, stored: None),
+                                 keep=lambda k: k.startswith(USED_PREFIXES) or k == "v_pred"))
+    except WeightsFileError as e:
+        raise ModelLoadError(str(e)) from None
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a header that lies about shapes or offsets
         raise ModelLoadError(f"{path.name}: cannot read as safetensors ({e})") from None
 
 
 def safetensors_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        return f.metadata() or {}
+    try:
+        return read_header(path)[1]
+    except WeightsFileError as e:
+        raise ModelLoadError(str(e)) from None
 
 
 def _noise_scheduler(prediction_type: str):
@@ -100,26 +149,79 @@ def _noise_scheduler(prediction_type: str):
                          clip_sample=False, prediction_type=prediction_type, steps_offset=1)
 
 
-def _load_diffusers_folder(path: Path) -> SDModel:
+def _component_files(folder: Path) -> list[Path]:
+    """The safetensors file(s) of one diffusers/transformers component folder: a sharded index, the plain file, or
+    else the ``fp16`` variant; empty when the folder holds only pickles (``.bin``)."""
+    for stem in ("diffusion_pytorch_model", "model"):
+        index = folder / f"{stem}.safetensors.index.json"
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            return [folder / s for s in shards]
+        for name in (f"{stem}.safetensors", f"{stem}.fp16.safetensors"):
+            if (folder / name).is_file():
+                return [folder / name]
+    return []
+
+
+def _load_component(folder: Path, build: Callable[[], torch.nn.Module], dtype: torch.dtype, what: str,
+                    fallback: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """Build the module empty and fill it from its safetensors file(s), cast tensor by tensor. transformers 4 saved
+    CLIP weights under ``text_model.``, transformers 5's CLIPTextModel has no such level: names are matched either
+    way. A folder with only pickled weights goes through the library's own loader (with ``torch_dtype``)."""
+    files = _component_files(folder)
+    if not files:
+        return fallback()
+    with empty_module():
+        module = build()
+    wanted = set(module.state_dict())
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for file in files:
+            for name, tensor in iter_tensors(file, lambda n, stored: dtype):
+                if name.endswith("position_ids"):
+                    continue
+                if name not in wanted:
+                    alt = name[len("text_model."):] if name.startswith("text_model.") else "text_model." + name
+                    name = alt if alt in wanted else name
+                state[name] = tensor
+    except WeightsFileError as e:
+        raise ModelLoadError(str(e)) from None
+    _load_strict(module, state, what, str(folder))
+    return module
+
+
+def _load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32,
+                           vae_dtype: Optional[torch.dtype] = None) -> SDModel:
     """A diffusers folder: SDXL when it has ``text_encoder_2`` (StableDiffusionXLPipeline layout), SD 2.x when the
     text encoder is OpenCLIP-style (``gelu``; SD1's CLIP ViT-L uses ``quick_gelu``), else SD1. The prediction type
     comes from the scheduler config."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(f"{path}: no model_index.json — expected a diffusers model folder (unet/, vae/, "
                              f"text_encoder/, tokenizer/, scheduler/)")
     names = json.loads(index.read_text())
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-    text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+    vae_dtype = vae_dtype or dtype
+
+    def diffusers_part(cls, sub: str, part_dtype: torch.dtype, what: str):
+        return _load_component(path / sub, lambda: cls.from_config(cls.load_config(path / sub)), part_dtype, what,
+                               lambda: cls.from_pretrained(path, subfolder=sub, local_files_only=True,
+                                                           torch_dtype=part_dtype))
+
+    def clip_part(cls, sub: str, what: str):
+        return _load_component(path / sub, lambda: cls(CLIPTextConfig.from_pretrained(path / sub)), dtype, what,
+                               lambda: cls.from_pretrained(path, subfolder=sub, local_files_only=True,
+                                                           torch_dtype=dtype))
+
+    unet = diffusers_part(UNet2DConditionModel, "unet", dtype, "UNet")
+    vae = diffusers_part(AutoencoderKL, "vae", vae_dtype, "VAE")
+    text_encoder = clip_part(CLIPTextModel, "text_encoder", "text encoder")
     tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
     text_encoder_2 = tokenizer_2 = None
     if "text_encoder_2" in names:
-        text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(path, subfolder="text_encoder_2",
-                                                                     local_files_only=True)
+        text_encoder_2 = clip_part(CLIPTextModelWithProjection, "text_encoder_2", "second text encoder")
         tokenizer_2 = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer_2", local_files_only=True)
     sched_cfg = path / "scheduler" / "scheduler_config.json"
     prediction = json.loads(sched_cfg.read_text()).get("prediction_type", "epsilon") if sched_cfg.is_file() else "epsilon"
@@ -269,11 +371,13 @@ def _load_clip(state: dict[str, torch.Tensor], source: str, what: str):
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
     te_state = _strip_text_model(convert_ldm_clip_checkpoint(state))
-    text_encoder = clip_text_model(
-        te_state["embeddings.token_embedding.weight"].shape[1], len(_count(list(te_state), r"encoder\.layers\.(\d+)\.")),
-        te_state["encoder.layers.0.mlp.fc1.weight"].shape[0], "quick_gelu",
-        vocab_size=te_state["embeddings.token_embedding.weight"].shape[0],
-        max_positions=te_state["embeddings.position_embedding.weight"].shape[0])
+    with empty_module():
+        text_encoder = clip_text_model(
+            te_state["embeddings.token_embedding.weight"].shape[1],
+            len(_count(list(te_state), r"encoder\.layers\.(\d+)\.")),
+            te_state["encoder.layers.0.mlp.fc1.weight"].shape[0], "quick_gelu",
+            vocab_size=te_state["embeddings.token_embedding.weight"].shape[0],
+            max_positions=te_state["embeddings.position_embedding.weight"].shape[0])
     _load_strict(text_encoder, te_state, what, source)
     return text_encoder
 
@@ -292,19 +396,24 @@ def _load_open_clip(state: dict[str, torch.Tensor], source: str, prefix: str, wh
             and not (penultimate and (k.startswith(dropped) or k == prefix + "text_projection"))}
     token = part[prefix + "token_embedding.weight"]
     projection = part.get(prefix + "text_projection")
-    text_encoder = clip_text_model(
-        token.shape[1], len(blocks) - 1 if penultimate else len(blocks),
-        part[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0], "gelu",
-        projection_dim=None if penultimate or projection is None else int(projection.shape[1]),
-        vocab_size=token.shape[0], max_positions=part[prefix + "positional_embedding"].shape[0])
+    with empty_module():
+        text_encoder = clip_text_model(
+            token.shape[1], len(blocks) - 1 if penultimate else len(blocks),
+            part[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0], "gelu",
+            projection_dim=None if penultimate or projection is None else int(projection.shape[1]),
+            vocab_size=token.shape[0], max_positions=part[prefix + "positional_embedding"].shape[0])
     te_state = convert_open_clip_checkpoint(text_encoder, part, prefix=prefix)
+    del part
     if penultimate:
         te_state = _strip_text_model(te_state)
     _load_strict(text_encoder, te_state, what, source)
     return text_encoder
 
 
-def _load_single_file(state: dict[str, torch.Tensor], source: str, metadata: dict[str, str]) -> SDModel:
+def _load_single_file(state: dict[str, torch.Tensor], source: str, metadata: dict[str, str],
+                      dtype: torch.dtype = torch.float32, vae_dtype: Optional[torch.dtype] = None) -> SDModel:
+    """Build each part empty and hand it the checkpoint's (already cast) tensors; each part's tensors leave
+    ``state`` once it holds them, so nothing is kept twice."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint,
                                                      create_unet_diffusers_config_from_ldm,
@@ -330,10 +439,13 @@ def _load_single_file(state: dict[str, torch.Tensor], source: str, metadata: dic
         unet_cfg.update(addition_embed_type="text_time", class_embed_type=None,
                         addition_time_embed_dim=(adm_in - pooled) // 6, projection_class_embeddings_input_dim=adm_in)
     vae_cfg = create_vae_diffusers_config_from_ldm(original, state)
-    unet = UNet2DConditionModel(**unet_cfg)
+    with empty_module():
+        unet = UNet2DConditionModel(**unet_cfg)
+        vae = AutoencoderKL(**vae_cfg)
     _load_strict(unet, convert_ldm_unet_checkpoint(state, unet_cfg), "UNet", source)
-    vae = AutoencoderKL(**vae_cfg)
+    _drop(state, UNET_PREFIX)
     _load_strict(vae, convert_ldm_vae_checkpoint(state, vae_cfg), "VAE", source)
+    _drop(state, VAE_PREFIX)
     scheduler = _noise_scheduler(prediction)
     if family == "sd1":
         return SDModel(family, unet, vae, _load_clip(state, source, "text encoder"), load_clip_tokenizer(),
@@ -349,8 +461,15 @@ def _load_single_file(state: dict[str, torch.Tensor], source: str, metadata: dic
                    text_encoder_2, load_clip_tokenizer(pad_token="!"))
 
 
+def _drop(state: dict[str, torch.Tensor], prefix: str) -> None:
+    """Forget a loaded part's checkpoint tensors (the module holds them now; a converter's copies go free)."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+
+
 def _load_strict(module: torch.nn.Module, state: dict, what: str, source: str) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
+    """Make ``state``'s tensors the module's weights (no copy, dtype kept); any weight left unfilled is an error."""
+    missing, unexpected = assign_weights(module, state)
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise ModelLoadError(f"{Path(source).name}: the {what} weights do not match the inferred layout "
