@@ -593,6 +593,9 @@ def _validate(cfg: TrainConfig, given: dict[str, dict[str, tuple[Any, str]]], pr
           "applies to image models (SD1/SD2/SDXL); use load_in_8bit or load_in_4bit for a language model")
     check(not (t.fused_optimizer and t.optimizer != "adamw"), "training", "fused_optimizer",
           f"applies to optimizer adamw only (optimizer is {t.optimizer})")
+    check(not (m.fp8_base and (m.network_type not in ("lora", "locon") or m.use_dora)), "model", "fp8_base",
+          f"works with network_type lora or locon (no DoRA): {m.network_type}{' + DoRA' if m.use_dora else ''} "
+          f"reads the base weights themselves")
     check(d.min_bucket_reso <= d.resolution <= d.max_bucket_reso or not d.enable_bucket, "data", "min_bucket_reso",
           f"must be <= resolution ({d.resolution}) <= max_bucket_reso ({d.max_bucket_reso})")
     check(m.lokr_factor == -1 or m.lokr_factor >= 1, "model", "lokr_factor", "must be -1 (automatic) or at least 1")

@@ -29,6 +29,7 @@ from .checkpoint import (Position, capture_rng, latest_checkpoint, load_checkpoi
 from .config import TrainConfig, save_resolved_config
 from .errors import InputError
 from .events import OOM_ADVICE, EventWriter
+from .optimizers import evaluation_weights
 from .task import TrainingTask
 
 log = logging.getLogger(__name__)
@@ -96,16 +97,24 @@ def make_accelerator(cfg: TrainConfig):
         raise InputError(f"training.device: {device!r} was asked for but no CUDA device is available")
     if cpu and cfg.training.mixed_precision == "fp16":
         raise InputError("training.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
-    return Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=cpu,
-                       # text-encoder LoRA in a layer whose output is unused (SDXL and clip_skip > 1 condition on the
-                       # penultimate layer) gets no gradient; DDP must be told, or it waits for it forever
-                       kwargs_handlers=[DistributedDataParallelKwargs(
-                           find_unused_parameters=cfg.model.train_text_encoder)])
+    accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=cpu,
+                              # text-encoder LoRA in a layer whose output is unused (SDXL and clip_skip > 1 condition
+                              # on the penultimate layer) gets no gradient; DDP must be told, or it waits forever
+                              kwargs_handlers=[DistributedDataParallelKwargs(
+                                  find_unused_parameters=cfg.model.train_text_encoder)])
+    from .speed import apply_backend, resolve
+
+    apply_backend(resolve(cfg, accelerator.device))  # refuses CUDA-only settings on a CPU, by field name
+    return accelerator
 
 
 def make_optimizer(cfg: TrainConfig, groups: list[dict]):
     """The optimizer for the task's parameter groups: the one place an optimizer type is chosen."""
     t = cfg.training
+    if t.optimizer not in ("adamw", "adamw8bit"):  # prodigy, adafactor, lion, schedule-free, came: their table
+        from .optimizers import make_optimizer as make_listed
+
+        return make_listed(cfg, groups)
     if t.optimizer == "adamw8bit":
         if not torch.cuda.is_available():
             raise InputError("training.optimizer: adamw8bit needs bitsandbytes and a CUDA GPU; use adamw on CPU")
@@ -115,7 +124,12 @@ def make_optimizer(cfg: TrainConfig, groups: list[dict]):
             raise InputError("training.optimizer: adamw8bit needs bitsandbytes (pip install bitsandbytes)") from None
 
         return bnb.optim.AdamW8bit(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
-    return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay)
+    from .speed import resolve
+
+    device = next((p.device for g in groups for p in g["params"]), torch.device("cpu"))
+    fused = resolve(cfg, device).fused_optimizer  # one kernel for every LoRA tensor (training.fused_optimizer)
+    return torch.optim.AdamW(groups, lr=t.learning_rate, weight_decay=t.weight_decay, **({"fused": True} if fused
+                                                                                          else {}))
 
 
 def make_lr_scheduler(cfg: TrainConfig, optimizer, total_steps: int):
@@ -452,8 +466,10 @@ class TrainingRun:
                 self.samples(preview=True)
             except Exception as e:
                 log.warning("no preview image: %s: %s", type(e).__name__, e)
-        output = self.task.export(self.out_dir / self.cfg.output.output_name, pos.step, pos.epoch) if main else None
-        metrics = self.task.evaluate(pos.step) if main else None
+        with evaluation_weights(self.optimizer):  # schedule-free: the averaged weights are the result
+            output = self.task.export(self.out_dir / self.cfg.output.output_name, pos.step, pos.epoch) if main \
+                else None
+            metrics = self.task.evaluate(pos.step) if main else None
         if metrics:
             self.events.emit("eval", step=pos.step, **metrics)
         if main:
@@ -471,8 +487,9 @@ class TrainingRun:
             return None, None
         pos = self.pos
         path = self.checkpoint()
-        lora = self.task.export(self.out_dir / f"{self.cfg.output.output_name}-step{pos.step:08d}", pos.step,
-                                pos.epoch)
+        with evaluation_weights(self.optimizer):
+            lora = self.task.export(self.out_dir / f"{self.cfg.output.output_name}-step{pos.step:08d}", pos.step,
+                                    pos.epoch)
         self.events.emit("checkpoint", step=pos.step, epoch=pos.epoch, path=str(path), lora=str(lora), reason=reason)
         metrics = self.task.evaluate(pos.step)
         if metrics:
@@ -490,7 +507,8 @@ class TrainingRun:
             self.events.emit("sample_progress", step=step, **fields)
 
         started = time.perf_counter()
-        written = self.task.sample(step, self.out_dir / "samples", progress=progress, preview=preview)
+        with evaluation_weights(self.optimizer):  # schedule-free: sample the averaged weights
+            written = self.task.sample(step, self.out_dir / "samples", progress=progress, preview=preview)
         for path, prompt in written:
             self.events.emit("sample", step=step, path=str(path), prompt=prompt, **({"preview": True} if preview
                                                                                         else {}))
