@@ -17,13 +17,16 @@ from urllib.parse import urlparse
 import zmq
 
 from .home import default_home, read_info, resolve_home
-from .protocol import E_AUTH, decode, encode, make_request
+from .protocol import (E_AUTH, E_TOO_LARGE, EVENTS_USER, MAX_MESSAGE_BYTES, ProtocolError, decode, encode,
+                       make_request)
 
-__all__ = ["DaemonClient", "DaemonError", "DaemonNotRunning", "EventSubscription", "default_home"]
+__all__ = ["DaemonBusy", "DaemonClient", "DaemonError", "DaemonNotRunning", "EventSubscription", "default_home"]
 
 NOT_RUNNING = "daemon not running — start it with `lora-daemon start`"
+BUSY = ("daemon busy — it is running but did not accept the connection in time (too many connections at once?); "
+        "try again in a moment")
 READ_ONLY = frozenset({"ping", "status", "validate", "list", "get", "logs", "metrics", "check", "captions.get",
-                       "plan", "tools.inspect"})
+                       "plan", "run.events", "tools.inspect"})
 LIVENESS_SLICE_S = 0.4  # a daemon killed mid-request is noticed after this long, not after the whole timeout
 SLOW_TIMEOUT_S = 300.0  # dataset checks and plans run a child process; they get minutes, not 1.5 s
 
@@ -33,26 +36,39 @@ class DaemonNotRunning(ConnectionError):
         super().__init__(message)
 
 
-class DaemonError(RuntimeError):
-    """The daemon answered with an error: ``code`` to branch on, ``message`` to show, ``details`` (e.g. problems)."""
+class DaemonBusy(DaemonNotRunning):
+    """The daemon's port is there but did not take the connection in time. A `DaemonNotRunning` for callers that
+    only ask "can I talk to it now?", with a message that does not send the user to start a second daemon."""
 
-    def __init__(self, code: str, message: str, details: Optional[dict] = None):
+    def __init__(self, message: str = BUSY):
         super().__init__(message)
-        self.code = code
-        self.message = message
-        self.details = details or {}
+
+
+# The daemon answered with an error: one class on both sides of the socket (see `ProtocolError`).
+DaemonError = ProtocolError
+
+
+def _port_state(endpoint: str, timeout: float = 0.5) -> str:
+    """"open", "refused" (nobody listens: "not running" at once instead of after a timeout) or "busy" (the connect
+    timed out: a listener whose accept queue is full)."""
+    url = urlparse(endpoint)
+    if url.scheme != "tcp" or not url.port:
+        return "open"
+    try:
+        with socket.create_connection((url.hostname, url.port), timeout=timeout):
+            return "open"
+    except socket.timeout:
+        return "busy"
+    except OSError:
+        return "refused"
 
 
 def _port_open(endpoint: str, timeout: float = 0.5) -> bool:
-    """A refused connect means nobody listens: answer "not running" at once instead of after a timeout."""
-    url = urlparse(endpoint)
-    if url.scheme != "tcp" or not url.port:
-        return True
-    try:
-        with socket.create_connection((url.hostname, url.port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """True when the daemon's port takes connections; raises `DaemonBusy` when it exists but is swamped."""
+    state = _port_state(endpoint, timeout)
+    if state == "busy":
+        raise DaemonBusy()
+    return state == "open"
 
 
 def _curve_keys(info: dict) -> Optional[tuple[bytes, bytes, bytes]]:
@@ -75,10 +91,14 @@ def _apply_curve(sock: zmq.Socket, keys: Optional[tuple[bytes, bytes, bytes]]) -
 class EventSubscription:
     """Live daemon events filtered by topic prefix. ``next(timeout)`` → event dict or None; iterate to follow."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, prefixes: tuple[str, ...], curve=None):
+    def __init__(self, ctx: zmq.Context, endpoint: str, prefixes: tuple[str, ...], curve=None, token: str = ""):
         self._sock = ctx.socket(zmq.SUB)
         self._sock.setsockopt(zmq.LINGER, 0)
-        _apply_curve(self._sock, curve)
+        if curve:
+            _apply_curve(self._sock, curve)
+        else:  # the daemon's PUB socket admits only subscribers that know the token (ZeroMQ PLAIN, checked by ZAP)
+            self._sock.plain_username = EVENTS_USER.encode("utf-8")
+            self._sock.plain_password = token.encode("utf-8")
         for prefix in prefixes:
             self._sock.setsockopt(zmq.SUBSCRIBE, prefix.encode("utf-8"))
         self._sock.connect(endpoint)
@@ -164,7 +184,7 @@ class DaemonClient:
                 return False
             if self._sock.poll(int(min(left, LIVENESS_SLICE_S) * 1000)):
                 return True
-            if not _port_open(self._info.get("endpoint", ""), timeout=0.2):
+            if _port_state(self._info.get("endpoint", ""), timeout=0.2) == "refused":  # busy: keep waiting
                 self._drop()
                 raise DaemonNotRunning()
 
@@ -177,7 +197,11 @@ class DaemonClient:
             if self._sock is None:
                 self._sock = self._connect()
             request = make_request(command, args, token=self._info.get("token", ""))
-            self._sock.send(encode(request))
+            frame = encode(request)
+            if len(frame) > MAX_MESSAGE_BYTES:  # the daemon would refuse it; say so without sending a megabyte
+                raise DaemonError(E_TOO_LARGE, f"{command}: the request is {len(frame)} bytes; the daemon takes at "
+                                               f"most {MAX_MESSAGE_BYTES}")
+            self._sock.send(frame)
             if not self._wait_reply(timeout):
                 self._drop()  # Lazy Pirate: a REQ socket without a reply is stuck; throw it away
                 continue
@@ -198,8 +222,8 @@ class DaemonClient:
         if not _port_open(self._info.get("endpoint", "")):
             raise DaemonNotRunning()
         if command in READ_ONLY:
-            raise DaemonNotRunning(f"the daemon at {self._info.get('endpoint')} did not answer within "
-                                   f"{timeout:g} s; it may be busy or hung (see daemon.log in {self.home})")
+            raise DaemonBusy(f"the daemon at {self._info.get('endpoint')} did not answer within "
+                             f"{timeout:g} s; it may be busy or hung (see daemon.log in {self.home})")
         raise DaemonError("timeout", f"no answer to {command} within {timeout:g} s; it may still have been "
                                      f"applied — check with `lora-daemon list`")
 
@@ -276,6 +300,10 @@ class DaemonClient:
         """`lora-tools inspect` of a file in the daemon's folders: family, adapter, rank/alpha, training metadata."""
         return self._call("tools.inspect", {"path": path}, timeout)
 
+    def run_events(self, run_id: str, last: int = 50, types: Optional[list[str]] = None) -> list[dict]:
+        """The run's stored events (queued, started, checkpoints, samples, published, finished …), the last `last`."""
+        return self.request("run.events", run=run_id, last=last, types=types)["events"]
+
     def shutdown(self) -> dict:
         return self.request("shutdown")
 
@@ -283,5 +311,6 @@ class DaemonClient:
         info = self._load_info()
         if not info.get("events") or not _port_open(info["events"]):
             raise DaemonNotRunning()
-        return EventSubscription(self._ctx, info["events"], tuple(prefixes), _curve_keys(info))
+        return EventSubscription(self._ctx, info["events"], tuple(prefixes), _curve_keys(info),
+                                 token=info.get("token", ""))
 

@@ -29,6 +29,25 @@ def resolve_home(home: Optional[str | os.PathLike]) -> Path:
     return Path(home).expanduser().resolve() if home else default_home()
 
 
+def make_private_dir(path: Path) -> Path:
+    """The daemon's home: created if needed and made owner-only (0700), since it holds the token, the database
+    and every run's files. On Windows the mode bits are ignored; the folder inherits the profile folder's ACL."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if sys.platform != "win32":
+        os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: Path) -> Path:
+    """Create `path` empty if missing and make it owner-only (0600) before anyone writes to it (SQLite gives its
+    -wal/-shm files the database file's mode, so they follow)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.close(fd)
+    if sys.platform != "win32":
+        os.chmod(path, 0o600)
+    return path
+
+
 def write_private_json(path: Path, data: dict) -> None:
     """Write JSON readable by the owner only, atomically (temp file + os.replace).
 

@@ -2,6 +2,9 @@
 
 A pid alone is not an identity (the OS reuses them), so a run records pid + process create time (psutil) and a
 restarted daemon only touches a process when both match.
+
+Standard library at import time (psutil is imported by the functions that need it), because the WebUI side uses
+`spawn` too, to start the daemon detached: one portable way to start a process, not two.
 """
 from __future__ import annotations
 
@@ -11,9 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import IO, Optional
-
-import psutil
+from typing import IO, Optional, Union
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +30,10 @@ def python_env(env: Optional[dict] = None) -> dict:
     return env
 
 
-def spawn(cmd: list[str], log_file: IO, env: Optional[dict] = None, cwd: Optional[Path] = None,
+def spawn(cmd: list[str], log_file: Union[IO, int], env: Optional[dict] = None, cwd: Optional[Path] = None,
           detach: bool = False) -> subprocess.Popen:
-    """Start `cmd` with stdout+stderr into `log_file`, in its own process group so stop signals reach only it."""
+    """Start `cmd` with stdout+stderr into `log_file` (a file, or subprocess.DEVNULL), in its own process group so
+    stop signals reach only it; `detach` also frees it from our console (Windows), so closing that keeps it."""
     kwargs: dict = {}
     if sys.platform == "win32":
         # Windows: a new process group is what lets CTRL_BREAK_EVENT target the child alone; DETACHED_PROCESS
@@ -47,6 +49,8 @@ def spawn(cmd: list[str], log_file: IO, env: Optional[dict] = None, cwd: Optiona
 
 
 def create_time(pid: int) -> Optional[float]:
+    import psutil
+
     try:
         return psutil.Process(pid).create_time()
     except (psutil.Error, ValueError):
@@ -55,6 +59,8 @@ def create_time(pid: int) -> Optional[float]:
 
 def same_process(pid: Optional[int], started: Optional[float]) -> bool:
     """True when `pid` is alive and is the very process that was started at `started` (not a reused pid)."""
+    import psutil
+
     if not pid or started is None:
         return False
     now = create_time(pid)
@@ -82,6 +88,8 @@ def request_stop(pid: int) -> None:
 
 
 def kill(pid: int) -> None:
+    import psutil
+
     try:
         psutil.Process(pid).kill()
     except psutil.Error:
@@ -90,6 +98,8 @@ def kill(pid: int) -> None:
 
 def wait_gone(pid: int, started: Optional[float], timeout: float) -> bool:
     """Wait for a process that is not our child (e.g. left by a dead daemon) to exit."""
+    import psutil
+
     try:
         proc = psutil.Process(pid)
         if started is not None and abs(proc.create_time() - started) >= 0.01:

@@ -14,6 +14,8 @@ Reply (daemon → client)::
 
 Event (daemon → subscribers, over PUB/SUB): two frames, ``[topic, json]`` where topic is the event type
 (``run.progress``) so a subscriber filters by prefix, and the JSON carries ``type``, ``time``, ``run_id`` and fields.
+The PUB socket takes only subscribers that present the token (ZeroMQ PLAIN, user `EVENTS_USER`, password = token;
+with CURVE, the authorised client key instead), so the event stream is as private as the request socket.
 """
 from __future__ import annotations
 
@@ -24,6 +26,10 @@ from typing import Any, Optional
 
 PROTOCOL_VERSION = 1
 MAX_MESSAGE_BYTES = 1 << 20  # 1 MiB: a config snapshot is a few KiB; anything near this is garbage or an attack
+MAX_DEPTH = 64  # JSON nesting: a config is 3 levels deep; thousands of brackets only exist to crash a parser
+MAX_ERROR_CHARS = 4000  # an error message in a reply: enough for every problem of a bad config, never megabytes
+MAX_PROBLEMS = 100
+EVENTS_USER = "lora"  # the PLAIN user name subscribers present on the event socket (the password is the token)
 
 EVENT_TYPES = (
     "run.queued", "run.started", "run.progress", "run.checkpoint", "run.sample", "run.log", "run.finished",
@@ -44,7 +50,11 @@ E_INTERNAL = "internal"
 
 
 class ProtocolError(ValueError):
-    """A message that cannot be accepted; carries the error code the reply will hold."""
+    """A refusal with an error code: raised by the daemon for a message it cannot accept, and by the client
+    (`lora_daemon.client.DaemonError` is this same class) when the daemon answered with an error.
+
+    ``code`` to branch on, ``message`` to show, ``details`` (e.g. a config's ``problems``).
+    """
 
     def __init__(self, code: str, message: str, details: Optional[dict] = None):
         super().__init__(message)
@@ -71,14 +81,35 @@ def encode(obj: dict) -> bytes:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode("utf-8")
 
 
-def decode(frame: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict:
-    """Parse one frame into a JSON object, refusing oversized, non-UTF-8, non-JSON and non-object frames."""
+def nesting_depth(obj: Any) -> int:
+    """How deep lists and objects nest in a decoded value, walked without recursion (so any depth is safe)."""
+    deepest = 0
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            deepest = max(deepest, depth)
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def decode(frame: bytes, limit: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_DEPTH) -> dict:
+    """Parse one frame into a JSON object, refusing oversized, non-UTF-8, too deeply nested, non-JSON and
+    non-object frames — each as a `ProtocolError`, never a RecursionError."""
     if len(frame) > limit:
         raise ProtocolError(E_TOO_LARGE, f"message is {len(frame)} bytes; the limit is {limit}")
     try:
-        obj = json.loads(frame.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        text = frame.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise ProtocolError(E_BAD_JSON, f"message is not UTF-8 JSON: {e}") from None
+    try:
+        obj = json.loads(text)
+    except RecursionError:  # thousands of nested brackets: the parser gives up before we could count them
+        raise ProtocolError(E_BAD_JSON, f"message nests deeper than {max_depth} levels") from None
+    except ValueError as e:
+        raise ProtocolError(E_BAD_JSON, f"message is not UTF-8 JSON: {str(e)[:200]}") from None
+    if nesting_depth(obj) > max_depth:
+        raise ProtocolError(E_BAD_JSON, f"message nests deeper than {max_depth} levels")
     if not isinstance(obj, dict):
         raise ProtocolError(E_BAD_JSON, f"message must be a JSON object, got {type(obj).__name__}")
     return obj
@@ -116,7 +147,7 @@ def parse_request(frame: bytes, limit: int = MAX_MESSAGE_BYTES) -> Request:
 def request_id_of(frame: bytes) -> str:
     """Best effort: the id of a request that failed validation, so the error reply can still be matched."""
     try:
-        rid = json.loads(frame.decode("utf-8")).get("id", "")
+        rid = decode(frame).get("id", "")
         return rid if isinstance(rid, str) and len(rid) <= 128 else ""
     except Exception:  # any garbage: there is no id to echo
         return ""
@@ -126,9 +157,25 @@ def ok_reply(request_id: str, result: Any) -> dict:
     return {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
 
 
+def _cap(text: str, limit: int = MAX_ERROR_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more characters)"
+
+
+def cap_problems(problems: list) -> list[str]:
+    """At most `MAX_PROBLEMS` problems of at most 500 characters each (plus a line saying how many were left out)."""
+    capped = [_cap(str(p), 500) for p in problems[:MAX_PROBLEMS]]
+    if len(problems) > MAX_PROBLEMS:
+        capped.append(f"… and {len(problems) - MAX_PROBLEMS} more problems")
+    return capped
+
+
 def error_reply(request_id: str, code: str, message: str, details: Optional[dict] = None) -> dict:
+    """An error reply; the message and a config's problems are capped so no request can make a huge reply."""
+    details = dict(details or {})
+    if isinstance(details.get("problems"), list):
+        details["problems"] = cap_problems(details["problems"])
     return {"v": PROTOCOL_VERSION, "id": request_id, "ok": False,
-            "error": {"code": code, "message": message, "details": details or {}}}
+            "error": {"code": code, "message": _cap(str(message)), "details": details}}
 
 
 def make_event(type: str, run_id: Optional[str], time: float, **fields: Any) -> dict:

@@ -1,7 +1,8 @@
 """The daemon process: a ROUTER socket for requests, a PUB socket for live events, workers, and the store.
 
-One thread (this one) owns both sockets and answers every request; anything slow (dataset checks, plans) runs in a
-thread pool and its reply comes back over an inproc pipe, so no request can block another. Every frame is checked
+One thread (this one) owns both sockets and answers every request; anything slow (config validation, submits,
+dataset checks, plans) runs in a thread pool and its reply comes back over an inproc pipe, so no request can block
+another and `status` always answers at once. Every frame is checked
 before it is trusted: size, JSON, version, token, command, arguments. A bad frame gets an error reply when it can be
 answered at all and never raises out of the loop.
 """
@@ -11,10 +12,12 @@ import hmac
 import ipaddress
 import logging
 import os
+import queue as queue_module
 import secrets
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,12 +30,12 @@ import zmq
 from . import __version__, core_bridge, procs, states, tools_job
 from .bus import Bus
 from .gpus import detect_slots
-from .home import INFO_FILE, read_info, write_private_json
-from .protocol import (E_AUTH, E_BAD_REQUEST, E_CONFIG, E_INTERNAL, E_NOT_FOUND, E_STATE, E_TOO_LARGE,
-                       E_UNKNOWN_COMMAND, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError, encode,
+from .home import INFO_FILE, make_private_dir, private_file, read_info, write_private_json
+from .protocol import (E_AUTH, E_BAD_JSON, E_BAD_REQUEST, E_CONFIG, E_INTERNAL, E_NOT_FOUND, E_STATE, E_TOO_LARGE,
+                       E_UNKNOWN_COMMAND, E_VERSION, EVENTS_USER, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError, encode,
                        error_reply, ok_reply, parse_request, request_id_of)
-from .queue import (caption_job, new_record, new_run_id, package_versions, parse_priority, parse_submission,
-                    resolve_config, write_snapshot)
+from .queue import (CAPTION_EXTENSIONS, caption_job, inside, new_record, new_run_id, package_versions,
+                    parse_priority, parse_submission, resolve_config, write_snapshot)
 from .store import NotFound, Store
 from .worker import Settings, Worker, prepare_retry, reconcile, tail_lines
 
@@ -40,8 +43,74 @@ log = logging.getLogger(__name__)
 
 EVENTS_INPROC = "inproc://lora-daemon-events"
 REPLIES_INPROC = "inproc://lora-daemon-replies"
-SLOW_COMMANDS = ("check", "captions.get", "captions.set", "captions.edit", "plan", "tools.inspect")
+# Anything that may take longer than a database read (YAML parsing, validation, a child) runs in the pool.
+SLOW_COMMANDS = ("validate", "submit", "caption", "check", "captions.get", "captions.set", "captions.edit", "plan",
+                 "tools", "tools.inspect")
 CAPTIONERS_MAX_AGE_S = 60.0  # `status` re-asks the engine after this long, so weights put in place later show up
+HANDSHAKE_IVL_MS = 5000  # a TCP connection that has not finished the ZeroMQ handshake by then is closed
+LISTEN_BACKLOG = 1024  # pending TCP connections the OS keeps for us while the loop is busy (libzmq's default: 100)
+LOG_EVERY_S = 60.0  # refused frames are logged at most once a minute per peer address, with a count
+MAX_LOGGED_PEERS = 1024
+
+
+# Refusals an honest client never causes: logged (rate-limited) as a sign of a bad or hostile peer.
+REFUSALS = (E_AUTH, E_BAD_JSON, E_TOO_LARGE, E_VERSION, E_UNKNOWN_COMMAND)
+
+
+def _peer(frame: zmq.Frame) -> str:
+    try:
+        return frame.get("Peer-Address") or "?"
+    except zmq.ZMQError:
+        return "?"
+
+
+def raise_open_files_limit() -> None:
+    """POSIX: lift the soft open-files limit to the hard one, so a flood of connections cannot use up our file
+    descriptors (each pending TCP connection holds one) before the handshake interval drops them."""
+    if sys.platform == "win32":  # Windows: no such per-process limit on sockets
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as e:
+            log.info("could not raise the open-files limit from %d: %s", soft, e)
+
+
+class PeerLog:
+    """Rate-limited logging of refused frames: at most one line per peer per `every` seconds, however many frames.
+
+    Why: an unauthenticated client can send thousands of bad frames a second; one traceback each would fill the
+    disk. The line says how many were refused since the last one, so nothing is hidden.
+    """
+
+    def __init__(self, every: float = LOG_EVERY_S, max_peers: int = MAX_LOGGED_PEERS):
+        self.every = every
+        self.max_peers = max_peers
+        self._peers: dict[str, tuple[float, int]] = {}  # peer -> (time of its last logged line, refused since)
+
+    def refused(self, peer: str, what: str, exc_info: bool = False) -> None:
+        now = time.monotonic()
+        last, count = self._peers.get(peer, (-self.every, 0))
+        if now - last < self.every:
+            self._peers[peer] = (last, count + 1)
+            return
+        if len(self._peers) >= self.max_peers:
+            self._peers.clear()  # bounded memory: forgetting peers only means one more line each
+        self._peers[peer] = (now, 0)
+        more = f" (and {count} more since the last line)" if count else ""
+        log.warning("refused a request from %s: %s%s", peer, what[:300], more, exc_info=exc_info)
+
+
+class Deferred:
+    """A slow command's answer that must be finished on the server thread (e.g. queueing, so `run.queued` is
+    published before any worker's `run.started`)."""
+
+    def __init__(self, finish: Callable[[], Any]):
+        self.finish = finish
 
 
 class DaemonStartError(RuntimeError):
@@ -63,6 +132,7 @@ class DaemonOptions:
     curve_dir: Optional[Path] = None
     max_message_bytes: int = MAX_MESSAGE_BYTES
     slow_timeout_s: float = 300.0
+    allow_pickle: bool = False  # --allow-pickle: configs over the protocol may set model.allow_pickle
 
 
 def is_loopback(host: str) -> bool:
@@ -78,7 +148,7 @@ class Daemon:
     def __init__(self, options: DaemonOptions):
         self.options = options
         self.home = options.home
-        self.home.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.home)
         if not is_loopback(options.host) and options.curve_dir is None:
             raise DaemonStartError(f"--host {options.host}: binding beyond this machine needs CURVE keys "
                                    f"(`lora-daemon keys DIR`, then --curve-dir DIR); the token alone travels in "
@@ -99,7 +169,9 @@ class Daemon:
         self._reply_local = threading.local()
         self._reply_socks: list[zmq.Socket] = []
         self._reply_lock = threading.Lock()
+        self._finished: queue_module.SimpleQueue = queue_module.SimpleQueue()  # (envelope, id, Deferred) to finish
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slow")
+        self._peer_log = PeerLog()
         self._auth = None
         self.captioners: Optional[list[dict]] = None  # asked of the engine in a child: the daemon never imports it
         self._captioners_asked = 0.0
@@ -110,7 +182,8 @@ class Daemon:
             "resume": self.cmd_resume, "caption": self.cmd_caption, "shutdown": self.cmd_shutdown,
             "check": self._dataset_tool("check"), "captions.get": self._dataset_tool("captions.get"),
             "captions.set": self._dataset_tool("captions.set"), "captions.edit": self._dataset_tool("captions.edit"),
-            "plan": self.cmd_plan, "tools": self.cmd_tools, "tools.inspect": self.cmd_tools_inspect,
+            "plan": self.cmd_plan, "run.events": self.cmd_run_events,
+            "tools": self.cmd_tools, "tools.inspect": self.cmd_tools_inspect,
         }
 
     # --- start / stop ---------------------------------------------------------------------------------------
@@ -131,13 +204,20 @@ class Daemon:
         sock.curve_server = True
 
     def _start_auth(self) -> None:
-        if self.options.curve_dir is None:
-            return
+        """ZAP: with CURVE, only authorised client keys; without, the event socket takes only the token (PLAIN)."""
         from zmq.auth.thread import ThreadAuthenticator
 
-        self._auth = ThreadAuthenticator(self.ctx)
+        self._auth = ThreadAuthenticator(self.ctx, log=logging.getLogger("lora_daemon.zap"))
         self._auth.start()
-        self._auth.configure_curve(domain="*", location=str(Path(self.options.curve_dir) / "authorized"))
+        if self.options.curve_dir is not None:
+            self._auth.configure_curve(domain="*", location=str(Path(self.options.curve_dir) / "authorized"))
+        else:
+            self._auth.configure_plain(domain="*", passwords={EVENTS_USER: self.token})
+
+    def _limit(self, sock: zmq.Socket) -> None:
+        """Bound what a flood of half-open connections costs: each is dropped after the handshake interval."""
+        sock.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
+        sock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)
 
     def _bind(self, sock: zmq.Socket, port: int) -> int:
         host = self.options.host
@@ -149,7 +229,8 @@ class Daemon:
     def start(self) -> dict:
         """Bind, write daemon.json, settle what a dead daemon left behind, start the workers."""
         self._refuse_second_instance()
-        self.store = Store(self.home / "runs.db")
+        raise_open_files_limit()
+        self.store = Store(private_file(self.home / "runs.db"))
         self.ctx = zmq.Context()
         self._start_auth()
         self.router = self.ctx.socket(zmq.ROUTER)
@@ -157,10 +238,14 @@ class Daemon:
         # A hard cap in libzmq too: a peer sending far more than the limit is dropped before we buffer it.
         self.router.setsockopt(zmq.MAXMSGSIZE, self.options.max_message_bytes * 4)
         self.router.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self._limit(self.router)
         self._secure(self.router)
         self.pub = self.ctx.socket(zmq.PUB)
         self.pub.setsockopt(zmq.LINGER, 500)
         self.pub.setsockopt(zmq.SNDHWM, 100_000)
+        self._limit(self.pub)
+        if self.options.curve_dir is None:
+            self.pub.plain_server = True  # subscribers log in with the token; ZAP (`_start_auth`) checks it
         self._secure(self.pub)
         port = self._bind(self.router, self.options.port)
         events_port = self._bind(self.pub, self.options.events_port)
@@ -222,10 +307,8 @@ class Daemon:
                 for sock, _ in poller.poll(200):
                     if sock is self.router:
                         self._serve_one()
-                    elif sock is self.events_pull:
-                        self._forward_events()
                     else:
-                        self._forward_replies()
+                        self._drain()
         finally:
             self._shutdown()
 
@@ -240,11 +323,9 @@ class Daemon:
         for worker in [self._reconciler, *self.workers]:
             while worker.is_alive():
                 worker.join(0.1)
-                self._forward_events()
-                self._forward_replies()
+                self._drain()
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._forward_events()
-        self._forward_replies()
+        self._drain()
         info = read_info(self.home)
         if info and info.get("pid") == os.getpid():
             (self.home / INFO_FILE).unlink(missing_ok=True)
@@ -252,32 +333,35 @@ class Daemon:
         with self._reply_lock:
             for sock in self._reply_socks:
                 sock.close()
-        if self._auth is not None:
-            self._auth.stop()
         for sock in (self.router, self.pub, self.events_pull, self.replies_pull):
             sock.close(linger=500)
+        if self._auth is not None:
+            self._auth.stop()
         self.ctx.term()
         self.store.close()
         log.info("stopped")
 
     # --- the request loop -----------------------------------------------------------------------------------
-    def _forward_events(self) -> None:
+    def _drain(self) -> None:
+        """Forward what other threads queued for this one: events to the PUB socket, slow replies to their clients
+        (a `Deferred` reply is finished here first)."""
+        for sock, forward in ((self.events_pull, self.pub.send_multipart), (self.replies_pull, self._send)):
+            # (a one-frame message on the replies pipe is a doorbell for `_finished`, not a reply)
+            while True:
+                try:
+                    forward(sock.recv_multipart(zmq.NOBLOCK))
+                except zmq.Again:
+                    break
         while True:
             try:
-                frames = self.events_pull.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
+                envelope, request_id, deferred = self._finished.get_nowait()
+            except queue_module.Empty:
                 return
-            self.pub.send_multipart(frames)
-
-    def _forward_replies(self) -> None:
-        while True:
-            try:
-                frames = self.replies_pull.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._send(frames)
+            self._send(envelope + [encode(self._answer(request_id, lambda _: deferred.finish(), {}))])
 
     def _send(self, frames: list[bytes]) -> None:
+        if len(frames) < 2:
+            return
         try:
             self.router.send_multipart(frames, zmq.NOBLOCK)
         except zmq.ZMQError as e:  # the peer left, or its queue is full: the reply is dropped, the daemon goes on
@@ -285,9 +369,10 @@ class Daemon:
 
     def _serve_one(self) -> None:
         try:
-            frames = self.router.recv_multipart(zmq.NOBLOCK)
+            zframes = self.router.recv_multipart(zmq.NOBLOCK, copy=False)
         except zmq.Again:
             return
+        frames = [f.bytes for f in zframes]
         if len(frames) < 2:
             return  # no payload after the identity: nothing to answer
         envelope, payload = frames[:-1], frames[-1]
@@ -296,9 +381,11 @@ class Daemon:
         try:
             reply = self._dispatch(envelope, payload)
         except Exception as e:  # last line of defence: a bug answers with an error, the loop keeps going
-            log.exception("request failed")
+            self._peer_log.refused(_peer(zframes[-1]), f"internal error {type(e).__name__}", exc_info=True)
             reply = error_reply(request_id_of(payload), E_INTERNAL, f"internal error: {type(e).__name__}: {e}")
         if reply is not None:
+            if not reply.get("ok") and reply["error"]["code"] in REFUSALS:
+                self._peer_log.refused(_peer(zframes[-1]), f"{reply['error']['code']}: {reply['error']['message']}")
             self._send(envelope + [encode(reply)])
 
     def _dispatch(self, envelope: list[bytes], payload: bytes) -> Optional[dict]:
@@ -339,6 +426,9 @@ class Daemon:
         except Exception as e:
             log.exception("slow request failed")
             reply = error_reply(request_id, E_INTERNAL, f"internal error: {type(e).__name__}: {e}")
+        if reply.get("ok") and isinstance(reply["result"], Deferred):
+            self._finished.put((envelope, request_id, reply["result"]))
+            envelope, reply = [], None  # only a doorbell: the server thread finishes and answers
         sock = getattr(self._reply_local, "sock", None)
         if sock is None:
             sock = self.ctx.socket(zmq.PUSH)
@@ -346,7 +436,7 @@ class Daemon:
             self._reply_local.sock = sock
             with self._reply_lock:
                 self._reply_socks.append(sock)
-        sock.send_multipart(envelope + [encode(reply)])
+        sock.send_multipart(envelope + [encode(reply)] if reply is not None else [b""])
 
     # --- commands -------------------------------------------------------------------------------------------
     def _run_ref(self, args: dict) -> dict:
@@ -376,13 +466,20 @@ class Daemon:
         }
 
     def _publish_targets(self, args: dict) -> dict:
+        """Per-submit publish folders, each confined to the folder the daemon was started with for that kind."""
         targets = {}
         for key in ("lora_dir", "adapters_dir"):
             value = args.get(key)
             if value is not None:
-                if not isinstance(value, str) or not value:
+                if not isinstance(value, str) or not value or "\0" in value:
                     raise ProtocolError(E_BAD_REQUEST, f"{key}: must be a folder path")
-                targets[key] = str(Path(value).expanduser().resolve())
+                folder = Path(value).expanduser().resolve()
+                allowed = getattr(self.settings, key)
+                if not inside(folder, allowed):
+                    raise ProtocolError(E_BAD_REQUEST, f"{key}: {folder} is outside the folder this daemon publishes "
+                                                       f"to ({allowed}); start the daemon with --{key.replace('_', '-')} "
+                                                       f"{folder} to publish there")
+                targets[key] = str(folder)
         weight = args.get("preferred_weight")
         if weight is not None:
             if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not -10 <= weight <= 10:
@@ -390,25 +487,43 @@ class Daemon:
             targets["preferred_weight"] = float(weight)
         return targets
 
-    def cmd_validate(self, args: dict) -> dict:
+    def _resolve(self, args: dict, output_dir: Path):
+        """The submission checked and its config validated (schema, then the engine's preflight), in a pool thread."""
         sub = parse_submission(args)
+        return sub, resolve_config(sub.config, sub.base_dir, output_dir, sub.name,
+                                   allow_pickle=self.options.allow_pickle)
+
+    def cmd_validate(self, args: dict) -> dict:
         try:
-            cfg = resolve_config(sub.config, sub.base_dir, self.runs_dir / "(new run)" / "output", sub.name)
+            _, cfg = self._resolve(args, self.runs_dir / "(new run)" / "output")
         except ProtocolError as e:
             if e.code != E_CONFIG:
                 raise
             return {"ok": False, "problems": e.details["problems"], "config": None}
         return {"ok": True, "problems": [], "config": cfg}
 
-    def cmd_submit(self, args: dict) -> dict:
-        sub = parse_submission(args)
+    def cmd_submit(self, args: dict) -> Deferred:
         run_id = new_run_id()
         publish = self._publish_targets(args)
-        cfg = resolve_config(sub.config, sub.base_dir, self.runs_dir / run_id / "output", sub.name)
+        sub, cfg = self._resolve(args, self.runs_dir / run_id / "output")
         kind = "text" if cfg["model"]["task_type"] == "text-generation" else "image"
         record = new_record(run_id, self.runs_dir, kind, sub.name or cfg["output"]["output_name"], cfg,
                             sub.priority, publish, package_versions())
         write_snapshot(record)
+        if args.get("dedupe"):
+            return Deferred(lambda: self._enqueue_once(record))
+        return Deferred(lambda: self._enqueue(record))
+
+    def _enqueue_once(self, record: dict) -> dict:
+        """Submit with ``dedupe`` (the tab's Start): a queued or running run with the same settings, name and
+        publish target is answered (``duplicate: true``) instead of queueing its twin — a double click, or a click
+        again while the first is pending. Runs on the server thread, so two such submits cannot both queue."""
+        for run in self.store.runs_in((states.QUEUED, states.RUNNING)):
+            if (run["kind"], run["config_hash"], run["name"], run.get("publish") or {}) == \
+                    (record["kind"], record["config_hash"], record["name"], record["publish"]) and \
+                    run["config"]["output"].get("output_name") == record["config"]["output"].get("output_name"):
+                shutil.rmtree(record["run_dir"], ignore_errors=True)
+                return {**run, "duplicate": True}
         return self._enqueue(record)
 
     def _enqueue(self, record: dict) -> dict:
@@ -417,22 +532,25 @@ class Daemon:
         self.wake.set()
         return run
 
-    def cmd_caption(self, args: dict) -> dict:
+    def cmd_caption(self, args: dict) -> Deferred:
         options = {k: v for k, v in args.items() if k not in ("folder", "priority", "name", "cwd", "options")}
-        options.update(args.get("options") or {})
+        extra = args.get("options") or {}
+        if not isinstance(extra, dict):
+            raise ProtocolError(E_BAD_REQUEST, "options: must be a mapping")
+        options.update(extra)
         job = caption_job(args.get("folder"), options, args.get("cwd"))
         priority = parse_priority(args)
         run_id = new_run_id()
         name = args.get("name") if isinstance(args.get("name"), str) else f"caption {Path(job['folder']).name}"
-        record = new_record(run_id, self.runs_dir, "caption", name, job, priority)
+        record = new_record(run_id, self.runs_dir, "caption", name[:200], job, priority)
         Path(record["run_dir"]).mkdir(parents=True, exist_ok=True)
-        return self._enqueue(record)
+        return Deferred(lambda: self._enqueue(record))
 
     def _tool_folders(self) -> tools_job.Folders:
         checkpoint_dir = Path(self.options.checkpoint_dir or self.home / "Stable-diffusion").resolve()
         return tools_job.Folders(self.settings.lora_dir, checkpoint_dir, self.home)
 
-    def cmd_tools(self, args: dict) -> dict:
+    def cmd_tools(self, args: dict) -> Deferred:
         """A LoRA-toolbox job (merge, bake, resize, extract), queued and run like a training run: its paths are
         confined to the Lora, checkpoint and home folders and its command line built from checked values."""
         job = tools_job.tool_job(args, self._tool_folders())
@@ -441,7 +559,7 @@ class Daemon:
             f"{job['command']} {Path(job['output']).name}"
         record = new_record(new_run_id(), self.runs_dir, "tools", name[:200], job, parse_priority(args))
         Path(record["run_dir"]).mkdir(parents=True, exist_ok=True)
-        return self._enqueue(record)
+        return Deferred(lambda: self._enqueue(record))
 
     def cmd_tools_inspect(self, args: dict) -> Any:
         """`lora-tools inspect` of one file in the daemon's folders, in a child (the daemon never loads torch)."""
@@ -460,6 +578,17 @@ class Daemon:
         if isinstance(tail, bool) or not isinstance(tail, int) or not 0 <= tail <= 100_000:
             raise ProtocolError(E_BAD_REQUEST, f"tail: must be a whole number between 0 and 100000, got {tail!r}")
         return {"run_id": run["id"], "lines": tail_lines(Path(run["run_dir"]) / "train.log", tail)}
+
+    def cmd_run_events(self, args: dict) -> dict:
+        """A run's stored events, oldest first: the last `last` of them (optionally only some `types`)."""
+        run = self._run_ref(args)
+        last = args.get("last", 50)
+        if isinstance(last, bool) or not isinstance(last, int) or not 1 <= last <= 10_000:
+            raise ProtocolError(E_BAD_REQUEST, f"last: must be a whole number between 1 and 10000, got {last!r}")
+        types = args.get("types")
+        if types is not None and (not isinstance(types, list) or not all(isinstance(t, str) for t in types)):
+            raise ProtocolError(E_BAD_REQUEST, "types: must be a list of event types, e.g. [\"run.checkpoint\"]")
+        return {"run_id": run["id"], "events": self.store.events(run["id"], types, last=last)}
 
     def cmd_metrics(self, args: dict) -> dict:
         run = self._run_ref(args)
@@ -506,19 +635,33 @@ class Daemon:
         return lambda args: core_bridge.run_op(op, self._folder_args(args), self.home, self.options.slow_timeout_s)
 
     def _folder_args(self, args: dict) -> dict:
-        """Dataset-tool arguments with the folder made absolute (against the client's cwd)."""
+        """Dataset-tool arguments with the folder made absolute (against the client's cwd) and every other path
+        they name confined to it: the tools write caption files and metadata.csv there, and nowhere else."""
         folder = args.get("folder")
-        if not isinstance(folder, str) or not folder:
+        if not isinstance(folder, str) or not folder or "\0" in folder:
             raise ProtocolError(E_BAD_REQUEST, "folder: give the dataset folder")
         base = args.get("cwd") if isinstance(args.get("cwd"), str) else None
         out = {k: v for k, v in args.items() if k != "cwd"}
-        out["folder"] = str((Path(base or ".") / Path(folder).expanduser()).resolve())
+        root = (Path(base or ".") / Path(folder).expanduser()).resolve()
+        out["folder"] = str(root)
+        ext = args.get("caption_extension")
+        if ext is not None and ext not in CAPTION_EXTENSIONS:
+            raise ProtocolError(E_BAD_REQUEST, f"caption_extension: must be one of {', '.join(CAPTION_EXTENSIONS)}, "
+                                               f"got {str(ext)[:40]!r}")
+        meta = args.get("metadata_path")
+        if meta is not None:
+            if not isinstance(meta, str) or "\0" in meta:
+                raise ProtocolError(E_BAD_REQUEST, "metadata_path: must be a file path")
+            path = (root / Path(meta).expanduser()).resolve()
+            if not inside(path, root) or path.suffix.lower() != ".csv":
+                raise ProtocolError(E_BAD_REQUEST, f"metadata_path: must be a .csv file inside the dataset folder "
+                                                   f"{root}, got {meta[:200]!r}")
+            out["metadata_path"] = str(path)
         return out
 
     def cmd_plan(self, args: dict) -> Any:
-        sub = parse_submission(args)
         plan_dir = self.home / "plans" / secrets.token_hex(6)
-        cfg = resolve_config(sub.config, sub.base_dir, plan_dir / "output", sub.name)
+        _, cfg = self._resolve(args, plan_dir / "output")
         record = {"run_dir": str(plan_dir), "config": cfg}
         try:
             return core_bridge.run_plan(write_snapshot(record), self.home, self.options.slow_timeout_s)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import sys
 import threading
@@ -28,8 +29,6 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-OOM_ADVICE = ("if the system ran out of memory: lower training.batch_size or data.resolution, turn on "
-              "training.gradient_checkpointing, or set training.oom_policy: step_down")
 LOG_TAIL_LINES = 30
 # Exit codes of `python -m lora_core.train`, mirrored from `lora_core.events` (the daemon must not import the engine
 # outside config validation; tests/test_daemon_publish.py checks the two agree).
@@ -38,6 +37,15 @@ EXIT_STOPPED = 3
 EXIT_OOM = 4
 # What a `sample_progress` event of the engine carries: the training step, prompt i of n, denoising step j of m.
 SAMPLE_PROGRESS_FIELDS = ("step", "prompt_index", "prompts", "denoise_step", "denoise_steps", "prompt")
+
+
+def oom_advice() -> str:
+    """For a child that exited with EXIT_OOM without saying why, or was killed by a signal (the system's OOM killer,
+    perhaps): the engine's one advice text, hedged. Imported here, not at the top: `lora_core.events` is stdlib-only,
+    but the daemon must start even where the engine is missing."""
+    from lora_core.events import OOM_ADVICE
+
+    return "if the system ran out of memory: " + OOM_ADVICE
 
 
 @dataclass
@@ -72,10 +80,25 @@ class RunFiles:
         return self.run_dir / "output"
 
 
+# Terminal control sequences (colours, tqdm's cursor-up ``ESC[A``, OSC titles): meaningless in a log pane.
+TERMINAL_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
+
+
+def readable(line: str) -> str:
+    """A log line as a person reads it: terminal escapes removed, and a progress bar redrawn with carriage returns
+    (``10%\r20%\r30%``) shown as its last state — children write to files, but a library may still draw bars."""
+    line = TERMINAL_ESCAPES.sub("", line.rstrip("\n"))
+    if "\r" in line:
+        drawn = [part for part in line.split("\r") if part.strip()]
+        line = drawn[-1] if drawn else ""
+    return line
+
+
 def tail_lines(path: Path, n: int) -> list[str]:
+    """The last `n` lines of a run's log, readable (`readable`): what `logs`, the tab and failure reports show."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as fh:
-            return [line.rstrip("\n") for line in deque(fh, maxlen=max(n, 0))]
+        with open(path, encoding="utf-8", errors="replace", newline="\n") as fh:
+            return [readable(line) for line in deque(fh, maxlen=max(n, 0))]
     except FileNotFoundError:
         return []
 
@@ -92,7 +115,26 @@ def read_new_lines(path: Path, offset: int) -> tuple[list[str], int]:
     if end < 0:
         return [], offset
     text = chunk[: end + 1].decode("utf-8", errors="replace")
-    return text.splitlines(), offset + end + 1
+    # split on newlines only: a progress bar's carriage returns stay inside its line for `readable` to collapse
+    return text[:-1].split("\n"), offset + end + 1
+
+
+def last_end_event(path: Path) -> Optional[dict]:
+    """The child's final ``end`` event in its events file, read from the start (None when it never ended)."""
+    end = None
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if '"end"' in line:
+                    try:
+                        event = json.loads(line)
+                    except ValueError:
+                        continue
+                    if isinstance(event, dict) and event.get("type") == "end":
+                        end = event
+    except FileNotFoundError:
+        return None
+    return end
 
 
 def job_command(run: dict) -> list[str]:
@@ -139,7 +181,7 @@ class RunFollower:
                 self._handle(event)
         log_lines, log_offset = read_new_lines(self.files.log, self.log_offset)
         if log_lines:
-            self.bus.emit("run.log", self.run_id, lines=log_lines)
+            self.bus.emit("run.log", self.run_id, lines=[readable(line) for line in log_lines])
         if offset != self.events_offset or log_offset != self.log_offset:
             self.events_offset, self.log_offset = offset, log_offset
             self.store.update_run(self.run_id, events_offset=offset, log_offset=log_offset)
@@ -230,11 +272,12 @@ def _publish(store: Store, bus: Bus, settings: Settings, run: dict) -> dict:
         if text:
             done = publish_adapter(output, pub)
         else:
-            done = publish_lora(output, pub, trigger_words=trigger, preferred_weight=weight, preview=preview)
+            done = publish_lora(output, pub, trigger_words=trigger, preferred_weight=weight, preview=preview,
+                                base_model=cfg["model"].get("base_model"))
     except Exception:
         sources: dict = {pub.folder / pub.stem: output} if text else {
             pub.folder / f"{pub.stem}.safetensors": output, pub.folder / f"{pub.stem}.json":
-            sidecar_text(output, trigger, weight), **({pub.folder / f"{pub.stem}.png": preview} if preview else {})}
+            sidecar_text(output, trigger, weight, cfg["model"].get("base_model")), **({pub.folder / f"{pub.stem}.png": preview} if preview else {})}
         rollback(pub, sources)
         store.update_run(run["id"], publish=targets)
         raise
@@ -287,7 +330,7 @@ def settle(store: Store, bus: Bus, settings: Settings, run_id: str, follower: Ru
         error = f"the training process exited with code {exit_code}"
     if tail:
         error += " — last log line: " + tail[-1]
-    advice = follower.advice or (OOM_ADVICE if exit_code == EXIT_OOM or (exit_code or 0) < 0 else None)
+    advice = follower.advice or (oom_advice() if exit_code == EXIT_OOM or (exit_code or 0) < 0 else None)
     run = store.transition(run_id, states.FAILED, finished_at=now, error=error, advice=advice,
                            log_tail="\n".join(tail), **common)
     bus.emit("run.failed", run_id, error=error, advice=advice, log_tail=tail, exit_code=exit_code)
@@ -405,6 +448,8 @@ def reconcile(store: Store, bus: Bus, settings: Settings) -> list[dict]:
                 procs.wait_gone(pid, started, 10)
         follower = RunFollower(store, bus, run)
         follower.poll()
+        if follower.end is None:  # read by the dead daemon already (it may have died publishing): look again
+            follower.end = last_end_event(follower.files.events)
         end = follower.end or {}
         if end.get("status") == "finished" or run["status"] == states.CANCELLING:
             settled.append(settle(store, bus, settings, run["id"], follower, None, daemon_stopping=False))

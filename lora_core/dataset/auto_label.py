@@ -128,8 +128,10 @@ CAPTIONER_OPTIONS = {"max_length": "blip", "min_length": "blip", "num_beams": "b
 
 def build_parser() -> argparse.ArgumentParser:
     names = [s.name for s in available_captioners()]
+    # allow_abbrev=False: the daemon builds this command line from checked options, and an abbreviation such as
+    # --inp or --even must never reach --input or --events
     p = argparse.ArgumentParser(prog="lora-label", description="Caption a folder of images with BLIP or a WD14 "
-                                "tagger, from local model folders.")
+                                "tagger, from local model folders.", allow_abbrev=False)
     p.add_argument("--input", required=True, help="folder of images")
     p.add_argument("--output", help="metadata.csv to write (default <input>/metadata.csv)")
     p.add_argument("--format", choices=FORMATS, help="csv (default) or txt sidecar files next to the images")
