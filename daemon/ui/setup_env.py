@@ -12,7 +12,9 @@ import importlib.metadata
 import logging
 import os
 import shlex
+import site
 import subprocess
+import sys
 import threading
 import venv
 from dataclasses import dataclass, field
@@ -65,9 +67,10 @@ class SetupPlan:
 
     venv_dir: Path
     torch_version: Optional[str]
-    source: Path = REPO_ROOT
+    source: Optional[Path] = REPO_ROOT  # None: install no engine (the standalone UI's venv)
     pip_args: tuple[str, ...] = ()
     system_site_packages: bool = False
+    packages: tuple[str, ...] = ()  # requirements installed last, e.g. `UI_REQUIREMENTS`
 
     def commands(self) -> list[list[str]]:
         """The pip commands that fill the venv: torch first (pinned to the flavour), then the engine."""
@@ -76,8 +79,52 @@ class SetupPlan:
         if self.torch_version:
             requirement, index = torch_requirement(self.torch_version)
             commands.append(pip_install + [requirement] + (["--index-url", index] if index else []))
-        commands.append(pip_install + [str(self.source)])
+        if self.source is not None:
+            commands.append(pip_install + [str(self.source)])
+        if self.packages:
+            commands.append(pip_install + list(self.packages))
         return commands
+
+
+# The standalone UI's own venv (``lora-daemon setup --ui``): Forge's gradio stack, which cannot share the engine's
+# environment (gradio 4.40 needs huggingface_hub < 1, transformers 5 needs >= 1; pydantic 2.8 / fastapi 0.104 as
+# Forge pins them), plus what the tab itself imports (pyzmq for the client, watchdog for the Lora-folder watcher).
+UI_REQUIREMENTS = ("gradio==4.40.0", "fastapi==0.104.1", "pydantic==2.8.2", "huggingface_hub<1", "pyzmq>=25",
+                   "watchdog>=3", "psutil>=5.9")
+UI_VENV = "ui-venv"
+
+
+def ui_python(home: Path) -> Path:
+    """The interpreter of the standalone UI's venv under the state folder (it may not exist yet)."""
+    return venv_python(home / UI_VENV)
+
+
+def ui_command(home: Path, python: Optional[Path] = None) -> list[str]:
+    """How to start the standalone UI from its venv: the tab is loaded by path from this checkout, so that venv
+    needs no copy of the engine."""
+    return [str(python or ui_python(home)), str(REPO_ROOT / "daemon"), "--home", str(home), "ui"]
+
+
+def own_site_packages() -> list[str]:
+    """This interpreter's own site-packages when it is itself a venv, else nothing.
+
+    Why: a venv made with ``system_site_packages`` sees the *base* interpreter's packages, not those of the venv it
+    was created from — so run inside a venv that holds torch, setup would see no torch, download it again, and fail
+    offline. Those folders are handed on with a ``.pth`` file instead (`inherit_packages`)."""
+    if sys.prefix == sys.base_prefix:
+        return []
+    return [p for p in dict.fromkeys(site.getsitepackages()) if Path(p).is_dir()]
+
+
+def inherit_packages(venv_dir: Path, folders: list[str]) -> Optional[Path]:
+    """Let the venv see ``folders`` after its own packages (a ``.pth`` in its site-packages); None when none."""
+    if not folders:
+        return None
+    done = subprocess.run([str(venv_python(venv_dir)), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True)
+    pth = Path(done.stdout.strip()) / "_lora_scripts_parent_env.pth"
+    pth.write_text("".join(f"{folder}\n" for folder in folders), encoding="utf-8")
+    return pth
 
 
 def run_setup(plan: SetupPlan, say: Callable[[str], None] = print) -> int:
@@ -86,6 +133,8 @@ def run_setup(plan: SetupPlan, say: Callable[[str], None] = print) -> int:
         say(f"creating a virtual environment in {plan.venv_dir}")
         venv.EnvBuilder(with_pip=not plan.system_site_packages,
                         system_site_packages=plan.system_site_packages).create(plan.venv_dir)
+        if plan.system_site_packages and inherit_packages(plan.venv_dir, own_site_packages()):
+            say(f"it also sees the packages of {sys.prefix} (this Python is a venv; torch may live there)")
     for command in plan.commands():
         say("$ " + shown(command))
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -95,7 +144,7 @@ def run_setup(plan: SetupPlan, say: Callable[[str], None] = print) -> int:
         if proc.wait() != 0:
             say(f"failed with exit code {proc.returncode}")
             return proc.returncode
-    say("the training engine is installed")
+    say("the training engine is installed" if plan.source is not None else "the standalone UI is installed")
     return 0
 
 
@@ -144,16 +193,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="let the venv see this Python's packages (pip and torch included) instead of its own")
     parser.add_argument("--print", action="store_true", dest="print_only",
                         help="print the commands instead of running them")
+    parser.add_argument("--ui", action="store_true",
+                        help="set up the standalone UI (`lora-daemon ui`) in its own venv, <state folder>/ui-venv, "
+                             "with gradio 4.40 and the packages it needs, instead of the engine")
 
 
 def run(args: argparse.Namespace) -> int:
     """``lora-daemon setup``: create and fill the engine's venv, or print the commands with --print."""
-    venv_dir = Path(args.venv).expanduser().resolve() if args.venv else resolve_home(getattr(args, "home", None)) / "venv"
-    plan = SetupPlan(venv_dir, args.torch or installed_torch(),
-                     Path(args.source).expanduser().resolve() if args.source else REPO_ROOT, tuple(args.pip_args),
-                     args.system_site_packages)
+    home = resolve_home(getattr(args, "home", None))
+    if args.ui:
+        venv_dir = Path(args.venv).expanduser().resolve() if args.venv else home / UI_VENV
+        plan = SetupPlan(venv_dir, None, None, tuple(args.pip_args), args.system_site_packages, UI_REQUIREMENTS)
+    else:
+        venv_dir = Path(args.venv).expanduser().resolve() if args.venv else home / "venv"
+        plan = SetupPlan(venv_dir, args.torch or installed_torch(),
+                         Path(args.source).expanduser().resolve() if args.source else REPO_ROOT, tuple(args.pip_args),
+                         args.system_site_packages)
     if args.print_only:
         for command in plan.commands():
             print(shown(command))
         return 0
-    return run_setup(plan)
+    code = run_setup(plan)
+    if code == 0 and args.ui:
+        print("start the UI with `lora-daemon ui`, or directly: " + shown(ui_command(home, venv_python(venv_dir))))
+    return code

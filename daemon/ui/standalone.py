@@ -20,8 +20,9 @@ log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 MODEL_EXTS = (".safetensors", ".ckpt")
-GRADIO_HINT = ("the standalone tab needs gradio in this Python: pip install gradio==4.40.0 'huggingface_hub<1' "
-               "'fastapi<0.113' (or gradio==3.41.2 'fastapi==0.94.0'), or run the WebUI extension instead")
+GRADIO_HINT = ("the standalone tab needs gradio, which cannot share the engine's environment: run "
+               "`lora-daemon setup --ui` once (it makes <state folder>/ui-venv), then `lora-daemon ui` again — or use "
+               "the WebUI extension instead")
 
 
 def list_checkpoints(folder: Optional[Path]) -> dict[str, str]:
@@ -83,6 +84,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--auth", help="user:password to require a login (like the WebUI's --gradio-auth)")
 
 
+def _run_in_ui_venv(args: argparse.Namespace) -> int:
+    """This Python has no gradio (the engine's never has): serve the tab from the venv `lora-daemon setup --ui`
+    made, with the same arguments; without that venv, say how to make it."""
+    import subprocess
+
+    from .setup_env import ui_command, ui_python
+
+    home = resolve_home(getattr(args, "home", None))
+    python = ui_python(home)
+    if not python.exists():
+        log.error(GRADIO_HINT)
+        print(f"lora-daemon ui: {GRADIO_HINT}")
+        return 2
+    command = ui_command(home, python) + ["--port", str(args.port), "--host", args.host]
+    for flag, value in (("--checkpoints", args.checkpoints), ("--lora-dir", args.lora_dir),
+                        ("--endpoint", args.endpoint), ("--auth", args.auth)):
+        if value:
+            command += [flag, value]
+    if os.name == "posix":  # become the UI process, so a service manager's stop signal reaches gradio itself
+        os.execv(command[0], command)
+    try:  # Windows-only: execv would start a second process and leave this one's console behind
+        return subprocess.run(command).returncode
+    except KeyboardInterrupt:
+        return 0
+
+
 def run(args: argparse.Namespace) -> int:
     """``lora-daemon ui``: serve the tab until Ctrl+C."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -90,9 +117,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         import gradio  # noqa: F401  (only to report a missing install clearly)
     except ImportError:
-        log.error(GRADIO_HINT)
-        print(f"lora-daemon ui: {GRADIO_HINT}")
-        return 2
+        return _run_in_ui_venv(args)
     from .context import TabContext, UiSettings
     from .lora_watch import LoraWatcher
     from .routes import AuthPolicy, mount, parse_credentials
