@@ -98,12 +98,16 @@ def conv_layer_names(model: torch.nn.Module) -> list[str]:
 
 
 def add_network(model: torch.nn.Module, spec: AdapterSpec, targets: list[str],
-                field: str = "model.unet_target_modules", conv: bool = True) -> list[str]:
+                field: str = "model.unet_target_modules", conv: bool = True,
+                conv_names: Optional[list[str]] = None) -> list[str]:
     """Freeze ``model`` and add the adapter to the targeted layers (and, when ``conv`` and ``spec.conv_rank``, the
-    block convolutions); returns the adapted layer names. Draws its initial weights from torch's global RNG."""
+    block convolutions, or exactly ``conv_names``); returns the adapted layer names. Draws its initial weights from
+    torch's global RNG."""
     model.requires_grad_(False)
-    names = match_targets(model, targets, field)
-    convs = [n for n in conv_layer_names(model) if n not in names] if conv and spec.conv_rank else []
+    names = match_targets(model, targets, field) if targets else []
+    if conv_names is None:
+        conv_names = conv_layer_names(model) if conv and spec.conv_rank else []
+    convs = [n for n in conv_names if n not in names]
     if spec.backend == "peft":
         add_lora(model, names, spec.rank, spec.alpha, spec.dropout, field=field, conv_names=convs,
                  conv_rank=spec.conv_rank, conv_alpha=spec.conv_alpha)
@@ -208,3 +212,10 @@ def set_multiplier(model: torch.nn.Module, multiplier: float) -> None:
     """Scale every LyCORIS module's effect (their ``multiplier``); used by tests and previews."""
     for module in _lycoris_layers(model).values():
         module.multiplier = multiplier
+
+
+def place_adapters(model: torch.nn.Module, device: torch.device) -> None:
+    """Move LyCORIS modules whole (their parameters and their buffers, e.g. ``scalar``) to ``device`` in fp32;
+    moving only a model's parameters would leave those buffers behind on the CPU."""
+    for module in _lycoris_layers(model).values():
+        module.to(device=device, dtype=torch.float32)

@@ -22,9 +22,12 @@ import torch.nn.functional as F
 from ..dataset.buckets import Bucket, bucket_info, format_bucket_table
 from ..config import TrainConfig
 from ..dataset.scan import (DatasetScan, ImageItem, assign_buckets, load_image_with_crop, process_caption, scan_dataset)
-from .export import kohya_lora_tensors, save_diffusers_lora, save_lora_file, training_metadata
+from .adapters import (AdapterSpec, adapter_parameters, adapter_state, add_network, export_modules,
+                       is_adapter_param, load_adapter_state, place_adapters)
+from .export import kohya_network_tensors, save_diffusers_lora, save_lora_file, training_metadata
+from ..speed import SpeedSettings, resolve
+from .fp8 import is_fp8, to_fp8
 from .latent_cache import DiskLatentCache
-from .lora import add_lora, load_lora_state, lora_parameters, lora_state
 from .sample_prompts import SamplePrompt, parse_sample_prompts
 from .sd_models import SDModel, load_sd_model
 
@@ -70,6 +73,7 @@ class ImageTask:
         # _use_accelerator
         self.device = torch.device("cpu")
         self.weight_dtype = torch.float32  # the frozen base weights' dtype (LoRA weights stay fp32)
+        self.speed = SpeedSettings()  # compile, channels_last, pin_memory as they apply on this device
         # _scan_data
         self.scan: Optional[DatasetScan] = None
         self.reg_scan: Optional[DatasetScan] = None
@@ -79,6 +83,7 @@ class ImageTask:
         # _load_model, _add_lora
         self.model: Optional[SDModel] = None
         self.alpha = 0.0
+        self.spec = AdapterSpec()  # the adapter type, rank and alpha trained (`_add_lora`)
         self.te_targets: list[str] = []  # text-encoder modules holding LoRA layers (empty: UNet only)
         # the modules training runs through: the model's own until _prepare wraps them (DDP on several GPUs)
         self.unet: Any = None
@@ -110,6 +115,7 @@ class ImageTask:
         self.device = accelerator.device
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision,
                                                                                  torch.float32)
+        self.speed = resolve(self.cfg, accelerator.device)
 
     def _scan_data(self) -> None:
         """Scan the training (and regularisation) folders and assign every image its bucket."""
@@ -132,13 +138,14 @@ class ImageTask:
     def _load_model(self) -> None:
         """Load the base model from its local path, every base weight frozen; the VAE on the device for encoding."""
         m = self.cfg.model
-        model = load_sd_model(m.base_model, m.model_family, m.prediction_type, m.allow_pickle)
+        # frozen weights straight into the training dtype (never an fp32 copy of the model); the VAE too, unless
+        # model.no_half_vae keeps it fp32
+        model = load_sd_model(m.base_model, m.model_family, m.prediction_type, m.allow_pickle,
+                              dtype=self.weight_dtype, vae_dtype=torch.float32 if m.no_half_vae else self.weight_dtype)
         if model.family == "sdxl" and m.clip_skip > 1:
             log.warning("model.clip_skip %d is ignored for SDXL, which always uses the penultimate layer", m.clip_skip)
         self.model = model
         model.vae.requires_grad_(False).to(self.device).eval()
-        if self.weight_dtype != torch.float32:
-            model.vae.to(dtype=self.weight_dtype)
         for encoder in self._base_text_encoders():
             encoder.requires_grad_(False)
         model.unet.requires_grad_(False)
@@ -150,24 +157,37 @@ class ImageTask:
     def _add_lora(self) -> None:
         """peft LoRA layers in the UNet (and the text encoders when they are trained)."""
         m, model = self.cfg.model, self.model
-        alpha = m.alpha if m.alpha is not None else float(m.lora_rank)
-        self.alpha = alpha
-        add_lora(model.unet, m.unet_target_modules, m.lora_rank, alpha, m.dropout)
+        if m.network_weights:  # continue from an existing LoRA: its layers, type and tensors
+            from .network_weights import continue_from
+
+            self.spec, self.te_targets = continue_from(model, self.cfg)
+            self.alpha = self.spec.alpha
+            return
+        self.spec = AdapterSpec.from_model_config(m)  # model.network_type: lora, locon, loha, lokr, dora
+        self.alpha = self.spec.alpha
+        add_network(model.unet, self.spec, m.unet_target_modules)
         if m.train_text_encoder:
-            self.te_targets = add_lora(model.text_encoder, m.text_encoder_target_modules, m.lora_rank, alpha,
-                                       m.dropout, field="model.text_encoder_target_modules")
+            self.te_targets = add_network(model.text_encoder, self.spec, m.text_encoder_target_modules,
+                                          field="model.text_encoder_target_modules", conv=False)
             if model.text_encoder_2 is not None:  # SDXL: both encoders, one learning rate (text_encoder_lr)
-                add_lora(model.text_encoder_2, m.text_encoder_target_modules, m.lora_rank, alpha, m.dropout,
-                         field="model.text_encoder_target_modules")
+                add_network(model.text_encoder_2, self.spec, m.text_encoder_target_modules,
+                            field="model.text_encoder_target_modules", conv=False)
 
     def _place_weights(self) -> None:
         """Base weights in the compute dtype on the device, LoRA weights fp32 (they are what the optimizer updates);
         gradient checkpointing and train/eval modes as configured."""
         m, model = self.cfg.model, self.model
         text_encoders = self._base_text_encoders()
+        if m.fp8_base:  # frozen Linear/Conv weights in fp8 (image/fp8.py), converted before they reach the device
+            for module in (model.unet, *text_encoders):
+                to_fp8(module, self.weight_dtype)
         for module in (model.unet, *text_encoders):
             for name, param in module.named_parameters():
-                param.data = param.data.to(self.device, torch.float32 if ".lora_" in name else self.weight_dtype)
+                param.data = param.data.to(self.device, param.dtype if is_fp8(param) else
+                                           torch.float32 if is_adapter_param(name) else self.weight_dtype)
+            place_adapters(module, self.device)
+        if self.speed.channels_last:  # NHWC for the UNet's convolutions (training.channels_last)
+            model.unet.to(memory_format=torch.channels_last)
         if self.cfg.training.gradient_checkpointing:
             model.unet.enable_gradient_checkpointing()
             if m.train_text_encoder:
@@ -187,11 +207,34 @@ class ImageTask:
             self._cache_all_latents()
         if self.cache_text:
             self._cache_all_text()
+        self._offload_frozen()
+
+    def _frozen_parts(self) -> list:
+        """The frozen modules caching left idle until the next sample: the VAE once latents are cached, the text
+        encoders once their outputs are (when they are not trained)."""
+        parts = [self.model.vae] if self.cache_latents else []
+        if self.cache_text and not self.cfg.model.train_text_encoder:
+            parts += self._base_text_encoders()
+        return parts
+
+    def _offload_frozen(self) -> None:
+        """Idle frozen modules leave the GPU for the CPU's RAM (sampling brings them back); nothing to do on a CPU."""
+        if self.device.type == "cuda":
+            for part in self._frozen_parts():
+                part.to("cpu")
+            torch.cuda.empty_cache()
+
+    def _onload_frozen(self) -> None:
+        if self.device.type == "cuda":
+            for part in self._frozen_parts():
+                part.to(self.device)
 
     def _prepare(self, accelerator) -> None:
         """Hand the modules that train to accelerate (DDP-wrapped on several GPUs); frozen ones stay as they are."""
         model = self.model
         self.unet = accelerator.prepare_model(model.unet)
+        if self.speed.compile:  # training.compile: the first steps wait for the compiler (minutes for a full UNet)
+            self.unet.compile()
         if self.cfg.model.train_text_encoder:
             self.text_encoder = accelerator.prepare_model(model.text_encoder)
             if model.text_encoder_2 is not None:
@@ -199,8 +242,8 @@ class ImageTask:
 
     def _cache_all_latents(self) -> None:
         d = self.cfg.data
-        disk = DiskLatentCache(d.train_data_dir, self.model.vae, self.weight_dtype) if d.cache_latents_to_disk \
-            else None
+        disk = DiskLatentCache(d.train_data_dir, self.model.vae, self.model.vae.dtype) \
+            if d.cache_latents_to_disk else None
         total = len(self.items)
         for i, item in enumerate(self.items):
             key = disk.key(item.digest, item.bucket.width, item.bucket.height, d.center_crop) if disk else None
@@ -282,7 +325,7 @@ class ImageTask:
         flip = d.flip_aug and rng.random() < 0.5
         pixels, self.crops[item_index] = load_image_with_crop(item.path, bucket.width, bucket.height, d.center_crop,
                                                               rng, flip)
-        pixels = pixels.unsqueeze(0).to(self.device, self.weight_dtype)
+        pixels = pixels.unsqueeze(0).to(self.device, self.model.vae.dtype)
         with torch.no_grad():
             dist = self.model.vae.encode(pixels).latent_dist
         return dist.mean[0].cpu(), dist.std[0].cpu()
@@ -331,6 +374,8 @@ class ImageTask:
         if self.model.family == "sdxl":
             batch["time_ids"] = torch.tensor([self._time_ids(self.examples[idx]) for idx in indices],
                                              dtype=torch.float32)
+        if self.speed.pin_memory:  # page-locked, so the copies in `loss` do not wait for the GPU (non_blocking)
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         return batch
 
     def _time_ids(self, ex: Example) -> tuple[int, int, int, int, int, int]:
@@ -348,18 +393,21 @@ class ImageTask:
         return [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
 
     def param_groups(self, learning_rate: float) -> list[dict]:
-        groups = [{"params": lora_parameters(self.unet), "lr": learning_rate}]
+        groups = [{"params": adapter_parameters(self.unet), "lr": learning_rate}]
         if self.te_targets:
-            groups.append({"params": [p for e in self._text_encoders() for p in lora_parameters(e)],
+            groups.append({"params": [p for e in self._text_encoders() for p in adapter_parameters(e)],
                            "lr": self.cfg.model.text_encoder_lr or learning_rate})
         return groups
 
     def loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         t = self.cfg.training
-        latents = batch["latents"].to(self.device, self.weight_dtype)
+        latents = batch["latents"].to(self.device, self.weight_dtype, non_blocking=True)
+        if self.speed.channels_last:
+            latents = latents.contiguous(memory_format=torch.channels_last)
         if "text" in batch:
-            text = batch["text"].to(self.device, self.weight_dtype)
-            pooled = batch["pooled"].to(self.device, self.weight_dtype) if "pooled" in batch else None
+            text = batch["text"].to(self.device, self.weight_dtype, non_blocking=True)
+            pooled = batch["pooled"].to(self.device, self.weight_dtype, non_blocking=True) if "pooled" in batch \
+                else None
         else:
             with torch.set_grad_enabled(bool(self.te_targets)):
                 text, pooled = self._encode_text(batch["input_ids"])
@@ -388,35 +436,36 @@ class ImageTask:
         return per_example.mean()
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
-        state = {f"unet.{k}": v for k, v in lora_state(self.unet).items()}
+        state = {f"unet.{k}": v for k, v in adapter_state(self.unet).items()}
         if self.te_targets:
-            state.update({f"text_encoder.{k}": v for k, v in lora_state(self.text_encoder).items()})
+            state.update({f"text_encoder.{k}": v for k, v in adapter_state(self.text_encoder).items()})
             if self.text_encoder_2 is not None:
-                state.update({f"text_encoder_2.{k}": v for k, v in lora_state(self.text_encoder_2).items()})
+                state.update({f"text_encoder_2.{k}": v for k, v in adapter_state(self.text_encoder_2).items()})
         return state
 
     def load_lora_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        load_lora_state(self.unet, {k[5:]: v for k, v in state.items() if k.startswith("unet.")})
+        load_adapter_state(self.unet, {k[5:]: v for k, v in state.items() if k.startswith("unet.")})
         if self.te_targets:
-            load_lora_state(self.text_encoder, {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
+            load_adapter_state(self.text_encoder, {k[13:]: v for k, v in state.items() if k.startswith("text_encoder.")})
             if self.text_encoder_2 is not None:
-                load_lora_state(self.text_encoder_2,
+                load_adapter_state(self.text_encoder_2,
                                 {k[15:]: v for k, v in state.items() if k.startswith("text_encoder_2.")})
 
     # ---- outputs -----------------------------------------------------------------------------------------------
     def export(self, path_stem: Path, step: int, epoch: int) -> Path:
         cfg, m = self.cfg, self.cfg.model
-        unet_state = lora_state(self.unet)
+        unet_state = adapter_state(self.unet)
         te_states = [lora_state(e) for e in self._text_encoders()] if self.te_targets else []
         if cfg.output.format == "diffusers":
-            return save_diffusers_lora(path_stem, unet_state, te_states, m.lora_rank, self.alpha,
+            return save_diffusers_lora(path_stem, unet_state, te_states, self.spec.rank, self.alpha,
                                        cfg.output.save_precision)
-        tensors = kohya_lora_tensors(self.model.family, unet_state, te_states, self.alpha,
-                                     self.model.unet.config)
+        tensors = kohya_network_tensors(self.model.family, export_modules(self.unet),
+                                        [export_modules(e) for e in self._text_encoders()] if self.te_targets else [],
+                                        self.model.unet.config)
         t = cfg.training
         meta = training_metadata(
             output_name=path_stem.name, base_model_version=self.model.base_model_version,
-            prediction_type=self.model.prediction_type, rank=m.lora_rank, alpha=self.alpha, dropout=m.dropout,
+            prediction_type=self.model.prediction_type, rank=self.spec.rank, alpha=self.alpha, dropout=m.dropout,
             learning_rate=t.learning_rate, text_encoder_lr=m.text_encoder_lr if self.te_targets else None,
             resolution=cfg.data.resolution, num_train_images=self.scan.num_images,
             tag_frequency=self.scan.tag_frequency(), dataset_dirs=self.scan.dataset_dirs(),
@@ -428,7 +477,8 @@ class ImageTask:
             bucket_info=self.bucket_table, cache_latents=self.cache_latents,
             gradient_checkpointing=t.gradient_checkpointing,
             num_reg_images=self.reg_scan.num_images if self.reg_scan else 0,
-            prior_loss_weight=cfg.data.prior_loss_weight, trigger_word=cfg.data.trigger_word)
+            prior_loss_weight=cfg.data.prior_loss_weight, trigger_word=cfg.data.trigger_word,
+            network_module=self.spec.network_module, network_args=self.spec.metadata_json())
         return save_lora_file(path_stem.with_suffix(".safetensors"), tensors, meta, cfg.output.save_precision)
 
     def preview_prompts(self) -> list[SamplePrompt]:
@@ -450,6 +500,7 @@ class ImageTask:
             return []
         from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
+        self._onload_frozen()
         # the unwrapped modules (the same weights the prepared, possibly DDP-wrapped ones train)
         unet, te = self.model.unet, self.model.text_encoder
         scheduler = DDIMScheduler.from_config(self.model.noise_scheduler.config)
@@ -480,6 +531,7 @@ class ImageTask:
                 written.append((path, p.prompt))
         finally:
             unet.train(was_training)
+            self._offload_frozen()
         return written
 
     def evaluate(self, step: int) -> Optional[dict]:
