@@ -147,3 +147,30 @@ def test_the_tabs_advice_starts_the_daemon_as_printed_and_captioners_are_looked_
         cli(home, "stop")
     no_engine = TabContext(settings=lambda: UiSettings(home=str(home)), checkpoints=dict, lora_dir=lambda: lora)
     assert "press “Set up the training engine”" in no_engine.start_advice()
+
+
+@pytest.mark.slow
+def test_a_second_start_with_the_same_settings_while_the_first_is_pending_queues_no_twin(tmp_path, tiny_sd, tiny_data):
+    """The tab's Start submits with ``dedupe``: the same settings again (a double click) answer the pending run;
+    other settings, another name, or a plain submit (the CLI's, on purpose) queue a new run."""
+    from lora_daemon.client import DaemonClient
+
+    home, lora = tmp_path / "home", tmp_path / "Lora"
+    assert cli(home, "start", "--gpus", "cpu", "--lora-dir", str(lora)).returncode == 0
+    try:
+        client = DaemonClient(home=home, timeout=30)
+        config = {"base_model": str(tiny_sd), "train_data_dir": str(tiny_data), "resolution": 64, "lora_rank": 4,
+                  "max_train_steps": 100000, "output_name": "twin"}
+        first = client.submit(config, lora_dir=str(lora), dedupe=True)
+        again = client.submit(config, lora_dir=str(lora), dedupe=True)
+        assert again["id"] == first["id"] and again["duplicate"] is True and "duplicate" not in first
+        other = client.submit({**config, "lora_rank": 8}, lora_dir=str(lora), dedupe=True)
+        renamed = client.submit({**config, "output_name": "twin2"}, lora_dir=str(lora), dedupe=True)
+        plain = client.submit(config, lora_dir=str(lora))
+        ids = {first["id"], other["id"], renamed["id"], plain["id"]}
+        assert len(ids) == 4 and {r["id"] for r in client.list_runs(all=True)} == ids
+        assert sorted(p.name for p in (home / "runs").iterdir()) == sorted(ids)  # no folder left by the twin
+        for run_id in ids:
+            client.cancel(run_id)
+    finally:
+        cli(home, "stop")
