@@ -385,3 +385,53 @@ def test_cli_prints_one_line_for_bad_input_and_json_for_inspect(bases, tmp_path)
     shown = subprocess.run(cmd + ["inspect", str(tmp_path / "half.safetensors"), "--json"], capture_output=True,
                            text=True, timeout=120)
     assert json.loads(shown.stdout)["files"][0]["family"] == "sd1"
+
+
+# ------------------------------------------------------------------------- every adapter type of the trainer
+ADAPTER_TYPES = {
+    "lora": dict(network_type="lora"),
+    "locon": dict(network_type="locon", conv_rank=2, conv_alpha=1.0),
+    "loha": dict(network_type="loha", conv_rank=2, conv_alpha=1.0),
+    "lokr": dict(network_type="lokr", lokr_factor=2),
+    "dora": dict(network_type="dora"),
+}
+EXPECTED_TYPES = {"lora": ["lora"], "locon": ["locon", "lora"], "loha": ["loha"], "lokr": ["lokr"],
+                  "dora": ["dora", "lora"]}
+
+
+@pytest.mark.parametrize("kind", list(ADAPTER_TYPES))
+def test_each_adapter_type_of_ours_is_inspected_and_bakes_like_the_adapted_model_runs(bases, kind, tmp_path):
+    """A file from our exporter for each adapter type: inspect names the type, and the baked checkpoint's UNet
+    answers exactly like the adapted UNet (peft/LyCORIS modules applying themselves in the forward pass)."""
+    pytest.importorskip("lora_core.image.adapters")
+    from lora_core.image.adapters import AdapterSpec, add_network, adapter_parameters, export_modules
+    from lora_core.image.export import kohya_network_tensors, save_lora_file
+    from lora_core.tiny import build_components
+
+    parts = build_components("sd1", seed=0)
+    unet = parts["unet"]
+    spec = AdapterSpec(rank=4, alpha=2.0, **ADAPTER_TYPES[kind])
+    torch.manual_seed(0)
+    add_network(unet, spec, UNET_TARGETS)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in adapter_parameters(unet):
+            p += torch.randn(p.shape, generator=gen) * 0.05
+    path = tmp_path / f"{kind}.safetensors"
+    tensors = kohya_network_tensors("sd1", export_modules(unet), [], unet.config)
+    save_lora_file(path, tensors, {"ss_base_model_version": "sd_v1"}, precision="float")
+
+    info = inspect_file(path)
+    assert info["adapter_types"] == EXPECTED_TYPES[kind] and info["family"] == "sd1"
+    baked = tmp_path / "baked.safetensors"
+    bake(bases["sd1"], [(path, 1.0)], baked, precision="fp32")
+
+    class Holder:  # what unet_out needs of a loaded model
+        pass
+
+    adapted = Holder()
+    adapted.unet = unet.eval()
+    expected = unet_out(adapted, "sd1")
+    got = unet_out(load(baked), "sd1")
+    assert (expected - got).abs().max() < 1e-4
+    assert (expected - unet_out(load(bases["sd1"]), "sd1")).abs().max() > 1e-3

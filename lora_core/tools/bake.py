@@ -77,7 +77,10 @@ def _stream(base_file: Path, header: dict, metadata: dict, updates: dict, out: P
                     weight = tensor.float()
                     for module, strength, target in updates[key]:
                         rows = target.slice()
-                        weight[rows] = module.apply_to_weight(weight[rows], strength)
+                        if module.is_dora:
+                            weight[rows] = module.apply_to_weight(weight[rows], strength)
+                        else:  # in place: one full-size temporary (the update), not three
+                            weight[rows] += module.delta(weight[rows].shape, strength)
                     tensor = weight
                     changed += 1
                 writer.put(key, tensor.to(layout[key][0]))

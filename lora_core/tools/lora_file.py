@@ -196,14 +196,14 @@ class Module:
         alpha = self.alpha
         return 1.0 if alpha is None else alpha / rank
 
-    def delta(self, shape: Optional[torch.Size] = None) -> torch.Tensor:
-        """The weight update at strength 1 in fp32 (``W' = W + delta``), shaped like the layer's weight when
+    def delta(self, shape: Optional[torch.Size] = None, strength: float = 1.0) -> torch.Tensor:
+        """The weight update at ``strength`` in fp32 (``W' = W + delta``), shaped like the layer's weight when
         ``shape`` is given (conv weights), else as the factors imply. DoRA's renormalisation is not linear in the
         update and is applied by `apply_to_weight`."""
         p = {k: v.float() for k, v in self.tensors.items()}
         kind = self.kind
         if kind in ("lora", "locon"):
-            down, up = p["lora_down.weight"], p["lora_up.weight"]
+            down, up = p["lora_down.weight"], p["lora_up.weight"] * (self.scale() * strength)  # scale the thin side
             if "lora_mid.weight" in p:  # LoCon Tucker: up · mid · down over the kernel
                 mid = p["lora_mid.weight"]
                 d = torch.einsum("i j k l, j r, i p -> p r k l", mid, down.flatten(1), up.flatten(1))
@@ -211,14 +211,13 @@ class Module:
                 d = (up.flatten(1) @ down.flatten(1)).reshape(up.shape[0], *down.shape[1:])
             else:
                 d = up @ down
-            d = d * self.scale()
         elif kind == "loha":
             w1 = p["hada_w1_a"] @ p["hada_w1_b"]
             w2 = p["hada_w2_a"] @ p["hada_w2_b"]
             if "hada_t1" in p:
                 w1 = torch.einsum("i j k l, j r, i p -> p r k l", p["hada_t1"], p["hada_w1_b"], p["hada_w1_a"])
                 w2 = torch.einsum("i j k l, j r, i p -> p r k l", p["hada_t2"], p["hada_w2_b"], p["hada_w2_a"])
-            d = w1 * w2 * self.scale()
+            d = w1 * w2 * (self.scale() * strength)
         elif kind == "lokr":
             w1 = p["lokr_w1"] if "lokr_w1" in p else p["lokr_w1_a"] @ p["lokr_w1_b"]
             if "lokr_w2" in p:
@@ -231,9 +230,9 @@ class Module:
                 w2 = w2.reshape(w2.shape[0], -1, *shape[2:]) if w2.shape[1] % math.prod(shape[2:]) == 0 else w2
             if w2.ndim == 4:
                 w1 = w1[:, :, None, None]
-            d = torch.kron(w1, w2) * self.scale()
+            d = torch.kron(w1, w2) * (self.scale() * strength)
         elif kind == "full":
-            d = p["diff"]
+            d = p["diff"] * strength
         else:
             raise UnsupportedAdapterError(f"module {self.name}: no weights of a known adapter type "
                                           f"(parts {', '.join(sorted(p))})")
@@ -245,9 +244,9 @@ class Module:
         """``weight`` with this module merged in at ``strength`` (fp32 maths); DoRA rescales each output row of the
         updated weight to the trained magnitude, blended with the strength like ComfyUI does."""
         w = weight.float()
-        d = self.delta(w.shape)
         if not self.is_dora:
-            return w + strength * d
+            return w + self.delta(w.shape, strength)
+        d = self.delta(w.shape)
         merged = w + d
         scale = self.tensors["dora_scale"].float()
         norm = _dora_norm(merged, scale)
