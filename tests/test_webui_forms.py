@@ -66,7 +66,8 @@ def test_every_preset_validates_and_lists_only_what_it_changes(tmp_path):
     (tmp_path / "train.jsonl").write_text('{"text": "hi"}\n', encoding="utf-8")
     presets = all_presets()
     assert {p.name for p in list_presets()} == {"style", "character", "concept", "style-lowvram",
-                                                "character-lowvram", "concept-lowvram"}
+                                                "character-lowvram", "concept-lowvram", "sdxl-prodigy",
+                                                "sd15-locon", "lokr-style", "dora-character"}
     assert [p.name for p in list_presets(task_type=TEXT_TASK)] == ["text"]
     by_name = {p.name: p for p in presets}
     for preset in presets:
