@@ -43,9 +43,11 @@ log = logging.getLogger(__name__)
 
 EVENTS_INPROC = "inproc://lora-daemon-events"
 REPLIES_INPROC = "inproc://lora-daemon-replies"
-# Anything that may take longer than a database read (YAML parsing, validation, a child) runs in the pool.
-SLOW_COMMANDS = ("validate", "submit", "caption", "check", "captions.get", "captions.set", "captions.edit", "plan",
-                 "tools", "tools.inspect")
+# Anything that may take longer than a database read runs in a pool: config work (YAML parsing, validation, file
+# headers: tens of ms) in its own, so a submit never waits behind a minutes-long child of the other (dataset tools,
+# plans, the captioner list).
+CONFIG_COMMANDS = ("validate", "submit", "caption", "tools")
+SLOW_COMMANDS = CONFIG_COMMANDS + ("check", "captions.get", "captions.set", "captions.edit", "plan", "tools.inspect")
 CAPTIONERS_MAX_AGE_S = 60.0  # `status` re-asks the engine after this long, so weights put in place later show up
 HANDSHAKE_IVL_MS = 5000  # a TCP connection that has not finished the ZeroMQ handshake by then is closed
 LISTEN_BACKLOG = 1024  # pending TCP connections the OS keeps for us while the loop is busy (libzmq's default: 100)
@@ -171,6 +173,7 @@ class Daemon:
         self._reply_lock = threading.Lock()
         self._finished: queue_module.SimpleQueue = queue_module.SimpleQueue()  # (envelope, id, Deferred) to finish
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="slow")
+        self._config_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="config")
         self._peer_log = PeerLog()
         self._auth = None
         self.captioners: Optional[list[dict]] = None  # asked of the engine in a child: the daemon never imports it
@@ -325,6 +328,7 @@ class Daemon:
                 worker.join(0.1)
                 self._drain()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._config_pool.shutdown(wait=True, cancel_futures=True)
         self._drain()
         info = read_info(self.home)
         if info and info.get("pid") == os.getpid():
@@ -357,7 +361,12 @@ class Daemon:
                 envelope, request_id, deferred = self._finished.get_nowait()
             except queue_module.Empty:
                 return
-            self._send(envelope + [encode(self._answer(request_id, lambda _: deferred.finish(), {}))])
+            try:
+                reply = self._answer(request_id, lambda _: deferred.finish(), {})
+            except Exception as e:  # e.g. the database is locked: answer, and keep the loop alive
+                log.exception("finishing a request failed")
+                reply = error_reply(request_id, E_INTERNAL, f"internal error: {type(e).__name__}: {e}")
+            self._send(envelope + [encode(reply)])
 
     def _send(self, frames: list[bytes]) -> None:
         if len(frames) < 2:
@@ -404,7 +413,8 @@ class Daemon:
             return error_reply(req.id, E_UNKNOWN_COMMAND, f"command: unknown command {req.command[:64]!r}; "
                                                           f"one of {', '.join(self.handlers)}")
         if req.command in SLOW_COMMANDS:
-            self._pool.submit(self._run_slow, envelope, req.id, handler, req.args)
+            pool = self._config_pool if req.command in CONFIG_COMMANDS else self._pool
+            pool.submit(self._run_slow, envelope, req.id, handler, req.args)
             return None
         return self._answer(req.id, handler, req.args)
 

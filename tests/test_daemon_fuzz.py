@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import zmq
 from hypothesis import HealthCheck, given, settings
@@ -83,4 +84,65 @@ def test_oversized_messages_are_refused_and_the_daemon_keeps_serving(daemon):
     assert json.loads(dealer.recv_multipart()[-1])["error"]["code"] == "too_large"
     dealer.send_multipart([b"", b"y" * (MAX_MESSAGE_BYTES * 5)])  # beyond libzmq's cap: the peer is dropped
     assert daemon.client().ping()["pong"] is True
+    dealer.close()
+
+
+def _hostile_frames(rng: random.Random, token: str, n: int):
+    """`n` frames an attacker or a broken client might send, in every category the daemon must survive."""
+    commands = ["submit", "cancel", "shutdown", "retry", "resume", "caption", "captions.set", "captions.edit",
+                "plan", "validate", "status", "run.events"]
+    wrong_types = [None, [], {}, 1.5, -1, True, "x" * 300, ["a"], {"a": 1}]
+    for i in range(n):
+        kind = i % 6
+        if kind == 0:  # random bytes
+            yield bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 300)))
+        elif kind == 1:  # deep nesting, arrays or objects, inside an envelope or bare
+            depth = rng.choice([65, 200, 1000, 5000, 20000])
+            if rng.random() < 0.5:
+                yield b"[" * depth + b"]" * depth
+            else:
+                yield b'{"v":1,"command":"ping","args":' + b'{"a":' * depth + b"1" + b"}" * depth + b"}"
+        elif kind == 2:  # wrong types in every envelope field
+            env = {"v": 1, "id": "x", "token": token, "command": "ping", "args": {}}
+            env[rng.choice(list(env))] = rng.choice(wrong_types)
+            yield json.dumps(env).encode()
+        elif kind == 3:  # no token
+            yield json.dumps({"v": 1, "id": str(i), "command": rng.choice(commands),
+                              "args": {"run": "x", "config": {"model": {}}, "folder": "/"}}).encode()
+        elif kind == 4:  # a wrong token
+            yield encode(make_request(rng.choice(commands), {"run": "x", "folder": "/etc"},
+                                      token=token[:-1] + ("A" if token[-1] != "A" else "B")))
+        else:  # huge (now and then) or merely odd
+            if i % 600 == 5:
+                yield b'{"v":1,"pad":"' + b"x" * (MAX_MESSAGE_BYTES + 100) + b'"}'
+            else:
+                yield rng.choice([b"", b"{}", b"null", b"[]", b'"str"', b"1e999", b'{"v":1}', b"\xff\xfe"])
+
+
+def test_ten_thousand_hostile_frames_leave_status_answering_the_log_bounded_and_nothing_done(daemon):
+    info = read_info(daemon.home)
+    dealer = zmq.Context.instance().socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(info["endpoint"])
+    log_before = len(daemon.log_text().encode())
+    rng = random.Random(11)
+    sent = answered = 0
+    frames = list(_hostile_frames(rng, info["token"], 12_000))
+    for i, frame in enumerate(frames):
+        dealer.send_multipart([b"", frame])
+        sent += 1
+        if i % 200 == 199 or i == len(frames) - 1:
+            want = sent
+            while answered < want and dealer.poll(5000):
+                reply = json.loads(dealer.recv_multipart()[-1])
+                assert reply["ok"] is False or reply["result"].get("pid") == daemon.proc.pid, reply
+                answered += 1
+    assert sent >= 10_000 and answered == sent
+    # afterwards: status answers within a second, nothing was done, and the log grew by a few lines at most
+    assert daemon.client(timeout=1.0, retries=0).status()["pid"] == daemon.proc.pid
+    assert daemon.client().list_runs(all=True) == []
+    assert not (daemon.home / "runs").exists() or not any((daemon.home / "runs").iterdir())
+    grown = len(daemon.log_text().encode()) - log_before
+    print(f"fuzz: {sent} frames sent, {answered} answered, daemon log grew {grown} bytes")
+    assert grown < 20_000, daemon.log_text()[-3000:]
     dealer.close()
