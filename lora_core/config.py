@@ -601,6 +601,9 @@ def _validate(cfg: TrainConfig, given: dict[str, dict[str, tuple[Any, str]]], pr
     check(m.lokr_factor == -1 or m.lokr_factor >= 1, "model", "lokr_factor", "must be -1 (automatic) or at least 1")
     check(not (cfg.is_text and m.network_type == "locon"), "model", "network_type",
           "locon adds convolution layers, which language models do not have; use lora, dora, loha or lokr")
+    check(cfg.is_text or o.format != "diffusers" or (m.network_type in ("lora", "locon") and not m.use_dora),
+          "model", "network_type", "output.format diffusers holds plain LoRA only; loha, lokr and DoRA are "
+          "written as kohya files (format: kohya), which A1111, Forge and ComfyUI load")
     if m.network_weights and not Path(m.network_weights).exists():
         problems.append(f"model.network_weights: no such file or folder, got {m.network_weights!r}"
                         f"{where('model', 'network_weights')}")
@@ -663,12 +666,9 @@ def _validate(cfg: TrainConfig, given: dict[str, dict[str, tuple[Any, str]]], pr
 
 def save_resolved_config(cfg: TrainConfig, path: str | Path) -> Path:
     """Write the fully resolved config (absolute paths, every default filled) so a run can be reproduced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(cfg.to_yaml(), encoding="utf-8")
-    tmp.replace(path)
-    return path
+    from .files import atomic_write_text
+
+    return atomic_write_text(path, cfg.to_yaml())
 
 
 SCHEMA_PATH = "daemon/ui/config_schema.json"  # relative to the repository root

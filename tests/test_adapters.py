@@ -256,3 +256,12 @@ def test_text_adapter_types_export_as_peft_folders_that_answer_like_the_trained_
         got = loaded(input_ids=ids).logits
     assert (trained - before).abs().max() > 1e-4, "training changed nothing; the test would prove nothing"
     assert (got - trained).abs().max() < 1e-4
+
+
+def test_a_diffusers_folder_is_refused_for_lycoris_types_by_field(train_config):
+    from lora_core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="model.network_type: output.format diffusers holds plain LoRA only"):
+        train_config(network_type="lokr", format="diffusers")
+    with pytest.raises(ConfigError, match="model.network_type: locon adds convolution layers"):
+        train_config(network_type="locon", task_type="text-generation", train_data_file=__file__)
