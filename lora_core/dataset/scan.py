@@ -4,8 +4,10 @@ Caption sources, in order of precedence (the first that has the image wins):
 1. ``metadata.csv`` (``filename,prompt``; ``data.metadata_path``, or ``<train_data_dir>/metadata.csv`` if present),
 2. a sidecar ``<image stem><caption_extension>`` next to the image (kohya style),
 3. ``data.default_caption``, then the class tokens of a ``<repeats>_<class tokens>`` folder.
-An image with none of these is an error naming it. Corrupt images are skipped and reported by name; exact duplicates
-(same bytes) are reported and used once. Nothing here modifies the dataset folder.
+An image with none of these is an error naming it. Corrupt, tiny and oversized images (and pictures the trainer does
+not read, such as .gif) are skipped and reported by name; images used after a conversion (CMYK, 16-bit, animated:
+first frame) are reported by name in ``notes``; exact duplicates (same bytes) are reported and used once. Nothing
+here modifies the dataset folder.
 
 ``python -m lora_core.dataset check|prepare ...`` runs the dataset tools (see `lora_core.dataset.cli`).
 """
@@ -17,6 +19,7 @@ import hashlib
 import logging
 import random
 import re
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,12 +27,15 @@ from typing import Optional
 
 from PIL import Image, ImageOps
 
+from ..preflight import IMAGE_EXTS
 from .buckets import Bucket, assign_bucket, make_buckets
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
+# Pictures the trainer does not read (`prepare` converts them): named as skipped instead of silently ignored.
+CONVERTIBLE_EXTS = (".bmp", ".gif", ".tif", ".tiff")
 REPEAT_DIR = re.compile(r"^(\d+)_(.*)$")
+MIN_SIDE = 32  # px: a smaller image upscaled to the training resolution teaches only blur
 
 
 class DatasetError(InputError):
@@ -56,6 +62,7 @@ class DatasetScan:
     items: list[ImageItem] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative file name, reason)
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (duplicate, the file kept)
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (file used, what was done to it and why)
 
     @property
     def num_images(self) -> int:
@@ -153,13 +160,48 @@ def file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def image_size(path: Path) -> tuple[int, int]:
-    """Open and fully decode the image (``verify`` alone misses truncated data); returns its upright size."""
-    with Image.open(path) as im:
-        im.load()
+class UnusableImage(ValueError):
+    """An image file that opens but is not trained on (too small, too large); the message says why."""
+
+
+def conversion_note(im: Image.Image) -> Optional[str]:
+    """What `upright_rgb` does to this image that the user may not expect, or None when it is used as is."""
+    frames = getattr(im, "n_frames", 1) if getattr(im, "is_animated", False) else 1
+    if frames > 1:
+        return f"animated ({frames} frames): only the first frame is used"
+    if im.mode == "CMYK":
+        return "CMYK: converted to RGB (colours may shift; save it as RGB to be sure)"
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):
+        return f"{'16' if im.mode.startswith('I;16') else '32'}-bit grayscale: converted to 8-bit RGB"
+    return None
+
+
+def inspect_image(path: Path) -> tuple[int, int, Optional[str]]:
+    """(upright width, height, conversion note) of an image the trainer can use; raises for one it cannot.
+
+    The size is checked from the header before decoding, so a decompression bomb is refused by name instead of
+    being decoded (PIL would only warn, without the file name); then the image is fully decoded (``verify`` alone
+    misses truncated data)."""
+    with warnings.catch_warnings():  # PIL's own bomb warning has no file name; the reason below does
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(path)
+    with im:
         w, h = im.size
+        if w * h > (Image.MAX_IMAGE_PIXELS or 1 << 62):
+            raise UnusableImage(f"too large ({w}×{h} = {w * h / 1e6:.0f} MP, over the {Image.MAX_IMAGE_PIXELS / 1e6:.0f} "
+                                f"MP decompression-bomb limit): downscale it")
+        if min(w, h) < MIN_SIDE:
+            raise UnusableImage(f"too small ({w}×{h}; at least {MIN_SIDE} px a side): upscaled it would teach blur")
+        note = conversion_note(im)
+        im.load()
         orientation = im.getexif().get(0x0112, 1)
-    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return (h, w, note) if orientation in (5, 6, 7, 8) else (w, h, note)
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """Open and fully decode the image; returns its upright size (raises for an image the trainer cannot use)."""
+    w, h, _ = inspect_image(path)
+    return w, h
 
 
 def scan_dataset(train_data_dir: str | Path, metadata_path: str | Path | None = None, caption_extension: str = ".txt",
@@ -171,10 +213,20 @@ def scan_dataset(train_data_dir: str | Path, metadata_path: str | Path | None = 
     scan = DatasetScan()
     seen: dict[str, str] = {}
     missing: list[str] = []
+    for other in sorted(p for p in root.rglob("*") if p.suffix.lower() in CONVERTIBLE_EXTS and p.is_file()):
+        rel = other.relative_to(root).as_posix()
+        if not any(part.startswith(".") for part in other.relative_to(root).parts):
+            reason = f"{other.suffix.lower()} is not read by the trainer: convert it (python -m lora_core.dataset prepare)"
+            scan.skipped.append((rel, reason))
+            log.warning("skipping %s: %s", rel, reason)
     for image in find_images(root):
         rel = image.relative_to(root).as_posix()
         try:
-            width, height = image_size(image)
+            width, height, note = inspect_image(image)
+        except UnusableImage as e:
+            scan.skipped.append((rel, str(e)))
+            log.warning("skipping %s: %s", rel, e)
+            continue
         except Exception as e:  # PIL raises many types for broken files
             scan.skipped.append((rel, f"unreadable image ({type(e).__name__}: {e})"))
             log.warning("skipping %s: unreadable image (%s)", rel, e)
@@ -193,13 +245,17 @@ def scan_dataset(train_data_dir: str | Path, metadata_path: str | Path | None = 
             missing.append(rel)
             continue
         scan.items.append(ImageItem(image, caption, repeats, subset, width, height, is_reg, digest=digest))
+        if note:
+            scan.notes.append((rel, note))
+            log.warning("%s: %s", rel, note)
     if missing:
         shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
         raise DatasetError(f"no caption for {shown}: add a line to metadata.csv, a {caption_extension} file next to "
                            f"the image, or set data.default_caption")
     if not scan.items:
         reasons = "; ".join(f"{n}: {r}" for n, r in scan.skipped[:5])
-        raise DatasetError(f"{root}: no usable images (png, jpg, jpeg, webp){' — ' + reasons if reasons else ''}")
+        raise DatasetError(f"{root}: no usable images ({', '.join(e.lstrip('.') for e in IMAGE_EXTS)})"
+                           f"{' — ' + reasons if reasons else ''}")
     return scan
 
 
@@ -225,6 +281,9 @@ def upright_rgb(im: Image.Image) -> Image.Image:
     """The pixels the trainer sees (and the dataset tools report on): EXIF orientation applied, any transparency
     (alpha modes, palette or tRNS) composited on white, RGB."""
     im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I;16") or im.mode in ("I", "F"):  # 16/32-bit grayscale: scale, don't clip to white
+        top = 65535.0 if im.mode != "F" and (im.mode.startswith("I;16") or (im.getextrema()[1] or 0) > 255) else 255.0
+        im = im.convert("F").point(lambda v: v * (255.0 / top)).convert("L")
     if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
         rgba = im.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
