@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import yaml  # a gradio dependency, so present in every WebUI environment
 
-from .forms import IMAGE_TASK, TEXT_TASK, FieldSpec, config_to_form
+from .forms import IMAGE_TASK, FieldSpec, config_to_form
 
 log = logging.getLogger(__name__)
 
