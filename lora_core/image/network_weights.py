@@ -178,18 +178,18 @@ def _lokr_factor(nf: NetworkFile, shapes: dict[str, tuple[int, int]]) -> int:
     raise InputError(f"{FIELD}: cannot tell the LoKr factor of {nf.path.name}; set model.lokr_factor")
 
 
-def spec_from_file(nf: NetworkFile, m, w1_shapes: dict[tuple[int, int], tuple]) -> AdapterSpec:
+def spec_from_file(nf: NetworkFile, m, w1_shapes: dict[tuple[int, int], tuple], linear: list[dict],
+                   conv: list[dict]) -> AdapterSpec:
     """The adapter the file holds, checked against the config (or taken from the file with ``dim_from_weights``).
-    ``w1_shapes``: base layer (out, in) → the file's LoKr ``w1`` shape there, to find the LoKr factor."""
-    linear = [p for comp in nf.modules.values() for p in comp.values() if not _is_conv(p)]
-    conv = [p for comp in nf.modules.values() for p in comp.values() if _is_conv(p)]
+    ``w1_shapes``: base layer (out, in) → the file's LoKr ``w1`` shape there, to find the LoKr factor; ``linear``
+    and ``conv``: the file's modules on Linear (and 1x1 conv) layers and on k×k convolutions."""
     first = linear[0] if linear else conv[0]
     rank = _rank(first) or int(float(nf.metadata.get("ss_network_dim") or m.lora_rank))  # full LoKr: no factor says it
     alpha = _alpha(nf, first, _rank(first))
     conv_rank = (_rank(conv[0]) or rank) if conv else 0
     conv_alpha = _alpha(nf, conv[0], _rank(conv[0])) if conv else 0.0
     factor = _lokr_factor(nf, w1_shapes) if nf.algo == "lokr" and m.dim_from_weights else m.lokr_factor
-    file_type = nf.network_type
+    file_type = nf.algo if nf.algo != "lora" else ("locon" if conv else ("dora" if nf.dora else "lora"))
     spec = AdapterSpec(file_type, rank, alpha, m.dropout, conv_rank, conv_alpha,
                        nf.dora and file_type != "dora", factor)
     if m.dim_from_weights:
@@ -265,7 +265,13 @@ def continue_from(model, cfg) -> tuple[AdapterSpec, list[str]]:
                 raise InputError(f"{FIELD}: {nf.path.name}: {name} matches no layer of this {family} model "
                                  f"(a LoRA for another model?)")
             chosen[comp][where[name][1]] = p
-    spec = spec_from_file(nf, m, _w1_shapes(chosen, parts))
+    def is_conv(comp: str, path: str) -> bool:  # the layer decides: a LoHa conv's factors are 2-D in the file
+        layer = parts[comp].get_submodule(path)
+        return isinstance(layer, torch.nn.Conv2d) and layer.kernel_size != (1, 1)
+
+    conv_parts = [p for comp, mods in chosen.items() for path, p in mods.items() if is_conv(comp, path)]
+    linear_parts = [p for comp, mods in chosen.items() for path, p in mods.items() if not is_conv(comp, path)]
+    spec = spec_from_file(nf, m, _w1_shapes(chosen, parts), linear_parts, conv_parts)
     te_targets: list[str] = []
     for comp, mods in chosen.items():
         if comp not in parts:
@@ -276,7 +282,7 @@ def continue_from(model, cfg) -> tuple[AdapterSpec, list[str]]:
                 te_targets += add_network(module, spec, m.text_encoder_target_modules,
                                           field="model.text_encoder_target_modules", conv=False)
             continue
-        convs = [p for p, parts_ in mods.items() if _is_conv(parts_)]
+        convs = [p for p in mods if is_conv(comp, p)]
         linear = [p for p in mods if p not in convs]
         names = add_network(module, spec, linear, field=FIELD, conv=bool(convs), conv_names=convs)
         if comp != "unet":
