@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from test_browser_tab import (browser, daemon_client, page, refuse_a_learning_rate_of_minus_one,  # noqa: F401
-                              runs_section_shows_no_hidden_plumbing, section, serve_tab, shot, start_a_run)
+                              runs_section_shows_no_hidden_plumbing, section, serve_tab, shot, start_a_run,
+                              the_first_hour)
 
 pytestmark = [pytest.mark.slow, pytest.mark.browser]
 
@@ -48,3 +49,7 @@ def test_on_gradio_4_a_run_started_in_the_form_shows_live_and_cancel_keeps_a_che
     assert run["status"] == "cancelled" and 0 < run["step"] < 100000
     assert run["checkpoint"] and Path(run["checkpoint"]).is_dir()
     assert not (world["lora_dir"] / "forge_style.safetensors").exists()
+
+
+def test_on_gradio_4_the_first_hour_every_click_answers_at_once_and_nothing_looks_hung(world, page):
+    the_first_hour(page, world, "gradio-4.40")

@@ -407,12 +407,14 @@ class TrainTab:
         inputs = self._config_inputs()
         errors = self._error_outputs()
         # One status line says what is happening; no per-field "processing" overlay (gradio 3.41 and 4.40 both
-        # take show_progress="hidden"). The first step answers at once, without the queue.
+        # take show_progress="hidden"). Both steps skip the queue: each is one short daemon request, and the
+        # queue's round trips would be most of the time a Start takes.
         for button, handler, note in ((t["validate"], self.validate, "checking…"),
                                       (t["start"], self.start, "queuing…")):
             button.click(lambda note=note: render.message(note), outputs=[t["status"]], queue=False,
                          show_progress="hidden") \
-                .then(handler, inputs=inputs, outputs=errors + [t["plan"], t["status"]], show_progress="hidden")
+                .then(handler, inputs=inputs, outputs=errors + [t["plan"], t["status"]], show_progress="hidden",
+                      queue=False)
         t["show_yaml"].click(self.show_yaml, inputs=inputs, outputs=[t["yaml"]] + errors)
         t["load_yaml"].click(self.load_yaml, inputs=[t["yaml"]], outputs=self._form_outputs())
         t["preset"].change(self.apply_preset, inputs=[t["preset"]],
