@@ -701,7 +701,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     """``python -m lora_core.config --write-schema PATH``: regenerate the form's schema file after changing a field."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m lora_core.config", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m lora_core.config", description="Regenerate the WebUI form's "
+                                     "copy of the config schema after adding or changing a setting.")
     parser.add_argument("--write-schema", metavar="PATH", required=True,
                         help=f"where to write the JSON schema (the repository keeps it at {SCHEMA_PATH})")
     args = parser.parse_args(argv)
