@@ -128,3 +128,18 @@ def test_a_bf16_run_trains_fp32_lora_on_bf16_weights(tmp_path):
     assert lora and set(lora.values()) == {torch.float32}
     assert {p.dtype for n, p in unet.named_parameters() if ".lora_" not in n} == {torch.bfloat16}
     assert float_dtypes(task.model.vae) == {torch.float32}
+
+
+def test_no_half_vae_runs_to_the_end_with_its_preview(tmp_path):
+    """A bf16 run with an fp32 VAE trains, exports and renders its end-of-run preview (decoded in fp32)."""
+    from lora_core.config import config_from_dict
+    from lora_core.tiny import build_tiny_sd, make_tiny_dataset
+    from lora_core.train import run_training
+
+    model = build_tiny_sd(tmp_path, single_file=True, family="sdxl")
+    data = make_tiny_dataset(tmp_path / "data", n=2)
+    cfg = config_from_dict({"base_model": str(model), "train_data_dir": str(data), "output_dir": str(tmp_path / "o"),
+                            "resolution": 64, "mixed_precision": "bf16", "no_half_vae": True, "max_train_steps": 2})
+    result = run_training(cfg, show_progress=False)
+    assert result.status == "finished", result.error
+    assert (tmp_path / "o" / "samples" / "preview.png").is_file()

@@ -522,10 +522,13 @@ class ImageTask:
             for i, p in enumerate(prompts):
                 gen = torch.Generator().manual_seed(p.seed if p.seed is not None else self.cfg.training.seed + i)
                 report = _denoise_reporter(progress, i + 1, len(prompts), p)
+                # no_half_vae: the pipeline would hand the half-precision latents to the fp32 VAE, so decode here
+                own_decode = self.model.vae.dtype != self.weight_dtype
                 with torch.no_grad():
-                    image = pipe(p.prompt, negative_prompt=p.negative or None, width=p.width, height=p.height,
-                                 num_inference_steps=p.steps, guidance_scale=p.guidance, generator=gen,
-                                 callback_on_step_end=report).images[0]
+                    out = pipe(p.prompt, negative_prompt=p.negative or None, width=p.width, height=p.height,
+                               num_inference_steps=p.steps, guidance_scale=p.guidance, generator=gen,
+                               callback_on_step_end=report, output_type="latent" if own_decode else "pil").images
+                    image = _decode(pipe, out) if own_decode else out[0]
                 path = out_dir / ("preview.png" if preview else f"step{step:08d}_{i:02d}.png")
                 image.save(path)
                 written.append((path, p.prompt))
@@ -541,6 +544,13 @@ class ImageTask:
 # What a task tells about rendering samples: prompt_index (1-based), prompts, denoise_step, denoise_steps, prompt.
 SampleProgress = Callable[[dict], None]
 PREVIEW_STEPS = 8  # the end-of-run card preview: a few steps are enough to show what the LoRA does
+
+
+def _decode(pipe, latents: torch.Tensor):
+    """Latents → the first PIL image, decoded in the VAE's own dtype (fp32 with no_half_vae)."""
+    vae = pipe.vae
+    pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor, return_dict=False)[0]
+    return pipe.image_processor.postprocess(pixels.float(), output_type="pil")[0]
 
 
 def _denoise_reporter(progress: Optional[SampleProgress], index: int, count: int, p: SamplePrompt):
