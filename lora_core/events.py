@@ -15,6 +15,8 @@ Every event has ``type`` and ``time`` (unix seconds). Types and their fields:
 ``end``       status ("finished" | "stopped" | "failed" | "oom"), step, output (final file or null), error, advice
 ``caption``   done, total, it_s, eta_s — from ``lora_core.dataset.auto_label --events`` (whose ``end`` adds done, total,
               failed)
+``progress``  done, total, what — from ``lora_core.tools --events`` (which starts with ``start`` {command} and ends
+              with ``end`` {status, output, error, report})
 ============  ==============================================================================================
 
 Exit codes of ``python -m lora_core.train`` (see `EXIT_CODES`) tell the same story for callers that only see the

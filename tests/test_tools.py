@@ -24,7 +24,7 @@ from lora_core.tools.resize import resize_lora
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
-VERSION = {"sd1": "sd_v1", "sdxl": "sdxl_base_v1-0"}
+VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0"}
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -33,7 +33,7 @@ def bases(tmp_path_factory) -> dict[str, Path]:
     from lora_core.tiny import build_tiny_sd
 
     root = tmp_path_factory.mktemp("bases")
-    return {family: build_tiny_sd(root / family, single_file=True, family=family) for family in ("sd1", "sdxl")}
+    return {family: build_tiny_sd(root / family, single_file=True, family=family) for family in ("sd1", "sd2", "sdxl")}
 
 
 def make_lora(path: Path, family: str, seed: int, rank: int = 4, alpha: float = 2.0, text: bool = True) -> Path:
@@ -215,7 +215,7 @@ def test_resize_reports_retained_energy_and_its_error_falls_with_rank(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- bake
-@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+@pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_baked_checkpoint_equals_base_plus_lora_and_loads_as_its_family(bases, family, tmp_path):
     lora = make_lora(tmp_path / "style.safetensors", family, seed=4)
     out = tmp_path / "baked.safetensors"
@@ -226,7 +226,7 @@ def test_baked_checkpoint_equals_base_plus_lora_and_loads_as_its_family(bases, f
     assert baked.family == family
     expected = load(bases[family])
     apply_lora(expected.unet, "lora_unet", lora, 0.8, True)
-    encoders = [("lora_te" if family == "sd1" else "lora_te1", "text_encoder")]
+    encoders = [("lora_te1" if family == "sdxl" else "lora_te", "text_encoder")]
     if family == "sdxl":
         encoders.append(("lora_te2", "text_encoder_2"))
     for prefix, attr in encoders:
