@@ -174,3 +174,30 @@ def test_a_second_start_with_the_same_settings_while_the_first_is_pending_queues
             client.cancel(run_id)
     finally:
         cli(home, "stop")
+
+
+@pytest.mark.slow
+def test_submit_wait_shows_sampling_progress_and_show_says_what_the_run_is_doing(tmp_path, tiny_sd, tiny_data):
+    """Sampling never looks like a hang at the terminal either: `submit --wait` prints the prompt and denoising
+    step as the samples render, and the run log says how long they took."""
+    home, lora = tmp_path / "home", tmp_path / "Lora"
+    assert cli(home, "start", "--gpus", "cpu", "--lora-dir", str(lora)).returncode == 0
+    try:
+        config = tmp_path / "sampled.yaml"
+        config.write_text(yaml.safe_dump({"base_model": str(tiny_sd), "train_data_dir": str(tiny_data),
+                                          "resolution": 64, "max_train_steps": 2, "lora_rank": 4,
+                                          "sample_every_n_steps": 2, "output_name": "sampled",
+                                          "sample_prompts": ["a red circle --w 64 --h 64 --s 3",
+                                                             "a blue square --w 64 --h 64 --s 3"]}))
+        done = cli(home, "submit", str(config), "--wait")
+        assert done.returncode == 0, done.stdout + done.stderr
+        lines = done.stdout.splitlines()
+        for prompt in (1, 2):
+            assert f"sampling prompt {prompt}/2, step 3/3" in lines
+        assert lines.index("sampling prompt 1/2, step 0/3") < lines.index("sampling prompt 2/2, step 3/3")
+        logs = cli(home, "logs", "last").stdout
+        assert "samples at step 2: 2 image(s) in" in logs
+        shown = json.loads(cli(home, "show", "sampled", "--json").stdout)
+        assert shown["phase"] is None and shown["preview_file"].endswith("step00000002_01.png")
+    finally:
+        cli(home, "stop")
