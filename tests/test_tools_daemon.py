@@ -106,3 +106,20 @@ def test_lora_daemon_tools_cli_runs_a_bake_and_waits(tool_daemon, tmp_path):
     shown = subprocess.run(cmd + ["inspect", "style.safetensors", "--json"], capture_output=True, text=True,
                            timeout=120)
     assert json.loads(shown.stdout)["family"] == "sd1"
+
+
+def test_cancelling_a_running_bake_leaves_no_file_behind(tool_daemon, tmp_path):
+    from lora_core.tiny import build_tiny_sd
+
+    checkpoints = tmp_path / "Stable-diffusion"
+    base = build_tiny_sd(checkpoints, single_file=True)
+    make_lora(tmp_path / "Lora" / "style.safetensors", "sd1", seed=3)
+    client = tool_daemon.client()
+    job = client.tools("bake", base=base.name, loras=[{"path": "style.safetensors"}], out="never")
+    deadline = time.monotonic() + 60
+    while client.get(job["id"])["status"] != "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    client.cancel(job["id"])
+    run = _wait(client, job["id"])
+    assert run["status"] == "cancelled", run
+    assert sorted(p.name for p in checkpoints.iterdir()) == [base.name]  # no output, no hidden temp file

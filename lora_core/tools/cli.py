@@ -9,12 +9,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
 
 from ..errors import InputError
-from ..events import EXIT_CONFIG, EXIT_OK
+from ..events import EXIT_CONFIG, EXIT_OK, EXIT_STOPPED
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (the daemon's cancel) or Ctrl+C: unwinds like an error, so the half-written temp file is removed."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stopped()
 
 PRECISION_CHOICES = ("fp16", "bf16", "fp32")
 
@@ -124,6 +133,9 @@ def _short(report: dict) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _stop)
+    if hasattr(signal, "SIGBREAK"):  # Windows: the daemon's stop request
+        signal.signal(signal.SIGBREAK, _stop)
     events = None
     if args.events:
         from ..events import EventWriter
@@ -137,6 +149,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if events:
             events.emit("end", status="failed", error=str(e), output=None)
         return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print(f"lora-tools {args.command}: stopped; nothing was written", file=sys.stderr)
+        if events:
+            events.emit("end", status="stopped", error=None, output=None)
+        return EXIT_STOPPED
     except Exception as e:  # a bug or an environment failure: the traceback goes to the log, the reason to events
         if events:
             events.emit("end", status="failed", error=f"{type(e).__name__}: {e}", output=None)
