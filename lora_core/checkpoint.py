@@ -5,13 +5,13 @@ A checkpoint is a folder ``<output_dir>/checkpoints/step-00000100/`` holding
 - ``optimizer.safetensors``: every optimizer state tensor, plus RNG states that are tensors,
 - ``state.json``: step, epoch, position in the epoch, optimizer param groups and scalar state, LR scheduler, grad
   scaler, Python/numpy RNG states, and the config that produced it.
-It is written into a ``.partial`` folder, each file fsynced, then renamed into place: a crash at any moment leaves
-either the previous checkpoint or the new one, never a half one. Only safetensors and JSON are read back.
+It is written into a hidden temporary folder and moved into place by `lora_core.files.atomic_path` (each file
+fsynced, then renamed): a crash at any moment leaves either the previous checkpoint or the new one, never a half one.
+Only safetensors and JSON are read back.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 from dataclasses import dataclass
@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+
+from .files import atomic_path, is_temp_name, remove
 
 STATE = "state.json"
 
@@ -37,25 +39,18 @@ def checkpoint_root(output_dir: str | Path) -> Path:
 
 
 def list_checkpoints(output_dir: str | Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a ``.partial`` folder or one without state.json is ignored)."""
+    """Complete checkpoints, oldest first (a temporary folder or one without state.json is ignored)."""
     root = checkpoint_root(output_dir)
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / STATE).is_file()
-             and not p.name.endswith(".partial")]
+             and not p.name.endswith(".partial")]  # .partial: the temporary name of older versions
     return sorted(found, key=lambda p: p.name)
 
 
 def latest_checkpoint(output_dir: str | Path) -> Optional[Path]:
     found = list_checkpoints(output_dir)
     return found[-1] if found else None
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _jsonable(value: Any) -> Any:
@@ -75,16 +70,25 @@ def _jsonable(value: Any) -> Any:
 def save_checkpoint(output_dir: str | Path, pos: Position, lora: dict[str, torch.Tensor], optimizer,
                     lr_scheduler, scaler, generator: torch.Generator, config: dict, keep_last: int = 3,
                     rng_override: Optional[dict] = None) -> Path:
-    from safetensors.torch import save
-
     root = checkpoint_root(output_dir)
     root.mkdir(parents=True, exist_ok=True)
+    for left_over in root.iterdir():  # a run owns its checkpoints folder: what a crash left half written goes
+        if is_temp_name(left_over.name) or left_over.name.endswith(".partial"):
+            remove(left_over)
     final = root / f"step-{pos.step:08d}"
-    tmp = root / f"step-{pos.step:08d}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    _fsync_write(tmp / "lora.safetensors", save({k: v.contiguous() for k, v in lora.items()}))
+    with atomic_path(final) as tmp:
+        tmp.mkdir()
+        _write_checkpoint(tmp, pos, lora, optimizer, lr_scheduler, scaler, generator, config, rng_override)
+    for old in list_checkpoints(output_dir)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _write_checkpoint(tmp: Path, pos: Position, lora: dict[str, torch.Tensor], optimizer, lr_scheduler, scaler,
+                      generator: torch.Generator, config: dict, rng_override: Optional[dict]) -> None:
+    from safetensors.torch import save
+
+    (tmp / "lora.safetensors").write_bytes(save({k: v.contiguous() for k, v in lora.items()}))
 
     opt = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -101,7 +105,7 @@ def save_checkpoint(output_dir: str | Path, pos: Position, lora: dict[str, torch
     tensors["rng.numpy"] = torch.from_numpy(rng["numpy"][1].astype(np.int64))
     for i, state in enumerate(rng["cuda"]):
         tensors[f"rng.cuda.{i}"] = state
-    _fsync_write(tmp / "optimizer.safetensors", save(tensors))
+    (tmp / "optimizer.safetensors").write_bytes(save(tensors))
     state = {
         "position": pos.__dict__,
         "optimizer": {"param_groups": _jsonable(opt["param_groups"]), "scalars": scalars},
@@ -111,24 +115,7 @@ def save_checkpoint(output_dir: str | Path, pos: Position, lora: dict[str, torch
                 "cuda_count": len(rng["cuda"])},
         "config": config,
     }
-    _fsync_write(tmp / STATE, json.dumps(state).encode())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
-    for old in list_checkpoints(output_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # Windows cannot open a directory for fsync; the rename is durable enough there
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    (tmp / STATE).write_text(json.dumps(state), encoding="utf-8")
 
 
 def capture_rng(generator: torch.Generator) -> dict:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import pytest
 
+from lora_core.config import config_from_dict
+from lora_core.plan import make_plan
 from lora_daemon.client import DaemonError
 from daemon_fixtures import daemon, daemon_factory  # noqa: F401  (fixtures)
 
@@ -36,7 +38,6 @@ def test_dataset_tool_errors_name_the_problem(daemon, tiny_data):
 
 
 def test_plan_returns_the_engines_plan_for_a_config(daemon, tiny_sd, tiny_data):
-    pytest.importorskip("lora_core.plan")
     from daemon_fixtures import run_config
 
     config = run_config(tiny_sd, tiny_data, "planned")
@@ -44,6 +45,7 @@ def test_plan_returns_the_engines_plan_for_a_config(daemon, tiny_sd, tiny_data):
     plan = daemon.client().plan(config)
     assert plan["settings"]["batch_size"] == 3 and plan["device"] == "cpu"
     assert plan["estimate_mb"] > 0 and isinstance(plan["fits"], bool)
+    assert plan["estimate_mb"] == pytest.approx(make_plan(config_from_dict(config)).estimate_mb, rel=0.01)
     assert not list((daemon.home / "plans").glob("*"))  # the temporary snapshot is gone
 
 

@@ -96,3 +96,23 @@ def test_the_cli_off_a_terminal_prints_plain_progress_lines_and_no_library_noise
     assert "\x1b[" not in proc.stderr and "\r" not in proc.stderr
     assert "requires torchvision" not in proc.stderr and "FutureWarning" not in proc.stderr
     assert proc.stdout.strip().endswith(".safetensors")
+
+
+def test_a_checkpoint_half_written_by_a_crash_is_never_listed_and_the_next_save_sweeps_it(tmp_path):
+    from lora_core.checkpoint import Position, latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint
+    from lora_core.files import temp_path
+
+    layer = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(layer.parameters(), lr=1e-3)
+    layer(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    root = tmp_path / "checkpoints"
+    crashed = temp_path(root / "step-00000002")  # what a writer killed mid-save leaves
+    crashed.mkdir(parents=True)
+    (crashed / "state.json").write_text("{")
+    assert list_checkpoints(tmp_path) == []
+    lora = {"w": layer.weight.detach().clone()}
+    path = save_checkpoint(tmp_path, Position(step=2), lora, optimizer, scheduler, None, torch.Generator(), {})
+    assert latest_checkpoint(tmp_path) == path and sorted(p.name for p in root.iterdir()) == ["step-00000002"]
+    assert torch.equal(load_checkpoint(path).lora["w"], lora["w"])

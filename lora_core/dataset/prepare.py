@@ -12,7 +12,6 @@ half-written dataset where the trainer would pick it up.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import unicodedata
@@ -22,6 +21,7 @@ from typing import Callable, Optional
 
 from PIL import Image
 
+from ..files import atomic_path
 from .scan import DatasetError, IMAGE_EXTS, read_metadata_csv, write_metadata_csv
 from .check import (DEFAULT_MAX_ASPECT, DEFAULT_NEAR_THRESHOLD, UNREADABLE_EXTS, ImageInfo, Problem,
                             duplicate_problems, image_problems, inspect_image, orphan_captions,
@@ -177,12 +177,10 @@ def prepare_dataset(src: str | Path, out: str | Path, max_short_side: Optional[i
     report.left_out += orphan_captions(src, pictures, csv_captions, caption_extension, meta.name)
     keep = [i for i in infos if i.file not in dropped]
 
-    staging = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
     taken: set[str] = set()
     out_captions: dict[str, str] = {}
-    try:
+    with atomic_path(out) as staging:  # the prepared folder appears whole, or not at all
+        staging.mkdir()
         for n, info in enumerate(keep, start=1):
             path = src / info.file
             changes, new_size = planned_changes(path, info, max_short_side)
@@ -203,12 +201,5 @@ def prepare_dataset(src: str | Path, out: str | Path, max_short_side: Optional[i
                 progress(n, len(keep))
         if captions == "csv" and out_captions:
             write_metadata_csv(staging / "metadata.csv", out_captions)
-        if out.exists():
-            out.rmdir()
-        out.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("prepared %d images into %s (%d left out)", len(report.written), out, len(report.left_out))
     return report

@@ -16,6 +16,7 @@ from __future__ import annotations
 from ..errors import InputError
 import csv
 import hashlib
+import io
 import logging
 import random
 import re
@@ -27,6 +28,7 @@ from typing import Optional
 
 from PIL import Image, ImageOps
 
+from ..files import atomic_write_text
 from ..preflight import IMAGE_EXTS
 from .buckets import Bucket, assign_bucket, make_buckets
 
@@ -118,14 +120,12 @@ def read_metadata_csv(path: Path) -> dict[str, str]:
 
 def write_metadata_csv(path: Path, captions: dict[str, str]) -> Path:
     """Write ``file_name,text`` rows atomically, the form `read_metadata_csv` and diffusers' imagefolder both read."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["file_name", "text"])
-        for name, caption in captions.items():
-            writer.writerow([name, caption])
-    tmp.replace(path)
-    return path
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows)
+    writer.writerow(["file_name", "text"])
+    for name, caption in captions.items():
+        writer.writerow([name, caption])
+    return atomic_write_text(path, rows.getvalue(), newline="")
 
 
 def subset_of(root: Path, image: Path) -> tuple[str, int, str]:

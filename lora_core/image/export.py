@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import time
 from datetime import datetime
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ..files import atomic_path, atomic_write_bytes
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 ARCHITECTURE = {"sd_v1": "stable-diffusion-v1/lora", "sd_v1_v": "stable-diffusion-v1/lora",
@@ -142,17 +143,6 @@ def data_section_sha256(blob: bytes) -> str:
     return hashlib.sha256(blob[8 + header_len:]).hexdigest()
 
 
-def atomic_write_bytes(path: Path, blob: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    with open(tmp, "wb") as fh:
-        fh.write(blob)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    return path
-
-
 def save_lora_file(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
                    precision: str = "fp16") -> Path:
     """Serialise with every value a string, add ``sshs_model_hash``, write atomically."""
@@ -254,17 +244,12 @@ def save_diffusers_lora(folder: str | Path, unet_state: dict[str, torch.Tensor],
     def layers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(dtype) for k, v in state.items()}
 
-    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
     kwargs = dict(unet_lora_layers=layers(unet_state), unet_lora_adapter_metadata=meta(unet_state))
     for i, state in enumerate(te_states):
         name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
         kwargs[f"{name}_lora_layers"] = layers(state)
         kwargs[f"{name}_lora_adapter_metadata"] = meta(state)
     writer = StableDiffusionXLPipeline if len(te_states) == 2 else StableDiffusionPipeline
-    writer.save_lora_weights(tmp, **kwargs)
-    if folder.exists():
-        import shutil
-
-        shutil.rmtree(folder)
-    os.replace(tmp, folder)
+    with atomic_path(folder) as tmp:
+        writer.save_lora_weights(tmp, **kwargs)
     return folder

@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
+
+from ..files import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,4 @@ class DiskLatentCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         blob = save({"mean": mean.detach().cpu().contiguous(), "std": std.detach().cpu().contiguous()},
                     metadata={"crop": json.dumps(crop)})
-        tmp = self.folder / f".{key}.{os.getpid()}.partial"
-        tmp.write_bytes(blob)
-        os.replace(tmp, self.folder / f"{key}.safetensors")
+        atomic_write_bytes(self.folder / f"{key}.safetensors", blob)

@@ -9,10 +9,10 @@ model's own dtype. Folders are written beside the target and swapped in, so a re
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
+
+from ..files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -20,23 +20,12 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def write_folder_atomically(target: Path, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` into a fresh sibling folder, then swap it in place of ``target``."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    """Run ``write(tmp)`` into a fresh hidden sibling folder, then swap it in place of ``target``
+    (`lora_core.files.atomic_path`)."""
+    with atomic_path(target) as tmp:
+        tmp.mkdir()
         write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-    return target
+    return Path(target)
 
 
 def save_adapter(peft_model: Any, tokenizer: Any, target: Path) -> Path:
