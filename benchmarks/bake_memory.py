@@ -166,7 +166,8 @@ def main() -> int:
     line = {
         "benchmark": "bake_memory", "model": "sdxl-mid (SDXL layout, UNet channels 128/256/512, fp16)",
         "model_mb": round(base.stat().st_size / 2**20, 1), "lora_mb": round(lora.stat().st_size / 2**20, 1),
-        "streamed_peak_rss_mb": results["streamed"]["peak_rss_mb"], "naive_peak_rss_mb": results["naive"]["peak_rss_mb"],
+        "streamed_peak_rss_mb": results["streamed"]["peak_rss_mb"],
+        "naive_peak_rss_mb": results["naive"]["peak_rss_mb"],
         "imports_peak_rss_mb": floor,
         "streamed_above_imports_mb": round(results["streamed"]["peak_rss_mb"] - floor, 1),
         "naive_above_imports_mb": round(results["naive"]["peak_rss_mb"] - floor, 1),

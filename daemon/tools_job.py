@@ -55,7 +55,8 @@ def _number(args: dict, key: str, kind: type, low: float, high: float) -> Option
     value = args.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    whole = kind is not int or (isinstance(value, (int, float)) and float(value).is_integer())
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not whole:
         raise _bad(f"{key}: must be a {'whole ' if kind is int else ''}number, got {value!r}")
     if not low <= value <= high:
         raise _bad(f"{key}: must be between {low:g} and {high:g}, got {value!r}")

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 
 from .ckpt_keys import checkpoint_family, module_map, single_file_checkpoint
 from .lora_file import (MixedFamiliesError, ToolError, atomic_output, check_output, open_lora, same_family)

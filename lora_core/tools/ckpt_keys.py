@@ -88,7 +88,8 @@ def _text_entries(shapes: dict[str, list[int]], family: str) -> list[tuple[str, 
             rest = key[len(prefix):]
             if not open_clip:
                 if rest.endswith(".weight") and ".encoder.layers." in "." + rest:
-                    entries.append((kohya_name(kohya_prefix, rest[: -len(".weight")]), Target(key, None, "linear", "te")))
+                    name = kohya_name(kohya_prefix, rest[: -len(".weight")])
+                    entries.append((name, Target(key, None, "linear", "te")))
                 continue
             m = re.match(r"transformer\.resblocks\.(\d+)\.(.+)$", rest)
             if not m:

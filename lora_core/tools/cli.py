@@ -11,7 +11,6 @@ import argparse
 import json
 import signal
 import sys
-from pathlib import Path
 from typing import Optional
 
 from ..errors import InputError

@@ -15,7 +15,7 @@ from typing import BinaryIO, Optional
 
 import torch
 
-from .lora_file import read_header
+from .lora_file import ToolError, read_header
 
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -52,12 +52,14 @@ class TensorReader:
     def get(self, key: str) -> torch.Tensor:
         info = self.header[key]
         start, end = info["data_offsets"]
-        self._fh.seek(self._data_start + start)
-        buf = bytearray(self._fh.read(end - start))
         dtype = DTYPES[info["dtype"]]
-        if not buf:
+        if end == start:
             return torch.empty(info["shape"], dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(info["shape"])
+        raw = torch.empty(end - start, dtype=torch.uint8)  # read straight into the tensor's memory: no copies
+        self._fh.seek(self._data_start + start)
+        if self._fh.readinto(raw.numpy()) != end - start:
+            raise ToolError(f"{self.path.name}: {key} is cut short — is the file complete?")
+        return raw.view(dtype).reshape(info["shape"])
 
 
 class TensorWriter:
@@ -83,8 +85,8 @@ class TensorWriter:
         if name != expected or tensor.dtype != dtype or list(tensor.shape) != list(shape):
             raise RuntimeError(f"stream writer: {name} {tensor.dtype} {tuple(tensor.shape)} out of order or not "
                                f"as laid out ({expected} {dtype} {shape})")
-        if tensor.numel():
-            self._fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        if tensor.numel():  # the tensor's own bytes through the buffer protocol, not a copy
+            self._fh.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
     def close(self) -> None:
         self._fh.flush()
