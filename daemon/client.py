@@ -29,6 +29,10 @@ READ_ONLY = frozenset({"ping", "status", "validate", "list", "get", "logs", "met
                        "plan", "run.events", "tools.inspect"})
 LIVENESS_SLICE_S = 0.4  # a daemon killed mid-request is noticed after this long, not after the whole timeout
 SLOW_TIMEOUT_S = 300.0  # dataset checks and plans run a child process; they get minutes, not 1.5 s
+# Config work (YAML, schema, preflight file reads; the first one imports the schema) runs in the daemon's pool: on a
+# loaded machine it can take seconds, and a submit is never retried, so it gets longer than a status. A dead daemon
+# is still noticed within LIVENESS_SLICE_S (its port closes).
+CONFIG_TIMEOUT_S = 30.0
 
 
 class DaemonNotRunning(ConnectionError):
@@ -109,7 +113,7 @@ class EventSubscription:
         if not self._sock.poll(None if timeout is None else int(timeout * 1000)):
             return None
         frames = self._sock.recv_multipart()
-        return decode(frames[-1], limit=1 << 30)
+        return decode(frames[-1], limit=1 << 30, max_depth=None)
 
     def __iter__(self) -> Iterator[dict]:
         while not self._sock.closed:
@@ -205,7 +209,7 @@ class DaemonClient:
             if not self._wait_reply(timeout):
                 self._drop()  # Lazy Pirate: a REQ socket without a reply is stuck; throw it away
                 continue
-            reply = decode(self._sock.recv(), limit=1 << 30)
+            reply = decode(self._sock.recv(), limit=1 << 30, max_depth=None)  # our daemon's reply
             if reply.get("id") != request["id"]:
                 self._drop()
                 continue
@@ -240,10 +244,12 @@ class DaemonClient:
 
     def submit(self, config: dict | str, priority: int = 0, name: Optional[str] = None, **extra: Any) -> dict:
         """Queue a run. ``extra``: config_dir, lora_dir, adapters_dir, preferred_weight."""
-        return self.request("submit", config=config, priority=priority, name=name, cwd=os.getcwd(), **extra)
+        return self._call("submit", {"config": config, "priority": priority, "name": name, "cwd": os.getcwd(), **extra},
+                          max(self.timeout, CONFIG_TIMEOUT_S))
 
     def validate(self, config: dict | str, **extra: Any) -> dict:
-        return self.request("validate", config=config, cwd=os.getcwd(), **extra)
+        return self._call("validate", {"config": config, "cwd": os.getcwd(), **extra},
+                          max(self.timeout, CONFIG_TIMEOUT_S))
 
     def list_runs(self, all: bool = False) -> list[dict]:
         return self.request("list", all=all)["runs"]
@@ -266,10 +272,15 @@ class DaemonClient:
     def resume(self, run_id: str) -> dict:
         return self.request("resume", run=run_id)
 
+    def pause(self, run_id: str, reason: str = "user") -> dict:
+        """Ask a running run to save a checkpoint and wait (``paused``) until `resume`; returns at once (pausing)."""
+        return self.request("pause", run=run_id, reason=reason)
+
     def caption(self, folder: str, **options: Any) -> dict:
         """Queue an auto-label job (``python -m lora_core.dataset.auto_label``); ``priority``/``name`` go to the job."""
         job = {k: options.pop(k) for k in ("priority", "name") if k in options}
-        return self.request("caption", folder=folder, cwd=os.getcwd(), options=options, **job)
+        return self._call("caption", {"folder": folder, "cwd": os.getcwd(), "options": options, **job},
+                          max(self.timeout, CONFIG_TIMEOUT_S))
 
     def check(self, folder: str, timeout: float = SLOW_TIMEOUT_S, **options: Any) -> dict:
         return self._call("check", {"folder": folder, "cwd": os.getcwd(), **options}, timeout)

@@ -34,6 +34,7 @@ EVENTS_USER = "lora"  # the PLAIN user name subscribers present on the event soc
 EVENT_TYPES = (
     "run.queued", "run.started", "run.progress", "run.checkpoint", "run.sample", "run.log", "run.finished",
     "run.failed", "run.cancelled", "run.requeued", "lora.published", "daemon.stopping",
+    "run.pausing", "run.paused",
 )
 
 # Error codes a client can branch on; the message is for people.
@@ -93,7 +94,7 @@ def nesting_depth(obj: Any) -> int:
     return deepest
 
 
-def decode(frame: bytes, limit: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_DEPTH) -> dict:
+def decode(frame: bytes, limit: int = MAX_MESSAGE_BYTES, max_depth: Optional[int] = MAX_DEPTH) -> dict:
     """Parse one frame into a JSON object, refusing oversized, non-UTF-8, too deeply nested, non-JSON and
     non-object frames — each as a `ProtocolError`, never a RecursionError."""
     if len(frame) > limit:
@@ -108,7 +109,7 @@ def decode(frame: bytes, limit: int = MAX_MESSAGE_BYTES, max_depth: int = MAX_DE
         raise ProtocolError(E_BAD_JSON, f"message nests deeper than {max_depth} levels") from None
     except ValueError as e:
         raise ProtocolError(E_BAD_JSON, f"message is not UTF-8 JSON: {str(e)[:200]}") from None
-    if nesting_depth(obj) > max_depth:
+    if max_depth is not None and nesting_depth(obj) > max_depth:
         raise ProtocolError(E_BAD_JSON, f"message nests deeper than {max_depth} levels")
     if not isinstance(obj, dict):
         raise ProtocolError(E_BAD_JSON, f"message must be a JSON object, got {type(obj).__name__}")
