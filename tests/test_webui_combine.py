@@ -46,6 +46,9 @@ report["merge"] = c.run(MERGE, ["style.safetensors", "character.safetensors"], "
 report["bake"] = c.run(BAKE, ["style.safetensors"], "0.5", 0, "base.safetensors [0]", "baked", "fp16")[0]
 report["bake_no_base"] = c.run(BAKE, ["style.safetensors"], "", 0, None, "baked2", "fp16")[0]
 report["escape"] = c.run(MERGE, ["style.safetensors"], "", 0, None, "../../escape", "fp16")[0]
+started_by_tab = TabContext(settings=lambda: UiSettings(home=home, daemon_python=sys.executable),
+                            checkpoints=lambda: {}, lora_dir=lambda: lora_dir, checkpoint_dir=lambda: Path(base).parent)
+report["start_command"] = started_by_tab.start_command()
 print("REPORT " + json.dumps(report, default=str))
 """
 
@@ -90,6 +93,8 @@ def test_combine_section_previews_and_queues_merge_and_bake_jobs(env_name, daemo
     assert "Queued bake baked.safetensors" in report["bake"]
     assert "Base model: choose" in report["bake_no_base"]
     assert "outside the daemon" in report["escape"]
+    start = report["start_command"]  # a daemon the tab starts may read and write the WebUI's checkpoints
+    assert start[start.index("--checkpoint-dir") + 1] == str(checkpoints)
 
     merged, baked = lora_dir / "combo.safetensors", checkpoints / "baked.safetensors"
     _wait_files([merged, baked])

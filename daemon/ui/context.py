@@ -47,6 +47,8 @@ class TabContext:
     # Rescans the host's checkpoint folders before `checkpoints` is read (the WebUI caches its list); None when
     # `checkpoints` scans by itself every time (standalone mode).
     rescan_checkpoints: Optional[Callable[[], None]] = None
+    # The host's checkpoint folder, given to the daemon it starts (`--checkpoint-dir`) for the Combine section's bake
+    checkpoint_dir: Optional[Callable[[], Path]] = None
 
     def home(self) -> Path:
         return resolve_home(self.settings().home or None)
@@ -72,8 +74,11 @@ class TabContext:
         python = self.daemon_python()
         if python is None:
             return None
-        return [str(python), "-m", "lora_daemon.cli", "--home", str(self.home()), "start",
-                "--lora-dir", str(self.lora_dir())]
+        command = [str(python), "-m", "lora_daemon.cli", "--home", str(self.home()), "start",
+                   "--lora-dir", str(self.lora_dir())]
+        if self.checkpoint_dir is not None:  # the Combine section's bake reads and writes the WebUI's checkpoints
+            command += ["--checkpoint-dir", str(self.checkpoint_dir())]
+        return command
 
     def start_advice(self) -> str:
         """What to do while the daemon is down, as a command that works as printed: `lora-daemon` itself is on no

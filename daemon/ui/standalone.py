@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
     lora_dir = Path(args.lora_dir).expanduser().resolve() if args.lora_dir else home / "Lora"
     checkpoints = Path(args.checkpoints).expanduser().resolve() if args.checkpoints else None
     ctx = TabContext(settings=lambda: settings, checkpoints=lambda: list_checkpoints(checkpoints),
-                     lora_dir=lambda: lora_dir, setup=SetupJob(home / "venv"), host="standalone")
+                     lora_dir=lambda: lora_dir, setup=SetupJob(home / "venv"), host="standalone",
+                     checkpoint_dir=(lambda: checkpoints) if checkpoints else None)
     watcher = LoraWatcher(lora_dir, ctx.feed.add)
     inject_assets()
     blocks = build_tab(ctx)

@@ -13,6 +13,7 @@ import threading
 from pathlib import Path
 from typing import Any, Optional
 
+from . import gpu_handoff
 from .context import TabContext, UiSettings
 from .lora_watch import LoraWatcher
 from .presets import DEFAULT_PRESET, list_presets
@@ -62,6 +63,7 @@ def register_settings() -> None:
     for key, info in options.items():
         info.section = SECTION
         shared.opts.add_option(key, info)
+    gpu_handoff.register_settings(shared, SECTION)  # one GPU for both: free VRAM, generate while training
 
 
 def _dropdown() -> Any:
@@ -78,6 +80,14 @@ def lora_dir() -> Path:
     from modules import paths, shared
 
     return Path(getattr(shared.cmd_opts, "lora_dir", None) or os.path.join(paths.models_path, "Lora")).resolve()
+
+
+def checkpoint_dir() -> Path:
+    """The WebUI's ``--ckpt-dir``, else ``<models>/Stable-diffusion``: where the Combine section bakes checkpoints."""
+    from modules import paths, shared
+
+    return Path(getattr(shared.cmd_opts, "ckpt_dir", None) or os.path.join(paths.models_path, "Stable-diffusion")
+                ).resolve()
 
 
 def checkpoints() -> dict[str, str]:
@@ -154,8 +164,12 @@ class Runtime:
     def __init__(self):
         self._lock = threading.Lock()
         self.ctx = TabContext(settings=settings, checkpoints=checkpoints, lora_dir=lora_dir,
-                              interrogators={}, host=host_name(), rescan_checkpoints=rescan_checkpoints)
+                              interrogators={}, host=host_name(), rescan_checkpoints=rescan_checkpoints,
+                              checkpoint_dir=checkpoint_dir)
         self.watcher: Optional[LoraWatcher] = None
+        # the WebUI and the daemon hand the GPU to each other (scripts/lora_scripts_handoff.py calls it per generation)
+        self.handoff = gpu_handoff.GpuHandoff(client=lambda **kw: self.ctx.client(**kw),
+                                              host=gpu_handoff.detect_host())
 
     def tab_context(self) -> TabContext:
         self.ctx.interrogators = interrogators()
@@ -175,6 +189,8 @@ class Runtime:
                 self.watcher.stop()
             self.watcher = LoraWatcher(lora_dir(), self._on_new_lora)
             self.watcher.start()
+            self.handoff.stop()
+            self.handoff.start()
         if settings().autostart:
             self._autostart()
 
@@ -193,6 +209,7 @@ class Runtime:
             if self.watcher is not None:
                 self.watcher.stop()
                 self.watcher = None
+            self.handoff.stop()
 
 
 RUNTIME = Runtime()
