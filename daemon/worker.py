@@ -448,8 +448,10 @@ def reconcile(store: Store, bus: Bus, settings: Settings) -> list[dict]:
                 procs.wait_gone(pid, started, 10)
         follower = RunFollower(store, bus, run)
         follower.poll()
-        if follower.end is None:  # read by the dead daemon already (it may have died publishing): look again
-            follower.end = last_end_event(follower.files.events)
+        if follower.end is None:  # read by the dead daemon already (it may have died publishing): look again,
+            end = last_end_event(follower.files.events)  # counting only an end written by this attempt's child
+            if end and float(end.get("time") or 0) >= float(run.get("started_at") or 0):
+                follower.end = end
         end = follower.end or {}
         if end.get("status") == "finished" or run["status"] == states.CANCELLING:
             settled.append(settle(store, bus, settings, run["id"], follower, None, daemon_stopping=False))
