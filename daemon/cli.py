@@ -90,6 +90,8 @@ def _run_line(run: dict) -> str:
     running = run["status"] in ("running", "cancelling")
     eta = fmt_duration(run.get("eta_s")) if running else "-"
     phase = phase_text(run) if running else ""
+    if run["status"] in ("pausing", "paused"):
+        phase = f"{run['status']} for {run.get('pause_reason') or 'user'}"
     return (f"{run['id']:<24} {run['status']:<10} {run['kind']:<7} {run['priority']:>4} {steps:>11} "
             f"{_fmt_num(run.get('loss'), '.4f'):>8} {_fmt_num(run.get('it_s'), '.2f'):>7} {eta:>7}  {run['name']}"
             + (f"  ({phase})" if phase else ""))
@@ -496,8 +498,10 @@ SUBCOMMANDS: list[Subcommand] = [
     Subcommand("logs", "a run's log (--follow to keep reading)", _add_logs, _run_logs),
     Subcommand("cancel", "cancel a run (a running one saves a checkpoint first)", _add_run_ref, _run_action("cancel")),
     Subcommand("retry", "run a failed or cancelled run again from the start", _add_run_ref, _run_action("retry")),
-    Subcommand("resume", "continue a failed or cancelled run from its checkpoint", _add_run_ref,
+    Subcommand("resume", "continue a paused, failed or cancelled run from its checkpoint", _add_run_ref,
                _run_action("resume")),
+    Subcommand("pause", "pause a running run: it saves a checkpoint and waits, holding its GPU, until resume",
+               _add_run_ref, _run_action("pause")),
     Subcommand("caption", "queue an auto-label job for an image folder", _add_caption, _run_caption),
     Subcommand("tools", "LoRA toolbox jobs: inspect, merge, bake, resize, extract", tools_cli.add_arguments,
                tools_cli.run),

@@ -182,7 +182,8 @@ class Daemon:
             "ping": self.cmd_ping, "status": self.cmd_status, "submit": self.cmd_submit,
             "validate": self.cmd_validate, "list": self.cmd_list, "get": self.cmd_get, "logs": self.cmd_logs,
             "metrics": self.cmd_metrics, "cancel": self.cmd_cancel, "retry": self.cmd_retry,
-            "resume": self.cmd_resume, "caption": self.cmd_caption, "shutdown": self.cmd_shutdown,
+            "resume": self.cmd_resume, "pause": self.cmd_pause, "caption": self.cmd_caption,
+            "shutdown": self.cmd_shutdown,
             "check": self._dataset_tool("check"), "captions.get": self._dataset_tool("captions.get"),
             "captions.set": self._dataset_tool("captions.set"), "captions.edit": self._dataset_tool("captions.edit"),
             "plan": self.cmd_plan, "run.events": self.cmd_run_events,
@@ -616,9 +617,35 @@ class Daemon:
             return run
         if run["status"] == states.RUNNING:
             return self.store.transition(run["id"], states.CANCELLING, expect=(states.RUNNING,))
+        if run["status"] == states.PAUSING:
+            return self.store.transition(run["id"], states.CANCELLING, expect=(states.PAUSING,))
+        if run["status"] == states.PAUSED:  # no child: cancelled on the spot, its checkpoint kept
+            run = self.store.transition(run["id"], states.CANCELLED, expect=(states.PAUSED,), finished_at=time.time())
+            self.bus.emit("run.cancelled", run["id"], checkpoint=run.get("checkpoint"), step=run.get("step"))
+            self.wake.set()  # its device slot is free again
+            return run
         if run["status"] == states.CANCELLING:
             return run
         raise states.TransitionError(f"run {run['id']} is already {run['status']}")
+
+    def cmd_pause(self, args: dict) -> dict:
+        """Running: asked to finish its step, save a checkpoint and exit (the worker does it); it then waits in
+        ``paused``, holding its device slot, until `resume`. Why (``reason``: ``generation`` when the WebUI wants
+        the card, else ``user``) is stored and shown ("paused for generation")."""
+        run = self._run_ref(args)
+        reason = args.get("reason", "user")
+        if not isinstance(reason, str) or not reason.isidentifier() or len(reason) > 40:
+            raise ProtocolError(E_BAD_REQUEST, f"reason: a short word such as 'user' or 'generation', got {reason!r}")
+        if run["status"] in (states.PAUSING, states.PAUSED):
+            return run
+        if run["kind"] in ("caption", "tools"):
+            raise states.TransitionError(f"run {run['id']} is a {run['kind']} job; only training runs pause "
+                                         f"(cancel it instead)")
+        if run["status"] != states.RUNNING:
+            raise states.TransitionError(f"run {run['id']} is {run['status']}; only a running run pauses")
+        run = self.store.transition(run["id"], states.PAUSING, expect=(states.RUNNING,), pause_reason=reason)
+        self.bus.emit("run.pausing", run["id"], reason=reason, step=run.get("step"), device=run.get("device"))
+        return run
 
     def _requeue(self, args: dict, resume: bool) -> dict:
         run = self._run_ref(args)
@@ -634,6 +661,19 @@ class Daemon:
         return self._requeue(args, resume=False)
 
     def cmd_resume(self, args: dict) -> dict:
+        """A paused run goes first in the queue (it held the card), from its checkpoint; a failed or cancelled one
+        back in the queue from its checkpoint. Resuming a run that is still pausing is refused: wait for paused."""
+        run = self._run_ref(args)
+        if run["status"] == states.PAUSED:
+            run = self.store.transition(run["id"], states.QUEUED, expect=(states.PAUSED,), first=1, resume=1,
+                                        attempts=0, pause_reason=None, paused_at=None)
+            self.bus.emit("run.queued", run["id"], name=run["name"], kind=run["kind"], priority=run["priority"],
+                          resume=True)
+            self.wake.set()
+            return run
+        if run["status"] == states.PAUSING:
+            raise states.TransitionError(f"run {run['id']} is still pausing (saving its checkpoint); resume it once "
+                                         f"it is paused")
         return self._requeue(args, resume=True)
 
     def cmd_shutdown(self, args: dict) -> dict:

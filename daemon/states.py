@@ -8,8 +8,15 @@
       │  └───────┘ (daemon stopped or restarted: back in the queue, resuming from its checkpoint)
       └──► cancelled (a queued run is cancelled without ever starting)
 
+    running ──► pausing ──► paused ──► queued (resume: first in the queue, from its checkpoint)
+                  │            └─────► cancelled
+                  └──► finished / failed / cancelling (the child ended or was cancelled before it could pause)
+
 ``cancelling`` exists because a cancel is a request: the child saves a checkpoint first, which takes a moment, and
-the request must survive a daemon crash in between (nothing is kept only in memory).
+the request must survive a daemon crash in between (nothing is kept only in memory). ``pausing`` is the same kind of
+request: the child saves a checkpoint and exits, and the run waits in ``paused`` (holding its device slot, so no other
+queued run takes the card meanwhile) until `resume` puts it first in the queue; a paused run is a row like any other,
+so it survives a daemon restart.
 """
 from __future__ import annotations
 
@@ -19,14 +26,18 @@ CANCELLING = "cancelling"
 FINISHED = "finished"
 FAILED = "failed"
 CANCELLED = "cancelled"
+PAUSING = "pausing"
+PAUSED = "paused"
 
-STATES = (QUEUED, RUNNING, CANCELLING, FINISHED, FAILED, CANCELLED)
-ACTIVE = (RUNNING, CANCELLING)
+STATES = (QUEUED, RUNNING, CANCELLING, FINISHED, FAILED, CANCELLED, PAUSING, PAUSED)
+ACTIVE = (RUNNING, CANCELLING, PAUSING)
 TERMINAL = (FINISHED, FAILED, CANCELLED)
 
 TRANSITIONS: dict[str, tuple[str, ...]] = {
     QUEUED: (RUNNING, CANCELLED),
-    RUNNING: (FINISHED, FAILED, CANCELLING, CANCELLED, QUEUED),
+    RUNNING: (FINISHED, FAILED, CANCELLING, CANCELLED, QUEUED, PAUSING),
+    PAUSING: (PAUSED, FINISHED, FAILED, CANCELLING, CANCELLED),
+    PAUSED: (QUEUED, CANCELLED),
     CANCELLING: (CANCELLED, FAILED, FINISHED),
     FINISHED: (),
     FAILED: (QUEUED,),

@@ -63,8 +63,16 @@ def _migrate_v2(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("phase", str)
 
 
+def _migrate_v3(db: sqlite_utils.Database) -> None:
+    """Pausing: why a run was paused (``generation`` when the WebUI wants the card, ``user``), when, and
+    ``first`` — a resumed run goes before every other queued run, since it held the card when it was paused."""
+    db["runs"].add_column("pause_reason", str)
+    db["runs"].add_column("paused_at", float)
+    db["runs"].add_column("first", int, not_null_default=0)
+
+
 # One function per schema version, applied in order; a released entry is never edited, only appended to.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_v1, _migrate_v2]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_v1, _migrate_v2, _migrate_v3]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -168,7 +176,9 @@ class Store:
 
     def list_runs(self, include_all: bool = False, recent: int = 20) -> list[dict]:
         """Active and queued runs (in the order they will run) plus the most recent others; `--all` gives all."""
-        order = "order by case status when 'running' then 0 when 'cancelling' then 0 when 'queued' then 1 else 2 end," \
+        order = "order by case status when 'running' then 0 when 'cancelling' then 0 when 'pausing' then 0 " \
+                "when 'paused' then 0 when 'queued' then 1 else 2 end," \
+                " case when status = 'queued' then -first else 0 end, " \
                 " case when status = 'queued' then -priority else 0 end, " \
                 " case when status = 'queued' then created_at else -created_at end"
         rows = list(self.db.query(f"select * from runs {order}"))
@@ -208,15 +218,21 @@ class Store:
         return self.get_run(run_id)
 
     def claim_next(self, device: str) -> Optional[dict]:
-        """Take the next queued run for `device`: highest priority first, then first come, first served."""
+        """Take the next queued run for `device`: a resumed paused run first, then highest priority, then first come,
+        first served. Nothing while a run paused on `device` holds it: the card was freed for the WebUI (or the
+        user), and another run starting there would take it back."""
         with self._lock:
+            if self.db.execute("select count(*) from runs where status = 'paused' and device = ?",
+                               [device]).fetchone()[0]:
+                return None
             rows = list(self.db.query(
-                "select id from runs where status = 'queued' order by priority desc, created_at, rowid limit 1"))
+                "select id from runs where status = 'queued' order by first desc, priority desc, created_at, rowid "
+                "limit 1"))
             if not rows:
                 return None
             run = self.get_run(rows[0]["id"])
             return self.transition(run["id"], states.RUNNING, device=device, started_at=time.time(),
-                                   attempts=(run["attempts"] or 0) + 1, finished_at=None)
+                                   attempts=(run["attempts"] or 0) + 1, finished_at=None, first=0)
 
     # --- events and metrics ---------------------------------------------------------------------------------
     def add_event(self, event: dict) -> None:

@@ -313,6 +313,13 @@ def settle(store: Store, bus: Bus, settings: Settings, run_id: str, follower: Ru
         run = store.transition(run_id, states.CANCELLED, finished_at=now, **common)
         bus.emit("run.cancelled", run_id, checkpoint=run.get("checkpoint"), step=run.get("step"))
         return run
+    if run["status"] == states.PAUSING and (end.get("status") == "stopped" or exit_code in (EXIT_STOPPED, None)):
+        # the pause asked for: checkpoint written (or the child died before its first one: it starts over), the
+        # run waits holding its device until `resume`; a daemon stopping meanwhile changes nothing about that
+        run = store.transition(run_id, states.PAUSED, paused_at=now, resume=1, **common)
+        bus.emit("run.paused", run_id, reason=run.get("pause_reason"), checkpoint=run.get("checkpoint"),
+                 step=run.get("step"), device=run.get("device"))
+        return run
     if daemon_stopping:
         run = store.transition(run_id, states.QUEUED, resume=1, **common)
         bus.emit("run.requeued", run_id, reason="daemon stopped", checkpoint=run.get("checkpoint"))
@@ -401,7 +408,8 @@ class Worker(threading.Thread):
             now = time.monotonic()
             if now >= next_check:
                 next_check = now + 0.25
-                wants_stop = self.stopping.is_set() or self.store.get_run(run["id"])["status"] == states.CANCELLING
+                wants_stop = self.stopping.is_set() or \
+                    self.store.get_run(run["id"])["status"] in (states.CANCELLING, states.PAUSING)
                 if wants_stop and stop_sent is None:
                     procs.request_stop(proc.pid)
                     stop_sent = now
@@ -453,7 +461,7 @@ def reconcile(store: Store, bus: Bus, settings: Settings) -> list[dict]:
             if end and float(end.get("time") or 0) >= float(run.get("started_at") or 0):
                 follower.end = end
         end = follower.end or {}
-        if end.get("status") == "finished" or run["status"] == states.CANCELLING:
+        if end.get("status") == "finished" or run["status"] in (states.CANCELLING, states.PAUSING):
             settled.append(settle(store, bus, settings, run["id"], follower, None, daemon_stopping=False))
         elif (run["attempts"] or 0) < settings.max_attempts:
             store.transition(run["id"], states.QUEUED, resume=1, pid=None, pid_create_time=None)

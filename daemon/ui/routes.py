@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 PREFIX = "/lora-scripts/v1"
 SAMPLE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 # The run buttons of the Runs section; each is the `DaemonClient` method of the same name.
-RUN_ACTIONS = ("cancel", "resume", "retry")
+RUN_ACTIONS = ("cancel", "resume", "retry", "pause")  # POST /runs/{id}/pause: a user pause (reason "user")
 HTTP_STATUS = {"not_found": 404, "config_invalid": 422, "invalid_state": 409, "bad_request": 400,
                "unauthorized": 403, "unavailable": 503}
 
