@@ -47,6 +47,11 @@
         return `${mb(p.estimate_mb)} of ${mb((p.capacity_mb || 0) * 0.9)} ${p.fits ? "fits" : "does NOT fit"}`;
     }
 
+    // "paused for generation": a paused run says why (the daemon stores the reason of the pause).
+    function statusText(r) {
+        return ["pausing", "paused"].includes(r.status) ? `${r.status} for ${r.pause_reason || "user"}` : r.status;
+    }
+
     function runsTable(runs) {
         if (!runs.length) return '<p class="lora-scripts-empty">No runs yet: start one in the Train section.</p>';
         const rows = runs.map((r) => {
@@ -56,7 +61,7 @@
             const phase = live ? phaseText(r) : "";
             const plan = planText(r);
             return `<tr data-run-id="${esc(r.id)}" data-status="${esc(r.status)}" class="${r.id === state.selected ? "selected" : ""}">` +
-                `<td>${esc(r.name)}</td><td class="lora-scripts-status-${esc(r.status)}">${esc(r.status)}</td>` +
+                `<td>${esc(r.name)}</td><td class="lora-scripts-status-${esc(r.status)}">${esc(statusText(r))}</td>` +
                 `<td class="lora-scripts-progress-cell"><div class="lora-scripts-progress"><div style="width:${pct}%"></div></div>${step}/${total || "?"}` +
                 (phase ? ` <span class="lora-scripts-phase">${esc(phase)}</span>` : "") + `</td>` +
                 `<td class="lora-scripts-eta">${live ? esc(fmtTime(r.eta_s)) : ""}</td><td>${esc(fmtNum(r.loss, 4))}</td>` +
@@ -121,8 +126,9 @@
         const r = sel.run;
         const points = state.metrics[r.id] || [];
         const actions = [];
-        if (["queued", "running"].includes(r.status)) actions.push(["cancel", "Cancel (save and stop)"]);
-        if (["cancelled", "failed", "stopped"].includes(r.status)) actions.push(["resume", "Resume"]);
+        if (["queued", "running", "paused"].includes(r.status)) actions.push(["cancel", "Cancel (save and stop)"]);
+        if (r.status === "running" && !["caption", "tools"].includes(r.kind)) actions.push(["pause", "Pause (save and wait)"]);
+        if (["cancelled", "failed", "stopped", "paused"].includes(r.status)) actions.push(["resume", "Resume"]);
         if (["cancelled", "failed", "finished", "stopped"].includes(r.status)) actions.push(["retry", "Retry"]);
         const buttons = actions.map(([a, label]) =>
             `<button class="lora-scripts-action" data-action="${a}" data-run-id="${esc(r.id)}">${esc(label)}</button>`).join(" ");
@@ -138,7 +144,7 @@
         const facts = (plan ? `<p id="lora_scripts_run_plan">Memory plan: ${esc(plan)}</p>` : "") +
             (phase ? `<p id="lora_scripts_run_phase" class="lora-scripts-phase">Now ${esc(phase)}</p>` : "");
         return `<div id="lora_scripts_run_details" data-run-id="${esc(r.id)}" data-status="${esc(r.status)}">` +
-            `<h3>${esc(r.name)} <small>${esc(r.id)} · ${esc(r.status)}</small></h3>${buttons}${published}${error}${facts}` +
+            `<h3>${esc(r.name)} <small>${esc(r.id)} · ${esc(statusText(r))}</small></h3>${buttons}${published}${error}${facts}` +
             lossCurve(points) +
             `<details open><summary>Log</summary><pre id="lora_scripts_run_log" class="lora-scripts-log">${esc(sel.log.join("\n"))}</pre></details>` +
             (samples ? `<details open><summary>Samples</summary><div class="lora-scripts-samples">${samples}</div></details>` : "") +

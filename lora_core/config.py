@@ -189,6 +189,9 @@ class TrainingConfig:
     auto_fit: bool = field(default=False, metadata={"help": "apply the memory plan's suggestions before training"})
     memory_budget_mb: Optional[float] = field(default=None, metadata={
         "help": "plan for this much memory (empty = what the device has free now)", "gt": 0})
+    webui_vram_mb: Optional[float] = field(default=None, metadata={
+        "help": "VRAM the WebUI on the same GPU gives back when this run starts (its checkpoint, moved off by the "
+                "GPU hand-off); the memory plan counts it as free (empty = none)", "gt": 0})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
         "help": "latest, or the path to a checkpoint folder"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})

@@ -50,12 +50,15 @@ class MemoryPlan:
     suggestion: Optional[dict] = None  # overrides that fit (None if the config fits as is or nothing fits)
     suggestion_estimate_mb: Optional[float] = None
     candidates: list = field(default_factory=list)
+    webui_freed_mb: float = 0.0  # VRAM the WebUI's hand-off frees on this GPU, counted in capacity_mb
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def describe(self) -> str:
         lines = [f"device: {self.device}, usable {self.capacity_mb * HEADROOM:,.0f} MB of {self.capacity_mb:,.0f} MB",
+                 *([f"  of which the WebUI frees {self.webui_freed_mb:,.0f} MB when the run starts (GPU hand-off)"]
+                   if self.webui_freed_mb else []),
                  f"estimated peak for this config: {self.estimate_mb:,.0f} MB "
                  f"({'fits' if self.fits else 'does NOT fit'})"]
         lines += [f"  {k:<24}{v:>10,.0f} MB" for k, v in self.breakdown_mb.items()]
@@ -241,13 +244,34 @@ def _apply(settings: dict, change: dict, cfg: TrainConfig) -> dict:
     return s
 
 
+def webui_freed_mb(cfg: TrainConfig, free_mb: float, total_mb: float) -> float:
+    """The VRAM the WebUI's GPU hand-off gives back (``training.webui_vram_mb``) that is not free yet: the plan may
+    run while the WebUI is still moving its checkpoint off the card. Never more than the card's used memory; none
+    with an explicit ``memory_budget_mb`` (the user's number is the whole budget)."""
+    wanted = cfg.training.webui_vram_mb or 0.0
+    if not wanted or cfg.training.memory_budget_mb:
+        return 0.0
+    return max(0.0, min(float(wanted), total_mb - free_mb))
+
+
+def device_total_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[1] / MB
+    import psutil
+
+    return psutil.virtual_memory().total / MB
+
+
 def make_plan(cfg: TrainConfig, meas: Optional[Measurements] = None) -> MemoryPlan:
     device = torch.device("cuda" if (cfg.training.device != "cpu" and torch.cuda.is_available()) else "cpu")
     meas = meas or measure(cfg)
     capacity = cfg.training.memory_budget_mb or device_capacity_mb(device)
+    freed = webui_freed_mb(cfg, capacity, device_total_mb(device)) if device.type == "cuda" else 0.0
+    capacity += freed
     settings = current_settings(cfg)
     estimate, parts = estimate_mb(meas, settings, device)
-    plan = MemoryPlan(str(device), capacity, estimate, parts, estimate <= capacity * HEADROOM, settings)
+    plan = MemoryPlan(str(device), capacity, estimate, parts, estimate <= capacity * HEADROOM, settings,
+                      webui_freed_mb=freed)
     if plan.fits:
         return plan
     applied: dict = {}

@@ -18,7 +18,7 @@ import yaml
 
 from ..client import DaemonError, DaemonNotRunning
 
-from . import render
+from . import gpu_handoff, render
 from .combine import CombineSection
 from .context import TabContext
 from .datasets import DatasetPathError, confined, dataset_folder, list_images, save_uploads
@@ -482,6 +482,9 @@ class TrainTab:
         empty = None if kind == TEXT_KIND else self._empty_dataset(folder)
         if empty:
             return self._errors([empty], kind=kind) + ["", render.message("Nothing was queued.", "error")]
+        freed = gpu_handoff.webui_vram_mb()  # the plan counts the VRAM the hand-off frees as free
+        if freed and isinstance(config.get("training"), dict) and not config["training"].get("webui_vram_mb"):
+            config["training"]["webui_vram_mb"] = freed
         try:
             run = self.ctx.client(timeout=30.0).submit(config, lora_dir=str(self.ctx.lora_dir()), dedupe=True)
         except DaemonError as e:

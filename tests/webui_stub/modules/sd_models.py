@@ -24,3 +24,27 @@ def list_models():
 
 
 list_models()  # the WebUI lists its models once at start
+
+
+# The checkpoint on or off the GPU, as A1111's unload_model_weights (to RAM) / reload_model_weights (back) do; each
+# call is recorded with whether the generation lock was held, for the GPU hand-off tests.
+calls = []
+on_gpu = True
+
+
+def _record(name):
+    from modules import call_queue
+
+    calls.append({"call": name, "locked": call_queue.queue_lock.locked()})
+
+
+def unload_model_weights(sd_model=None, info=None):
+    global on_gpu
+    _record("unload")
+    on_gpu = False
+
+
+def reload_model_weights(sd_model=None, info=None, forced_reload=False):
+    global on_gpu
+    _record("reload")
+    on_gpu = True

@@ -1,4 +1,5 @@
 """shared.opts (settings with add_option), OptionInfo and cmd_opts, as in A1111's modules/shared.py + options.py."""
+import os
 from types import SimpleNamespace
 
 
@@ -36,4 +37,6 @@ class Options:
 
 
 opts = Options()
-cmd_opts = SimpleNamespace(lora_dir=None, api_auth=None, gradio_auth=None)
+cmd_opts = SimpleNamespace(lora_dir=None, api_auth=None, gradio_auth=None,
+                           device_id=os.environ.get("WEBUI_STUB_DEVICE_ID"))  # A1111's --device-id
+state = SimpleNamespace(interrupted=False)  # shared.state: the Interrupt button sets `interrupted`
