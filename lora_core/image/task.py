@@ -455,7 +455,7 @@ class ImageTask:
     def export(self, path_stem: Path, step: int, epoch: int) -> Path:
         cfg, m = self.cfg, self.cfg.model
         unet_state = adapter_state(self.unet)
-        te_states = [lora_state(e) for e in self._text_encoders()] if self.te_targets else []
+        te_states = [adapter_state(e) for e in self._text_encoders()] if self.te_targets else []
         if cfg.output.format == "diffusers":
             return save_diffusers_lora(path_stem, unet_state, te_states, self.spec.rank, self.alpha,
                                        cfg.output.save_precision)
