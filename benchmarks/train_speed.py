@@ -101,7 +101,7 @@ def run_baseline(model: Path, data: Path, out: Path, args) -> dict:
     return {"peak_cuda_mb": _peak_cuda_mb()}
 
 
-def our_config(model: Path, data: Path, out: Path, args, modules: list[str]) -> Path:
+def our_config(model: Path, data: Path, out: Path, args, modules: list[str], network_type: str = "lora") -> Path:
     """Our run's YAML, written into its run folder: what a user would pass to ``lora-train --config``."""
     import yaml
 
@@ -109,7 +109,8 @@ def our_config(model: Path, data: Path, out: Path, args, modules: list[str]) -> 
            "output_name": "ours", "resolution": args.resolution, "batch_size": args.batch_size, "lora_rank": 8,
            "alpha": 8.0, "max_train_steps": args.steps, "learning_rate": 1e-4, "mixed_precision": args.mixed_precision,
            "save_precision": "fp16", "cache_latents": not args.no_cache,
-           "cache_text_encoder_outputs": not args.no_cache, "unet_target_modules": modules}
+           "cache_text_encoder_outputs": not args.no_cache, "unet_target_modules": modules,
+           "network_type": network_type}
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
@@ -176,9 +177,11 @@ def run_one(variant: str, repeat: int, model: Path, data: Path, work: Path, args
     out = fresh_dir(work / "runs" / f"{variant}-{repeat}")
     started = time.time()
     modules = KOHYA_UNET_MODULES if args.peer == "kohya" else OUR_DEFAULT_MODULES
-    if variant == "ours":
-        cmd = [sys.executable, "-m", "lora_core.train", "--config", str(our_config(model, data, out, args, modules)),
-               "--events", str(out / "events.jsonl"), "--no-progress"]
+    if variant in ("ours", "ours-lora"):  # ours-lora: plain LoRA beside --network-type's run
+        kind = args.network_type if variant == "ours" else "lora"
+        cmd = [sys.executable, "-m", "lora_core.train", "--config",
+               str(our_config(model, data, out, args, modules, kind)), "--events", str(out / "events.jsonl"),
+               "--no-progress"]
     elif variant == "baseline":
         cmd = [sys.executable, __file__, "--variant", "baseline", "--model", str(model), "--data", str(data),
                "--out", str(out / "baseline"), "--resolution", str(args.resolution), "--batch-size",
@@ -196,7 +199,7 @@ def run_one(variant: str, repeat: int, model: Path, data: Path, work: Path, args
         if run["timed_out"] or run["returncode"] != 0:
             child_json(run, what)  # raises with the stderr tail
         child = {}
-        if variant == "ours":
+        if variant in ("ours", "ours-lora"):
             events = out / "events.jsonl"
             steps = [e for e in map(json.loads, events.read_text(encoding="utf-8").splitlines())
                      if e.get("type") == "step"]
@@ -251,6 +254,11 @@ def summarise(rows: list[dict], args) -> dict:
               "mixed_precision": args.mixed_precision, "device": "cuda" if _cuda() else "cpu",
               "peak_memory": "max CUDA allocated" if _cuda() else "max RSS of the process",
               "runs": [{k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]}
+    if "ours-lora" in best:  # --network-type: the type's rate and peak beside plain LoRA's, same run
+        lora = best["ours-lora"]
+        result.update(network_type=args.network_type, lora_steps_s=round(lora["steps_s"], 4),
+                      lora_peak_mb=round(lora["peak_mb"], 1), vs_lora=round(ours["steps_s"] / lora["steps_s"], 3))
+        result["bench"] += f"_{args.network_type}"
     if args.peer == "kohya":
         result["ours_trained_modules"] = ours["trained_modules"]
         result["kohya_trained_modules"] = peer["trained_modules"]
@@ -274,6 +282,8 @@ def main() -> int:
     parser.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
     parser.add_argument("--no-cache", action="store_true", help="run our loop without caching (ablation)")
     parser.add_argument("--peer", default="baseline", choices=["baseline", "kohya"])
+    parser.add_argument("--network-type", default="lora", choices=["lora", "locon", "loha", "lokr", "dora"],
+                        help="train this adapter type as 'ours', and plain LoRA beside it (steps/s, peak memory)")
     parser.add_argument("--kohya-dir", help="with --peer kohya: the sd-scripts checkout holding train_network.py")
     parser.add_argument("--kohya-python", default=sys.executable,
                         help="with --peer kohya: the python of sd-scripts' own environment (default: this one)")
@@ -307,7 +317,7 @@ def main() -> int:
         rows = []
         # alternate the variants so slow phases of a shared machine hit both alike
         for repeat in range(args.repeats):
-            for variant in (args.peer, "ours"):
+            for variant in (args.peer, "ours") + (("ours-lora",) if args.network_type != "lora" else ()):
                 try:
                     rows.append(run_one(variant, repeat, model, data, work, args))
                 except RuntimeError as e:
