@@ -162,7 +162,7 @@
 
     function pickDefault(runs) {
         if (state.pinned && runs.some((r) => r.id === state.pinned)) return state.pinned;
-        const active = runs.find((r) => ["running", "cancelling", "queued"].includes(r.status) && r.kind !== "caption");
+        const active = runs.find((r) => ["running", "cancelling", "pausing", "paused", "queued"].includes(r.status) && r.kind !== "caption");
         return active ? active.id : (runs.length ? runs[0].id : "");
     }
 
@@ -321,7 +321,7 @@
         window.loraScriptsStarted = true;
         document.addEventListener("click", onClick, true);
         const tick = () => {
-            const active = state.lastRuns.some((r) => ["running", "cancelling", "queued"].includes(r.status));
+            const active = state.lastRuns.some((r) => ["running", "cancelling", "pausing", "paused", "queued"].includes(r.status));
             poll().finally(() => setTimeout(tick, active ? 1000 : 2500));
         };
         tick();
