@@ -26,7 +26,7 @@ def _module(name: str):
     return module
 
 
-def _run(script: str, *args: str, timeout: float = 1500) -> tuple[dict, str]:
+def _run(script: str, *args: str, timeout: float = 2400) -> tuple[dict, str]:
     proc = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True,
                           timeout=timeout, cwd=str(ROOT))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -139,7 +139,8 @@ def test_flops_of_a_step_count_forward_and_backward():
 @pytest.mark.slow
 def test_gpu_suite_cpu_smoke_path_reports_every_variant(tmp_path):
     result, stderr = _run("gpu_suite.py", "--device", "cpu", "--size", "tiny", "--steps", "4", "--warmup", "1",
-                          "--images", "4", "--budget-s", "3000", "--work-dir", str(tmp_path / "work"))
+                          "--images", "4", "--budget-s", "3000", "--variant-timeout", "1200",
+                          "--work-dir", str(tmp_path / "work"))
     assert result["bench"] == "gpu_suite" and result["device"]["cuda"] is False
     _check_load_fields(result)
     variants = result["variants"]
@@ -168,3 +169,24 @@ def test_daemon_latency_reports_load_and_one_socket_per_client():
     _check_load_fields(result)
     for row in ("echo", "status", "validate"):
         assert result[row]["sockets"] == 3 and result[row]["n"] == 15 and result[row]["p50_ms"] > 0
+
+
+def test_kohya_step_times_are_read_from_its_tensorboard_log(tmp_path):
+    """sd-scripts logs each optimizer step through accelerate's TensorBoard tracker ("loss/current" at the global
+    step); the same tracker, driven here the way train_network.py drives it, gives one rate read by the one
+    `rate_from_events`."""
+    from accelerate import Accelerator
+
+    ts = _module("train_speed")
+    common = _module("bench_common")
+    accelerator = Accelerator(cpu=True, log_with="tensorboard", project_dir=str(tmp_path / "logs"))
+    accelerator.init_trackers("network_train")
+    accelerator.log({}, step=0)
+    for step in range(1, 6):
+        accelerator.log({"loss/current": 0.1 * step, "loss/average": 0.1}, step=step)
+    accelerator.end_training()
+    steps = ts.tensorboard_steps(tmp_path / "logs")
+    assert [s for s, _ in steps] == [1, 2, 3, 4, 5]
+    events = ts.steps_to_events(steps, tmp_path / "steps.jsonl")
+    rate = common.rate_from_events(events, warmup=1)
+    assert rate["timed_steps"] == 4 and rate["steps_s"] > 0
