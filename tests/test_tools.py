@@ -363,7 +363,7 @@ def test_bad_input_gets_one_named_error_each_and_nothing_is_written(bases, tmp_p
         merge_loras([(tmp_path / "gone.safetensors", 1.0)], out)
     with pytest.raises(lora_file.MissingFileError, match=r"gone\.safetensors"):
         extract_lora(tmp_path / "gone.safetensors", bases["sd1"], out)
-    assert not out.exists() and not list(tmp_path.glob(".*partial"))
+    assert not out.exists() and not list(tmp_path.glob(".*"))  # no temp file either
     out.write_bytes(b"keep")
     with pytest.raises(lora_file.OutputExistsError, match="--force"):
         merge_loras([(sd1, 1.0)], out)

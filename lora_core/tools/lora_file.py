@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -87,25 +86,12 @@ def check_output(path: str | Path, force: bool) -> Path:
 @contextmanager
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a hidden temp name beside ``path``; on success it is fsynced and renamed over ``path`` (a watcher
-    never sees half a file), on failure removed — so a refused or crashed command leaves nothing behind."""
-    try:
-        from ..files import atomic_path  # the engine's one atomic-write helper, when present
-    except ImportError:
-        atomic_path = None
-    if atomic_path is not None:
-        with atomic_path(path) as tmp:
-            yield Path(tmp)
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    never sees half a file), on failure removed — so a refused, crashed or cancelled command leaves nothing behind.
+    The engine's one atomic-write helper (`lora_core.files.atomic_path`) does the work."""
+    from ..files import atomic_path
+
+    with atomic_path(path) as tmp:
+        yield Path(tmp)
 
 
 # --------------------------------------------------------------------------------------------- headers
