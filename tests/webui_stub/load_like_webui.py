@@ -64,6 +64,8 @@ def refreshed_models(demo, n: int) -> dict:
     (folder / f"added_{n}.safetensors").write_bytes(b"")
     fns = demo.fns.values() if isinstance(demo.fns, dict) else demo.fns
     refresh = [f.fn for f in fns if getattr(f.fn, "__name__", "") == "refresh_models"]
+    if not refresh:  # the tab could not load (e.g. pyzmq missing): nothing to refresh
+        return {"handlers": 0, "choices": [], "value": None}
     update = refresh[0](None)
     return {"handlers": len(refresh), "choices": [c if isinstance(c, str) else c[0] for c in update["choices"]],
             "value": update["value"]}
