@@ -205,7 +205,9 @@ def test_text_encoder_adapters_export_under_the_text_encoder_prefix(train_config
     assert te_keys and all("text_model_encoder_layers" in k for k in te_keys)
     base = CLIPTextModel.from_pretrained(tiny_sd / "text_encoder", local_files_only=True)
     weights = base.state_dict()
-    key_of = {"lora_te_" + k[: -len(".weight")].replace(".", "_"): k for k in weights if k.endswith(".weight")}
+    # A1111's SD1 text encoder is transformers-4 CLIP: its layers live under text_model. (newer transformers drop it)
+    key_of = {"lora_te_" + ("" if k.startswith("text_model.") else "text_model_")
+              + k[: -len(".weight")].replace(".", "_"): k for k in weights if k.endswith(".weight")}
     patched = apply_file(weights, key_of, tensors, 1.0, prefix="lora_te_")
     trained = CLIPTextModel.from_pretrained(tiny_sd / "text_encoder", local_files_only=True)
     add_network(trained, AdapterSpec.from_model_config(cfg.model), cfg.model.text_encoder_target_modules,
