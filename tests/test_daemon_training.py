@@ -46,9 +46,9 @@ def test_three_runs_train_by_priority_stream_in_order_and_publish_without_overwr
     events: list[dict] = []
     stop = threading.Event()
     pump = collect_events(client, events, stop)
-    first = client.submit(run_config(tiny_sd, tiny_data, "alpha"), name="first alpha")
+    first = client.submit(run_config(tiny_sd, tiny_data, "alpha"), name="alpha")  # --name names the run and its file
     wait_until(lambda: status_of(client, first["id"]) == "running", 60, what="first run to start")
-    same_name = client.submit(run_config(tiny_sd, tiny_data, "alpha"), name="second alpha")
+    same_name = client.submit(run_config(tiny_sd, tiny_data, "alpha"), name="alpha")
     urgent = client.submit(run_config(tiny_sd, tiny_data, "gamma", sample__sample_prompts=["a red circle"],
                                       sample__sample_every_n_steps=3, sample__sample_steps=2), priority=5)
     assert [r["id"] for r in client.list_runs() if r["status"] == "queued"] == [urgent["id"], same_name["id"]]

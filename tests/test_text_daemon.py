@@ -30,7 +30,7 @@ def text_run_config(base: Path, data: Path, name: str) -> dict:
 def test_daemon_trains_a_text_lora_and_publishes_it_to_the_adapters_folder(daemon, tiny_llama, tmp_path):
     client = daemon.client()
     data = write_tiny_instruction_set(tmp_path / "clinic.jsonl")
-    run = client.submit(text_run_config(tiny_llama, data, "clinic-terms"), name="clinic terms")
+    run = client.submit(text_run_config(tiny_llama, data, "clinic-terms"), name="clinic-terms")
     wait_until(lambda: client.get(run["id"])["status"] in ("finished", "failed", "cancelled"), 300, 0.5,
                "the text run to end")
     done = client.get(run["id"])
