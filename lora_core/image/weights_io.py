@@ -18,6 +18,8 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
+from ..files import atomic_path
+
 DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -125,9 +127,7 @@ def write_tensors(path: str | Path, shapes: dict[str, tuple[tuple[int, ...], tor
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the reference writer does
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "xb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name, (shape, dtype) in shapes.items():
@@ -135,5 +135,4 @@ def write_tensors(path: str | Path, shapes: dict[str, tuple[tuple[int, ...], tor
             if tuple(tensor.shape) != tuple(shape):
                 raise ValueError(f"{name}: made shape {tuple(tensor.shape)}, expected {tuple(shape)}")
             f.write(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
-    tmp.replace(path)
     return path
