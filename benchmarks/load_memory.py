@@ -7,8 +7,9 @@ a 16 GB desktop has free beside the WebUI. The goal is SDXL bf16 ready to train 
 The models are WebUI-style single files with random weights (fp16, as the released files are) in the full-size
 shapes of `benchmarks/full_models.py`, written tensor by tensor (a few GB of disk, a few hundred MB of RAM) once and
 cached under ``benchmarks/.cache/`` (gitignored). Each measurement is one ``lora-train`` child process (64 px, batch 1,
-one step, bf16, latents and text embeddings cached): its peak RSS comes from the kernel's own account
-(``wait4``'s ``ru_maxrss``), its time from start to the first step event. The naive variant is the same CLI with the
+one step, bf16, latents and text embeddings cached), stopped once it reports that step: its peak RSS to that step is
+the max RSS the step event carries (``ru_maxrss``; the kernel's ``wait4`` figure for the whole child is reported too),
+its time runs from start to the first step event. The naive variant is the same CLI with the
 model loaded in fp32 and cast by the task afterwards — what the trainer did before. A watchdog kills a child whose RSS
 passes ``--max-rss-gb`` (so a shared machine is not starved) and the result says so. Run one family at a time on a
 machine with other work:
@@ -122,6 +123,9 @@ def measure(variant: str, model: Path, work: Path, max_rss_mb: float, timeout_s:
 
     def watch() -> None:  # keep a shared machine alive: stop a child that grows past the cap
         while proc.poll() is None:
+            if events.is_file() and '"type": "step"' in events.read_text():
+                proc.terminate()  # the first step is what is measured; the export and preview are not
+                return
             rss = _rss_mb(proc.pid)
             if rss > max_rss_mb or time.time() - t0 > timeout_s:
                 killed["why"] = (f"RSS passed the {max_rss_mb:.0f} MB cap" if rss > max_rss_mb
@@ -141,10 +145,12 @@ def measure(variant: str, model: Path, work: Path, max_rss_mb: float, timeout_s:
         steps = [json.loads(line) for line in events.read_text().splitlines() if '"type": "step"' in line
                  or '"type":"step"' in line]
     result = {"peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "exit_code": proc.returncode,
-              "first_step_s": round(steps[0]["time"] - t0, 1) if steps else None}
+              "first_step_s": round(steps[0]["time"] - t0, 1) if steps else None,
+              # the child's own max RSS when it reported the step (its export and preview are not counted)
+              "peak_rss_to_first_step_mb": steps[0].get("peak_mem_mb") if steps else None}
     if killed:
         result["killed"] = killed["why"]
-    elif proc.returncode != 0:
+    elif proc.returncode != 0 and not steps:
         result["error"] = stderr.strip().splitlines()[-1:] or ["(no output)"]
     return result
 
