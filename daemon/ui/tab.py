@@ -19,7 +19,7 @@ import yaml
 from ..client import DaemonError, DaemonNotRunning
 
 from . import gpu_handoff, render
-from .combine import CombineSection
+from .combine import CombineSection, list_loras
 from .context import TabContext
 from .datasets import DatasetPathError, confined, dataset_folder, list_images, save_uploads
 from .forms import (FIELDS, TEXT_FIELDS, config_to_form, form_to_config, is_text_config, parse_extra_yaml,
@@ -67,6 +67,8 @@ def _field_component(spec, value: Any, prefix: str = "lora_scripts_") -> Any:
         return gr.Number(value=value, **kwargs)
     if spec.kind == "dropdown":
         return gr.Dropdown(choices=list(spec.choices), value=value, **kwargs)
+    if spec.kind == "lora_pick":  # the Lora folder's files, filled at page load; a typed path is kept as well
+        return gr.Dropdown(choices=[], value=value or None, allow_custom_value=True, **kwargs)
     if spec.kind == "checkbox":
         return gr.Checkbox(value=bool(value), **kwargs)
     return gr.Textbox(value=value, lines=3 if spec.kind == "lines" else 1, **kwargs)
@@ -106,6 +108,8 @@ class TrainTab:
             blocks.load(self.refresh_captioners, inputs=[captioner], outputs=[captioner])
             base_model = self.train.c["base_model"]
             blocks.load(self.refresh_models, inputs=[base_model], outputs=[base_model])
+            continue_from = self.fields["network_weights"]
+            blocks.load(self.refresh_loras, inputs=[continue_from], outputs=[continue_from])
         return blocks
 
     def _dataset_section(self) -> None:
@@ -442,9 +446,20 @@ class TrainTab:
         extra = parse_extra_yaml(extra_text)
         if kind == TEXT_KIND:
             return text_form_to_config(dict(zip([s.key for s in TEXT_FIELDS], values[len(FIELDS):])), None, extra)
-        values = values[:len(FIELDS)]
+        chosen = dict(zip([s.key for s in FIELDS], values[:len(FIELDS)]))
         model_path = self.ctx.checkpoints().get(base_model, base_model) if base_model else None
-        return form_to_config(dict(zip([s.key for s in FIELDS], values)), model_path, folder or None, None, extra)
+        chosen["network_weights"] = self._lora_path(chosen.get("network_weights"))
+        return form_to_config(chosen, model_path, folder or None, None, extra)
+
+    def _lora_path(self, picked: Optional[str]) -> Optional[str]:
+        """A LoRA picked from the Lora folder list as the full path the engine reads; a typed path stays as it is."""
+        if picked and picked in list_loras(self.ctx.lora_dir()):
+            return str(self.ctx.lora_dir() / picked)
+        return picked or None
+
+    def refresh_loras(self, current: Optional[str]):
+        """Page load: the Lora folder's files for "Continue from a LoRA" (a run published since shows at once)."""
+        return gr.update(choices=list_loras(self.ctx.lora_dir()), value=current or None)
 
     def _errors(self, problems: list[str], extra_error: str = "", kind: str = IMAGE_KIND) -> list:
         """Each problem next to its field in the form of ``kind``; the other form's error boxes are cleared."""
