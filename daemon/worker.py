@@ -35,6 +35,9 @@ LOG_TAIL_LINES = 30
 EXIT_CONFIG = 2
 EXIT_STOPPED = 3
 EXIT_OOM = 4
+# How a child that was asked to pause may leave: saved and stopped, gone while the daemon was down (no code), or
+# ended by the stop request itself before it could install its handler (nothing trained yet)
+PAUSE_EXITS = (EXIT_STOPPED, None, -15)
 # What a `sample_progress` event of the engine carries: the training step, prompt i of n, denoising step j of m.
 SAMPLE_PROGRESS_FIELDS = ("step", "prompt_index", "prompts", "denoise_step", "denoise_steps", "prompt")
 
@@ -313,9 +316,11 @@ def settle(store: Store, bus: Bus, settings: Settings, run_id: str, follower: Ru
         run = store.transition(run_id, states.CANCELLED, finished_at=now, **common)
         bus.emit("run.cancelled", run_id, checkpoint=run.get("checkpoint"), step=run.get("step"))
         return run
-    if run["status"] == states.PAUSING and (end.get("status") == "stopped" or exit_code in (EXIT_STOPPED, None)):
+    if run["status"] == states.PAUSING and (end.get("status") == "stopped" or exit_code in PAUSE_EXITS):
         # the pause asked for: checkpoint written (or the child died before its first one: it starts over), the
-        # run waits holding its device until `resume`; a daemon stopping meanwhile changes nothing about that
+        # run waits holding its device until `resume`; a daemon stopping meanwhile changes nothing about that.
+        # A child still importing torch has no signal handler yet: our stop request ends it (-SIGTERM) with
+        # nothing trained, so that too is a pause, not a failure.
         run = store.transition(run_id, states.PAUSED, paused_at=now, resume=1, **common)
         bus.emit("run.paused", run_id, reason=run.get("pause_reason"), checkpoint=run.get("checkpoint"),
                  step=run.get("step"), device=run.get("device"))

@@ -116,3 +116,17 @@ def test_the_memory_plan_counts_the_vram_the_webui_frees_but_never_more_than_is_
     assert webui_freed_mb(cfg, free_mb=10000, total_mb=12000) == 2000  # the WebUI already let some of it go
     assert webui_freed_mb(train_config(), free_mb=4000, total_mb=12000) == 0
     assert webui_freed_mb(train_config(webui_vram_mb=6000, memory_budget_mb=5000), 4000, 12000) == 0
+
+
+def test_a_pause_while_the_child_is_still_starting_pauses_instead_of_failing(daemon_factory, tiny_sd, tiny_data):
+    daemon = daemon_factory()
+    client = daemon.client(timeout=60)
+    run = client.submit(run_config(tiny_sd, tiny_data, "early", steps=STEPS))
+    wait_until(lambda: client.get(run["id"])["status"] == "running", 600, 0.02, "the child to be spawned")
+    client.pause(run["id"])  # the child may not have its signal handler yet: SIGTERM ends it at once
+    paused = wait_until(lambda: (r := client.get(run["id"]))["status"] not in ("running", "pausing") and r, 600,
+                        0.1, "the pause")
+    assert paused["status"] == "paused", paused.get("error")
+    assert client.resume(run["id"])["status"] in ("queued", "running")
+    wait_until(lambda: client.get(run["id"])["status"] == "finished", 900, 0.2, "the run after an early pause")
+    assert client.get(run["id"])["step"] == STEPS

@@ -71,6 +71,9 @@ class A1111Host(Host):
     def unload(self) -> None:
         from modules import sd_models
 
+        data = getattr(sd_models, "model_data", None)
+        if data is not None and getattr(data, "sd_model", "unknown") is None:
+            return  # nothing loaded yet: unload_model_weights would read shared.sd_model, which loads it first
         sd_models.unload_model_weights()
 
     def reload(self) -> None:
