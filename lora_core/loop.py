@@ -97,6 +97,12 @@ def make_accelerator(cfg: TrainConfig):
         raise InputError(f"training.device: {device!r} was asked for but no CUDA device is available")
     if cpu and cfg.training.mixed_precision == "fp16":
         raise InputError("training.mixed_precision: fp16 needs a CUDA GPU; use bf16 or no on this machine")
+    # accelerate keeps one AcceleratorState per process and refuses another mixed_precision in it; a process that
+    # trains more than once (run_training from Python, OOM step-down, tests) starts each run from a clean state.
+    # The distributed PartialState (process group) is kept.
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=cfg.training.mixed_precision, cpu=cpu,
                               # text-encoder LoRA in a layer whose output is unused (SDXL and clip_skip > 1 condition
                               # on the penultimate layer) gets no gradient; DDP must be told, or it waits forever
