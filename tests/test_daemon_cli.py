@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from daemon_fixtures import wait_until
 from lora_daemon.home import read_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,18 +60,6 @@ def test_start_submit_wait_show_and_stop_from_the_command_line(tmp_path, tiny_sd
     assert cli(home, "status").stderr.strip() == "lora-daemon: daemon not running — start it with `lora-daemon start`"
 
 
-def _wait(predicate, timeout: float = 180.0, every: float = 0.5):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("gave up waiting")
-
-
 @pytest.mark.slow
 def test_runs_are_found_by_name_id_tail_or_last_and_list_shows_speed_eta_and_the_plan(tmp_path, tiny_sd, tiny_data):
     """`--name` names the run and its LoRA file; `show`/`cancel` take the name, the id's random tail or `last`;
@@ -107,7 +96,7 @@ def test_runs_are_found_by_name_id_tail_or_last_and_list_shows_speed_eta_and_the
 
         header = cli(home, "list").stdout.splitlines()[0]
         assert header.split()[-3:] == ["IT/S", "ETA", "NAME"]
-        fields = _wait(running_line).split()
+        fields = wait_until(running_line, 180, 0.5, "a running run in list").split()
         it_s, eta = fields[-3], fields[-2]
         assert float(it_s) > 0 and eta != "-" and eta[-1] in "sm"
         cancelled = cli(home, "cancel", "last")
@@ -138,8 +127,8 @@ def test_the_tabs_advice_starts_the_daemon_as_printed_and_captioners_are_looked_
                              cwd=str(tmp_path))
     assert started.returncode == 0, started.stderr
     try:
-        status = _wait(lambda: (lambda s: s if s.get("captioners") else None)(
-            json.loads(cli(home, "status", "--json").stdout)), timeout=120)
+        status = wait_until(lambda: (lambda s: s if s.get("captioners") else None)(
+            json.loads(cli(home, "status", "--json").stdout)), timeout=120, every=0.5)
         assert status["lora_dir"] == str(lora.resolve())
         assert any(c["model_dir"] for c in status["captioners"]) and all(Path(c["model_dir"]).parent == home.resolve() / "captioners"
                                             for c in status["captioners"] if c["model_dir"])
