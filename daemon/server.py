@@ -609,24 +609,16 @@ class Daemon:
         return {"run_id": run["id"], "metrics": self.store.metrics(run["id"], since)}
 
     def cmd_cancel(self, args: dict) -> dict:
-        """Queued: cancelled on the spot, never started. Running: asked to save and stop (the worker does it)."""
+        """Queued: cancelled on the spot, never started. Running or pausing: asked to save and stop (the worker does
+        it). Paused (no child): cancelled on the spot, its checkpoint kept. Decided on the run's state at the moment
+        of the change, not when the request arrived: a worker may claim a queued run in between."""
         run = self._run_ref(args)
-        if run["status"] == states.QUEUED:
-            run = self.store.transition(run["id"], states.CANCELLED, expect=(states.QUEUED,), finished_at=time.time())
+        was, run = self.store.move(run["id"], states.CANCEL, {states.CANCELLED: {"finished_at": time.time()}})
+        if run["status"] == states.CANCELLED:
             self.bus.emit("run.cancelled", run["id"], checkpoint=run.get("checkpoint"), step=run.get("step"))
-            return run
-        if run["status"] == states.RUNNING:
-            return self.store.transition(run["id"], states.CANCELLING, expect=(states.RUNNING,))
-        if run["status"] == states.PAUSING:
-            return self.store.transition(run["id"], states.CANCELLING, expect=(states.PAUSING,))
-        if run["status"] == states.PAUSED:  # no child: cancelled on the spot, its checkpoint kept
-            run = self.store.transition(run["id"], states.CANCELLED, expect=(states.PAUSED,), finished_at=time.time())
-            self.bus.emit("run.cancelled", run["id"], checkpoint=run.get("checkpoint"), step=run.get("step"))
+        if was == states.PAUSED:
             self.wake.set()  # its device slot is free again
-            return run
-        if run["status"] == states.CANCELLING:
-            return run
-        raise states.TransitionError(f"run {run['id']} is already {run['status']}")
+        return run
 
     def cmd_pause(self, args: dict) -> dict:
         """Running: asked to finish its step, save a checkpoint and exit (the worker does it); it then waits in

@@ -45,6 +45,12 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
 }
 
 
+# What `cancel` does from each state: a run without a child stops on the spot; one with a child is asked to save and
+# stop (cancelling); one already cancelling stays so. Applied by `Store.move`, atomically with the read.
+CANCEL: dict[str, str] = {QUEUED: CANCELLED, PAUSED: CANCELLED, RUNNING: CANCELLING, PAUSING: CANCELLING,
+                          CANCELLING: CANCELLING}
+
+
 class TransitionError(ValueError):
     """A state change the table above does not allow (e.g. retrying a finished run)."""
 

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 import sqlite_utils
 
@@ -216,6 +216,23 @@ class Store:
             states.check_transition(current, new)
             self._update(run_id, {**fields, "status": new})
         return self.get_run(run_id)
+
+    def move(self, run_id: str, targets: Mapping[str, str],
+             fields: Optional[Mapping[str, dict]] = None) -> tuple[str, dict]:
+        """Move a run by the state it is in *now*: `targets` maps each state it may be in to the state it goes to
+        (the same state: left as it is), `fields` the extra columns to write per new state. Read and write happen
+        under one lock, so a command acting on an older snapshot cannot lose a race with the scheduler (a cancel
+        right after submit once failed with "is running, not queued" when a worker claimed the run in between).
+        Returns the state it was in and the run as it is now."""
+        with self._lock:
+            current = self.get_run(run_id)["status"]
+            if current not in targets:
+                raise states.TransitionError(f"run {run_id} is already {current}")
+            new = targets[current]
+            if new != current:
+                states.check_transition(current, new)
+                self._update(run_id, {**(fields or {}).get(new, {}), "status": new})
+        return current, self.get_run(run_id)
 
     def claim_next(self, device: str) -> Optional[dict]:
         """Take the next queued run for `device`: a resumed paused run first, then highest priority, then first come,

@@ -74,3 +74,20 @@ def test_run_ids_can_be_shortened_to_a_unique_prefix(tmp_path):
         store.find_run("20250101-aa")
     with pytest.raises(NotFound, match="no run"):
         store.find_run("2024%")
+
+
+def test_cancel_acts_on_the_state_the_run_is_in_when_it_changes_not_when_it_was_read(tmp_path):
+    """The race CI hit: a client read 'queued', a worker claimed the run, then the cancel arrived."""
+    store = Store(tmp_path / "runs.db")
+    snapshot = queued(store, "r1")
+    assert snapshot["status"] == states.QUEUED
+    store.claim_next("cpu")  # the scheduler wins the race
+    was, run = store.move(snapshot["id"], states.CANCEL, {states.CANCELLED: {"finished_at": 1.0}})
+    assert (was, run["status"], run["finished_at"]) == (states.RUNNING, states.CANCELLING, None)
+    was, run = store.move("r1", states.CANCEL)
+    assert (was, run["status"]) == (states.CANCELLING, states.CANCELLING)  # a second cancel is a no-op
+    queued(store, "r2")
+    was, run = store.move("r2", states.CANCEL, {states.CANCELLED: {"finished_at": 1.0}})
+    assert (was, run["status"], run["finished_at"]) == (states.QUEUED, states.CANCELLED, 1.0)
+    with pytest.raises(states.TransitionError, match="r2 is already cancelled"):
+        store.move("r2", states.CANCEL)
