@@ -7,6 +7,13 @@ the cores are tenfold off on a 2-core machine. So each run writes into a fresh f
 folder's events only (`rate_from_events` refuses a file holding more than one run), and every JSON line carries the
 load average at start and end with the core count (`LoadWatch`), with a warning on stderr when the load exceeds the
 cores.
+
+The load average alone cannot tell a quiet machine from a busy one at the *end* of a run: the benchmark's own two
+torch threads lift the 1-minute figure to about the core count, so a clean run on 2 cores ended "loaded" at 2.4.
+So `LoadWatch` also measures the CPU time spent by everything *outside* this benchmark and its children while it ran
+(`/proc/stat` busy time minus our own `os.times()`), as cores kept busy by others (`other_cores`); `loaded` is true
+when others kept more than `OTHER_CORES_MAX` busy on average. The start load average is reported and warned about,
+but it does not decide: it still counts a job that ended a moment ago (the previous benchmark of a chain).
 """
 from __future__ import annotations
 
@@ -36,24 +43,63 @@ def load_average() -> Optional[list[float]]:
         return None
 
 
+OTHER_CORES_MAX = 0.25  # cores' worth of CPU others may use beside a benchmark before its figures are suspect
+
+
+def busy_cpu_seconds() -> Optional[float]:
+    """CPU seconds every process on the machine has spent busy since boot (``/proc/stat``); None off Linux."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in (fields + ["0"] * 8)[:8])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU seconds of this process and of the children it has waited for (every benchmark child is waited for)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
 class LoadWatch:
-    """Load at start and end of a benchmark, as JSON fields, and a warning when either exceeds the core count."""
+    """Load at start and end of a benchmark, and the CPU others used meanwhile, as JSON fields, with a warning when
+    the figures are not a result."""
 
     def __init__(self) -> None:
         self.cores = cores()
         self.start = load_average()
-        self.warn("start", self.start)
+        self._t0, self._busy0, self._own0 = time.monotonic(), busy_cpu_seconds(), own_cpu_seconds()
+        if self.start is not None and self.start[0] > self.cores:
+            print(f"warning: load average {self.start[0]} at start exceeds the {self.cores} cores (it also counts "
+                  f"work that just ended); 'other_cores' in the result says what ran beside this benchmark",
+                  file=sys.stderr)
 
-    def warn(self, when: str, load: Optional[list[float]]) -> None:
-        if load is not None and load[0] > self.cores:
-            print(f"warning: load average {load[0]} at {when} exceeds the {self.cores} cores: other work is "
-                  f"running, so these figures are not a result (rerun on a quiet machine)", file=sys.stderr)
+    @staticmethod
+    def _warn(why: str) -> None:
+        print(f"warning: {why}: other work is running, so these figures are not a result (rerun on a quiet "
+              f"machine)", file=sys.stderr)
+
+    def other_cores(self) -> Optional[float]:
+        """Average cores kept busy by processes outside this benchmark since it started."""
+        busy = busy_cpu_seconds()
+        if busy is None or self._busy0 is None:
+            return None
+        wall = max(time.monotonic() - self._t0, 1e-6)
+        others = (busy - self._busy0) - (own_cpu_seconds() - self._own0)
+        return round(max(others, 0.0) / wall, 3)
 
     def fields(self) -> dict:
-        end = load_average()
-        self.warn("end", end)
-        loaded = any(load is not None and load[0] > self.cores for load in (self.start, end))
-        return {"load_start": self.start, "load_end": end, "cores": self.cores, "loaded": loaded}
+        end, others = load_average(), self.other_cores()
+        if others is None:  # no /proc/stat: fall back on the load averages
+            loaded = any(load is not None and load[0] > self.cores for load in (self.start, end))
+        else:
+            loaded = others > OTHER_CORES_MAX
+        if loaded:
+            self._warn(f"other processes kept {others} cores busy on average beside this benchmark" if others is not None
+                       else f"the load average exceeded the {self.cores} cores")
+        return {"load_start": self.start, "load_end": end, "cores": self.cores, "other_cores": others,
+                "loaded": loaded}
 
 
 def emit(result: dict, watch: LoadWatch) -> dict:

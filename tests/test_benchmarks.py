@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
+import time
 import sys
 from pathlib import Path
 
@@ -37,8 +39,33 @@ def _check_load_fields(result: dict) -> None:
     assert result["cores"] >= 1
     for key in ("load_start", "load_end"):
         assert len(result[key]) == 3 and all(x >= 0 for x in result[key])
-    assert result["loaded"] == any(load[0] > result["cores"] for load in (result["load_start"], result["load_end"]))
+    assert result["other_cores"] >= 0
+    assert result["loaded"] == (result["other_cores"] > 0.25)
 
+
+def test_the_cpu_others_use_beside_a_benchmark_is_measured_and_its_own_is_not(tmp_path):
+    """A busy child of ours does not count as other work (its CPU is ours); a busy process that is not ours (not
+    waited for) does, with the CPU time it really used."""
+    common = _module("bench_common")
+    spin = [sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 1.5: pass"]
+    watch = common.LoadWatch()
+    time.sleep(1.5)
+    idle = watch.other_cores()  # what the rest of the machine does anyway
+    watch = common.LoadWatch()
+    before = common.own_cpu_seconds()
+    subprocess.run(spin, check=True)
+    ours = common.own_cpu_seconds() - before
+    own = watch.other_cores()
+    assert ours > 0.5 and abs(own - idle) < ours / 1.5 / 2, (idle, own, ours)  # the child's core is not in it
+
+    watch, started = common.LoadWatch(), time.monotonic()
+    stranger = subprocess.Popen(spin)
+    time.sleep(1.5)
+    ticks = Path(f"/proc/{stranger.pid}/stat").read_text().rsplit(")", 1)[1].split()[11:13]
+    used = sum(int(x) for x in ticks) / os.sysconf("SC_CLK_TCK")
+    beside = watch.other_cores() * (time.monotonic() - started)
+    stranger.wait()
+    assert used > 0.2 and beside >= 0.8 * used, (beside, used)  # the stranger's CPU is counted
 
 def test_rate_refuses_two_runs_appended_to_one_events_file(tmp_path):
     """The old bug: two repeats appending to one events.jsonl gave a rate spanning both runs. Now it is refused."""
