@@ -4,7 +4,8 @@ Keys: ``lora_unet_<module path, . → _>.lora_down.weight`` / ``.lora_up.weight`
 ``lora_alpha``), ``lora_te_`` for the SD1/SD2 text encoder (``lora_te1_``/``lora_te2_`` for SDXL) with the
 ``text_model_`` level that transformers 4 had, and nothing else. Metadata: sd-scripts' ``ss_*`` keys, ``modelspec.*``
 and ``sshs_model_hash`` (sha256 of the bytes after the header, as A1111 computes it). Files are written to a temp name,
-fsynced and renamed, so a watcher never sees half a file.
+fsynced and renamed, so a watcher never sees half a file. FLUX.1 files (BFL names, q/k/v fused into ``qkv``) are
+named by `lora_core.image.flux_export`, which writes them through this module.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from ..files import atomic_path, atomic_write_bytes
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "float": torch.float32}
 ARCHITECTURE = {"sd_v1": "stable-diffusion-v1/lora", "sd_v1_v": "stable-diffusion-v1/lora",
                 "sd_v2": "stable-diffusion-v2-512/lora", "sd_v2_v": "stable-diffusion-v2-768-v/lora",
-                "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora"}
+                "sdxl_base_v1-0": "stable-diffusion-xl-v1-base/lora",
+                "flux1": "flux-1/lora"}  # FLUX: dev or schnell is said by `flux_export.flux_metadata`
 
 
 def kohya_name(prefix: str, module_path: str) -> str:
@@ -165,8 +167,9 @@ def training_metadata(*, output_name: str, base_model_version: str, prediction_t
                       bucket_info: Optional[dict], cache_latents: bool, gradient_checkpointing: bool,
                       num_reg_images: int = 0, prior_loss_weight: float = 1.0, trigger_word: Optional[str] = None,
                       network_module: str = "networks.lora", network_args: Optional[str] = None,
-                      ) -> dict[str, str]:
-    """The ``ss_*`` and ``modelspec.*`` keys A1111/Forge/civitai read (all values strings)."""
+                      family_metadata: Optional[dict] = None) -> dict[str, str]:
+    """The ``ss_*`` and ``modelspec.*`` keys A1111/Forge/civitai read (all values strings). ``family_metadata``
+    (e.g. `flux_export.flux_metadata`) is applied last: its values win, and a None there removes the key."""
     now = time.time()
     is_v2 = base_model_version.startswith("sd_v2")
     meta = {
@@ -223,16 +226,22 @@ def training_metadata(*, output_name: str, base_model_version: str, prediction_t
         meta["modelspec.trigger_phrase"] = trigger_word
     if network_args:  # LyCORIS/LoCon files say their algorithm and conv rank here, as sd-scripts' --network_args
         meta["ss_network_args"] = network_args
+    for key, value in (family_metadata or {}).items():
+        if value is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = value
     return {k: str(v) for k, v in meta.items()}
 
 
 def save_diffusers_lora(folder: str | Path, unet_state: dict[str, torch.Tensor],
                         te_states: list[dict[str, torch.Tensor]], rank: int, alpha: float,
-                        precision: str = "fp16") -> Path:
+                        precision: str = "fp16", family: str = "sd1") -> Path:
     """``format: diffusers``: peft-named weights that ``pipe.load_lora_weights(folder)`` reads, saved through diffusers'
     own writer with the adapter metadata that restores ``lora_alpha`` (without it the LoRA loads at the wrong scale).
-    Two text-encoder states mean SDXL (StableDiffusionXLPipeline's writer, ``text_encoder_2``)."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    Two text-encoder states mean SDXL (StableDiffusionXLPipeline's writer, ``text_encoder_2``); ``family`` "flux":
+    ``unet_state`` is the transformer's, written by FluxPipeline's writer as ``transformer.…lora_A/lora_B``."""
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     folder = Path(folder)
     dtype = DTYPES[precision]
@@ -244,12 +253,14 @@ def save_diffusers_lora(folder: str | Path, unet_state: dict[str, torch.Tensor],
     def layers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: v.to(dtype) for k, v in state.items()}
 
-    kwargs = dict(unet_lora_layers=layers(unet_state), unet_lora_adapter_metadata=meta(unet_state))
+    main = "transformer" if family == "flux" else "unet"
+    kwargs = {f"{main}_lora_layers": layers(unet_state), f"{main}_lora_adapter_metadata": meta(unet_state)}
     for i, state in enumerate(te_states):
         name = "text_encoder" if i == 0 else f"text_encoder_{i + 1}"
         kwargs[f"{name}_lora_layers"] = layers(state)
         kwargs[f"{name}_lora_adapter_metadata"] = meta(state)
-    writer = StableDiffusionXLPipeline if len(te_states) == 2 else StableDiffusionPipeline
+    writer = FluxPipeline if family == "flux" else \
+        StableDiffusionXLPipeline if len(te_states) == 2 else StableDiffusionPipeline
     with atomic_path(folder) as tmp:
         writer.save_lora_weights(tmp, **kwargs)
     return folder
