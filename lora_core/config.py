@@ -26,7 +26,14 @@ from typing import Any, Optional
 import yaml
 
 TASK_TYPES = ("text-to-image", "text-generation")
-MODEL_FAMILIES = ("auto", "sd1", "sd2", "sdxl")
+MODEL_FAMILIES = ("auto", "sd1", "sd2", "sdxl", "flux")
+# FLUX.1 flow-matching timestep sampling (sd-scripts' --timestep_sampling): sigmoid of a normal draw, the same
+# shifted by discrete_flow_shift, uniform, or shifted by the image's token count as FLUX sampling does
+TIMESTEP_SAMPLING = ("sigmoid", "shift", "uniform", "flux_shift")
+# FLUX.1 LoRA targets (diffusers module names inside the double/single blocks): attention and MLP linears, as
+# sd-scripts trains by default (modulation layers left out)
+FLUX_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
+                "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2", "proj_mlp", "proj_out"]
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 SAVE_PRECISION = ("fp16", "bf16", "float")
@@ -91,7 +98,10 @@ class DataConfig:
     chat_template: Optional[str] = field(default=None, metadata={
         "help": "text-generation: tokenizer, alpaca, chatml or a Jinja template (empty: the tokenizer's)"})
     validation_split: float = field(default=0.0, metadata={
-        "help": "text-generation: share held out for eval loss / perplexity", "ge": 0, "lt": 1})
+        "help": "share held out for validation: eval loss / perplexity (text), or held-out images whose loss at "
+                "fixed timesteps and noise shows overfitting (images)", "ge": 0, "lt": 1})
+    validation_every: int = field(default=0, metadata={
+        "help": "evaluate the validation split every N steps (0 = at checkpoints and the end)", "ge": 0})
 
 
 @dataclass
@@ -139,6 +149,26 @@ class ModelConfig:
         "help": "continue from an existing LoRA (kohya .safetensors or a peft/diffusers folder or file)"})
     dim_from_weights: bool = field(default=False, metadata={
         "help": "take network type, rank and alpha from network_weights instead of this config"})
+    # FLUX.1 (model_family flux)
+    t5_path: Optional[str] = field(default=None, metadata={
+        "help": "FLUX: the T5-XXL text encoder file, for a transformer-only checkpoint (Forge: models/text_encoder/"
+                "t5xxl_fp16.safetensors); empty = the one inside the checkpoint"})
+    clip_path: Optional[str] = field(default=None, metadata={
+        "help": "FLUX: the CLIP-L text encoder file (Forge: models/text_encoder/clip_l.safetensors); empty = the "
+                "one inside the checkpoint"})
+    vae_path: Optional[str] = field(default=None, metadata={
+        "help": "FLUX: the AE file (Forge: models/VAE/ae.safetensors); empty = the one inside the checkpoint"})
+    t5_tokenizer: Optional[str] = field(default=None, metadata={
+        "help": "FLUX: folder with the T5 tokenizer (tokenizer.json or spiece.model); empty = the model folder's "
+                "own, or Forge's backend/huggingface/black-forest-labs/FLUX.1-dev/tokenizer_2"})
+    t5_max_length: Optional[int] = field(default=None, metadata={
+        "help": "FLUX: T5 tokens per caption; empty = 512 for dev, 256 for schnell (256 trains faster)",
+        "ge": 8, "le": 512})
+    flux_target_modules: list = field(default_factory=lambda: list(FLUX_TARGETS), metadata={
+        "help": "FLUX: block modules that get a LoRA (diffusers names; attention + MLP by default)",
+        "min_items": 1})
+    flux_train_blocks: str = field(default="all", metadata={
+        "help": "FLUX: which blocks train: all, double, single, or a list like double.0-9,single.20-37"})
     # text-generation models
     target_modules: list = field(default_factory=lambda: ["q_proj", "v_proj"], metadata={
         "help": 'text-generation: modules that get a LoRA; "all-linear" for every linear layer', "min_items": 1})
@@ -186,6 +216,9 @@ class TrainingConfig:
     oom_policy: str = field(default="stop", metadata={
         "help": "on out-of-memory: stop, or step_down (halve batch, then gradient checkpointing, then caching)",
         "choices": list(OOM_POLICIES)})
+    stop_on: list = field(default_factory=list, metadata={
+        "help": "end the run early on these health warnings: overfit (needs data.validation_split; keeps the LoRA "
+                "with the lowest validation loss), plateau", "item_choices": ["overfit", "plateau"]})
     auto_fit: bool = field(default=False, metadata={"help": "apply the memory plan's suggestions before training"})
     memory_budget_mb: Optional[float] = field(default=None, metadata={
         "help": "plan for this much memory (empty = what the device has free now)", "gt": 0})
@@ -204,9 +237,23 @@ class TrainingConfig:
                 "newer; CUDA only"})
     channels_last: Optional[bool] = field(default=None, metadata={
         "help": "channels-last memory layout for the UNet's convolutions; empty = on with CUDA and fp16/bf16"})
+    guidance_scale: Optional[float] = field(default=None, metadata={
+        "help": "FLUX.1 [dev]: the distilled guidance value the transformer sees while training; empty = 1.0 "
+                "(schnell has no guidance: leave empty)", "ge": 0})
+    timestep_sampling: str = field(default="sigmoid", metadata={
+        "help": "FLUX: how training timesteps are drawn: sigmoid, shift (sigmoid shifted by discrete_flow_shift), "
+                "uniform, flux_shift (shifted by image size)", "choices": list(TIMESTEP_SAMPLING)})
+    discrete_flow_shift: float = field(default=3.0, metadata={
+        "help": "FLUX: the shift of timestep_sampling shift (higher = noisier timesteps)", "gt": 0})
+    flux_blocks_to_swap: int = field(default=0, metadata={
+        "help": "FLUX: transformer blocks kept in CPU RAM and moved to the GPU one at a time (saves VRAM, costs "
+                "speed; 12 GB cards); CUDA only", "ge": 0})
     pin_memory: Optional[bool] = field(default=None, metadata={
         "help": "cached latents/embeddings in pinned RAM, copied to the GPU without waiting; empty = on with CUDA; "
                 "CUDA only"})
+    log_every_n_steps: Optional[int] = field(default=None, metadata={
+        "help": "read the loss (and report steps) every N steps — each read makes the CPU wait for the GPU; the "
+                "non-finite-loss guard runs at each read; empty = every step on a CPU, every 10 on a GPU", "ge": 1})
 
 
 @dataclass
@@ -294,11 +341,17 @@ ALIASES: dict[str, str] = {
     "resume": "resume_from_checkpoint",
     "conv_dim": "conv_rank",
     "optimizer_type": "optimizer",
+    "t5xxl": "t5_path",
+    "clip_l": "clip_path",
+    "ae": "vae_path",
+    "t5xxl_max_token_length": "t5_max_length",
+    "blocks_to_swap": "flux_blocks_to_swap",
 }
 
 PATH_FIELDS = {
     ("data", "train_data_dir"), ("data", "metadata_path"), ("data", "reg_data_dir"), ("data", "train_data_file"),
     ("model", "base_model"), ("output", "output_dir"), ("output", "logging_dir"), ("model", "network_weights"),
+    ("model", "t5_path"), ("model", "clip_path"), ("model", "vae_path"), ("model", "t5_tokenizer"),
 }
 
 
@@ -601,12 +654,29 @@ def _validate(cfg: TrainConfig, given: dict[str, dict[str, tuple[Any, str]]], pr
           f"reads the base weights themselves")
     check(d.min_bucket_reso <= d.resolution <= d.max_bucket_reso or not d.enable_bucket, "data", "min_bucket_reso",
           f"must be <= resolution ({d.resolution}) <= max_bucket_reso ({d.max_bucket_reso})")
+    unknown_stops = [v for v in t.stop_on if v not in ("overfit", "plateau")]
+    check(not unknown_stops, "training", "stop_on", f"may name overfit and plateau only (not {', '.join(unknown_stops)})")
+    check("overfit" not in t.stop_on or d.validation_split > 0, "training", "stop_on",
+          "overfit needs held-out data: set data.validation_split (e.g. 0.1)")
     check(m.lokr_factor == -1 or m.lokr_factor >= 1, "model", "lokr_factor", "must be -1 (automatic) or at least 1")
     check(not (cfg.is_text and m.network_type == "locon"), "model", "network_type",
           "locon adds convolution layers, which language models do not have; use lora, dora, loha or lokr")
     check(cfg.is_text or o.format != "diffusers" or (m.network_type in ("lora", "locon") and not m.use_dora),
           "model", "network_type", "output.format diffusers holds plain LoRA only; loha, lokr and DoRA are "
           "written as kohya files (format: kohya), which A1111, Forge and ComfyUI load")
+    for name in ("t5_path", "clip_path", "vae_path", "t5_tokenizer"):  # FLUX parts: refused before anything loads
+        value = getattr(m, name)
+        if value and not Path(value).exists():
+            problems.append(f"model.{name}: no such file or folder, got {value!r}{where('model', name)}")
+    from .image.flux_keys import block_spec_problem
+
+    reason = block_spec_problem(m.flux_train_blocks)
+    check(reason is None, "model", "flux_train_blocks", reason or "")
+    if m.model_family == "flux":
+        check(not m.train_text_encoder, "model", "train_text_encoder",
+              "FLUX LoRAs train the transformer only here (T5 and CLIP-L stay frozen and cached)")
+        check(t.min_snr_gamma is None, "training", "min_snr_gamma", "applies to SD's noise schedule, not FLUX's "
+              "flow matching; leave it empty")
     if m.network_weights and not Path(m.network_weights).exists():
         problems.append(f"model.network_weights: no such file or folder, got {m.network_weights!r}"
                         f"{where('model', 'network_weights')}")

@@ -12,6 +12,8 @@ and ``family="sdxl"`` (two text encoders, pooled embeddings, size/crop condition
     python -m lora_core.tiny --out DIR [--single-file] [--family sd1|sd2|sdxl] [--prediction-type v_prediction]
                              [--dataset DIR] [--tagger DIR]
     python -m lora_core.tiny --out my/model.safetensors --single-file   (a file path for a single file)
+    python -m lora_core.tiny --family flux --out DIR [--single-file [--flux-layout parts] [--fp8]]
+                             [--flux-variant dev|schnell]   (tiny FLUX.1: lora_core.image.flux_tiny)
 """
 from __future__ import annotations
 
@@ -292,7 +294,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--single-file", action="store_true", help="write one WebUI-style .safetensors checkpoint")
     parser.add_argument("--tagger", metavar="DIR", help="write a demo WD14-style tagger into DIR, to try "
                                                         "auto-label without downloaded weights")
-    parser.add_argument("--family", default="sd1", choices=FAMILY_NAMES)
+    parser.add_argument("--family", default="sd1", choices=FAMILY_NAMES + ("flux",))
+    parser.add_argument("--flux-variant", default="dev", choices=("dev", "schnell"),
+                        help="flux: dev has the guidance embedder, schnell has not")
+    parser.add_argument("--flux-layout", default="full", choices=("full", "parts"),
+                        help="flux --single-file: one file with encoders and AE (as Forge keeps it), or a "
+                             "transformer-only file plus ae/clip_l/t5xxl files beside it")
+    parser.add_argument("--fp8", action="store_true", help="flux --single-file: transformer weights in float8_e4m3fn")
     parser.add_argument("--prediction-type", default="epsilon", choices=PREDICTION_TYPES,
                         help="v_prediction builds an SD 2.x 768-v-style model")
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES))
@@ -305,7 +313,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.out and Path(args.out).suffix.lower() == ".safetensors" and not args.single_file:
         parser.error(f"--out {args.out}: a .safetensors path is a single-file checkpoint; add --single-file, or "
                      f"give a folder for a diffusers model")
-    if args.out:
+    if args.out and args.family == "flux":
+        from .image.flux_tiny import build_tiny_flux
+
+        print(build_tiny_flux(args.out, args.single_file, args.flux_variant, args.seed, args.flux_layout, args.fp8))
+    elif args.out:
         print(build_tiny_sd(args.out, args.single_file, args.family, args.size, args.seed, args.prediction_type))
     if args.tagger:
         print(build_tiny_tagger(args.tagger))

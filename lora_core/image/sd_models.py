@@ -248,8 +248,11 @@ def detect_family(keys: list[str]) -> str:
     prefixes = sorted({k.split(".")[0] for k in keys})[:8]
     if any(k.startswith(("lora_unet_", "lora_te")) for k in keys):
         what = "a LoRA, not a base model"
-    elif any(k.startswith(("double_blocks.", "joint_blocks.", "model.diffusion_model.double_blocks")) for k in keys):
-        what = "a Flux/SD3-style model, which this trainer does not support"
+    elif any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in keys):
+        # FLUX.1 is its own family (lora_core.image.flux); this loader reads the SD families only
+        what = "a FLUX.1 model, which trains as model_family flux (lora_core.image.flux), not through the SD loader"
+    elif any(k.startswith(("joint_blocks.", "model.diffusion_model.joint_blocks.")) for k in keys):
+        what = "an SD3-style model, which this trainer does not support"
     elif has_unet:
         what = "a UNet without a known text encoder"
     else:
@@ -382,6 +385,17 @@ def _load_clip(state: dict[str, torch.Tensor], source: str, what: str):
     return text_encoder
 
 
+class _HandOver(dict):
+    """A checkpoint part whose ``get`` hands each tensor over once. diffusers' ``convert_open_clip_checkpoint`` reads
+    every transformer tensor with ``get`` and copies the q/k/v thirds of each fused ``in_proj`` weight (315 MB for
+    SDXL's bigG in bf16); once read, the fused original is gone from here, so each copy replaces its original instead
+    of sitting beside all of them at the end of the load, where the peak is. A second read of a tensor finds
+    nothing, which `_load_strict` reports as a missing weight."""
+
+    def get(self, key, default=None):
+        return self.pop(key, default)
+
+
 def _load_open_clip(state: dict[str, torch.Tensor], source: str, prefix: str, what: str, penultimate: bool):
     """SD2's / SDXL's OpenCLIP encoder via diffusers' ``convert_open_clip_checkpoint``. SD2 conditions on the
     penultimate layer, so (like diffusers' SD2 models) its last block is dropped; SDXL keeps every block (the
@@ -392,10 +406,13 @@ def _load_open_clip(state: dict[str, torch.Tensor], source: str, prefix: str, wh
     if not blocks:
         raise ModelLoadError(f"{Path(source).name}: no {what} blocks under {prefix}transformer.resblocks")
     dropped = f"{prefix}transformer.resblocks.{blocks[-1]}."
-    part = {k: v for k, v in state.items() if k.startswith(prefix)
-            and not (penultimate and (k.startswith(dropped) or k == prefix + "text_projection"))}
+    part = _HandOver()  # the encoder's tensors leave ``state``: the converter's q/k/v copies replace them
+    for k in [k for k in state if k.startswith(prefix)]:
+        tensor = state.pop(k)
+        if not (penultimate and (k.startswith(dropped) or k == prefix + "text_projection")):
+            part[k] = tensor
     token = part[prefix + "token_embedding.weight"]
-    projection = part.get(prefix + "text_projection")
+    projection = part[prefix + "text_projection"] if prefix + "text_projection" in part else None
     with empty_module():
         text_encoder = clip_text_model(
             token.shape[1], len(blocks) - 1 if penultimate else len(blocks),
