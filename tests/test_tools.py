@@ -14,13 +14,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lora_core.image.ldm_keys import ldm_unet_name
 from lora_core.tools import lora_file
 from lora_core.tools.bake import bake
 from lora_core.tools.extract import extract_lora
 from lora_core.tools.inspect import inspect_file
 from lora_core.tools.merge import merge_loras
 from lora_core.tools.resize import resize_lora
+from loader_maths import comfy_sgm_name, comfy_unet_prefixes
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "ff.net.2"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1"]
@@ -70,14 +70,15 @@ def kohya_modules(path: Path) -> dict[str, dict[str, torch.Tensor]]:
 
 
 def unet_names(name: str, unet) -> set[str]:
-    """The kohya names a diffusers UNet layer answers to: its diffusers path and its SGM path."""
+    """The kohya names a diffusers UNet layer answers to: its diffusers path and its SGM path — the SGM path by
+    ComfyUI's key table (`loader_maths.comfy_unet_prefixes`), not by the engine's own `ldm_keys` mapping."""
     names = {"lora_unet_" + name.replace(".", "_")}
-    up_attn = ["CrossAttn" in t for t in unet.config.up_block_types]
-    try:
-        names.add("lora_unet_" + ldm_unet_name(name + ".weight", unet.config.layers_per_block, up_attn)[:-7]
-                  .replace(".", "_"))
-    except KeyError:
-        pass
+    cfg = unet.config
+    prefixes = comfy_unet_prefixes(cfg.layers_per_block, ["CrossAttn" in t for t in cfg.down_block_types],
+                                   ["CrossAttn" in t for t in cfg.up_block_types])
+    sgm = comfy_sgm_name(name, prefixes)
+    if sgm is not None:
+        names.add("lora_unet_" + sgm.replace(".", "_"))
     return names
 
 
@@ -215,6 +216,27 @@ def test_resize_reports_retained_energy_and_its_error_falls_with_rank(tmp_path):
 
 
 # -------------------------------------------------------------------------------------------------- bake
+@pytest.mark.parametrize("family", ["sd1", "sdxl"])
+def test_comfyui_key_table_finds_every_unet_layer_in_the_single_file_checkpoint(bases, family):
+    """The oracle the bake and merge tests use (ComfyUI's diffusers → ldm/SGM table, mirrored in loader_maths)
+    names a tensor of the checkpoint file for every weight layer of the UNet, and two layers never share one."""
+    from safetensors import safe_open
+
+    with safe_open(str(bases[family]), "pt") as f:
+        keys = {k[len("model.diffusion_model."):] for k in f.keys() if k.startswith("model.diffusion_model.")}
+    unet = load(bases[family]).unet
+    cfg = unet.config
+    prefixes = comfy_unet_prefixes(cfg.layers_per_block, ["CrossAttn" in t for t in cfg.down_block_types],
+                                   ["CrossAttn" in t for t in cfg.up_block_types])
+    named = {}
+    for name, layer in unet.named_modules():
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+            sgm = comfy_sgm_name(name, prefixes)
+            assert sgm is not None and f"{sgm}.weight" in keys, (name, sgm)
+            named[name] = sgm
+    assert len(set(named.values())) == len(named) > 20
+
+
 @pytest.mark.parametrize("family", ["sd1", "sd2", "sdxl"])
 def test_baked_checkpoint_equals_base_plus_lora_and_loads_as_its_family(bases, family, tmp_path):
     lora = make_lora(tmp_path / "style.safetensors", family, seed=4)
