@@ -39,8 +39,20 @@ def _print_json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
+def cli_user(args: argparse.Namespace) -> Optional[str]:
+    """Who this command is for: ``--user``, else the OS user (what a shared daemon's users.yaml names)."""
+    import getpass
+
+    if getattr(args, "user", None):
+        return args.user
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):  # no login name (a container without a passwd entry): the token holder itself
+        return None
+
+
 def _client(args: argparse.Namespace, timeout: float = 1.5) -> DaemonClient:
-    return DaemonClient(home=args.home, timeout=timeout)
+    return DaemonClient(home=args.home, timeout=timeout, user=cli_user(args))
 
 
 def _fmt_num(value: Any, spec: str) -> str:
@@ -118,6 +130,10 @@ def _add_start(p: argparse.ArgumentParser) -> None:
                    help="accept configs with model.allow_pickle over the protocol (a pickle .ckpt can run code when "
                    "loaded: only for clients and files you trust)")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for a detached daemon to answer")
+    p.add_argument("--max-per-device", type=int, default=1, help="runs one device may run at once when their memory "
+                   "plans fit together with a margin (2-4 on a big card; default 1)")
+    p.add_argument("--device-memory-mb", help="device memory for packing runs: '80000' for every device or "
+                   "'0=80000,1=24000' (default: nvidia-smi; a CPU slot has none unless given)")
 
 
 # Where the engine looks for captioner weights (`lora_core.dataset.captioners.MODELS_ENV`); the daemon points it
@@ -137,7 +153,8 @@ def _start_foreground(args: argparse.Namespace, home: Path) -> int:
                             checkpoint_dir=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
                             grace_s=args.grace, max_attempts=args.max_attempts,
                             curve_dir=Path(args.curve_dir).resolve() if args.curve_dir else None,
-                            allow_pickle=args.allow_pickle)
+                            allow_pickle=args.allow_pickle, max_per_device=args.max_per_device,
+                            device_memory_mb=args.device_memory_mb)
     try:
         return run_daemon(options, on_started=lambda info: print(
             f"lora-daemon listening on {info['endpoint']} (events {info['events']}), pid {info['pid']}", flush=True))
@@ -178,7 +195,8 @@ def _start_detached(args: argparse.Namespace, home: Path) -> int:
                         ("--checkpoint-dir", args.checkpoint_dir),
                         ("--grace", args.grace), ("--max-attempts", args.max_attempts),
                         ("--curve-dir", args.curve_dir), ("--log-level", args.log_level),
-                        ("--log-file", args.log_file or home / "daemon.log")):
+                        ("--log-file", args.log_file or home / "daemon.log"),
+                        ("--max-per-device", args.max_per_device), ("--device-memory-mb", args.device_memory_mb)):
         if value is not None:
             cmd += [flag, str(Path(value).resolve()) if flag.endswith(("-dir", "-file")) else str(value)]
     if args.allow_pickle:
@@ -311,6 +329,8 @@ def _follow(client: DaemonClient, run_id: str, sub: Any, show_logs: bool) -> dic
         elif kind == "run.progress" and not show_logs:
             print(f"step {event.get('step')}/{event.get('total_steps')}  loss {_fmt_num(event.get('loss'), '.4f')}"
                   f"  {_fmt_num(event.get('it_s'), '.2f')} it/s  eta {fmt_duration(event.get('eta_s'))}")
+        elif kind == "run.health" and not show_logs:
+            print(f"health at step {event.get('step')}: {event.get('message')}. {event.get('advice')}")
         elif kind == "run.plan" and not show_logs:
             print(f"memory plan: {plan_text(event.get('plan') or {})}")
         elif kind in ("lora.published", "run.started", "run.requeued") and not show_logs:
@@ -470,6 +490,44 @@ def _run_caption(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_recommend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="the training images folder")
+    p.add_argument("--base", help="base model (.safetensors or diffusers folder): enables the memory plan")
+    p.add_argument("--kind", choices=["style", "character", "concept"], help="what the LoRA is for (character)")
+    p.add_argument("--optimizer", help="the optimizer to tune the learning rate for (adamw)")
+    _add_json(p)
+
+
+def recommend_text(rec: dict) -> str:
+    """A recommendation as lines: each setting with its reason and source, then what history changed, then notes."""
+    d = rec.get("dataset") or {}
+    lines = [f"{d.get('folder')}: {d.get('images')} images ({d.get('unique_images')} unique), kind {rec.get('kind')}"]
+    for r in rec.get("reasons") or []:
+        lines.append(f"  {r['field']:<24} {json.dumps(r['value']):<14} {r['reason']}  [{r['source']}]")
+    for h in rec.get("history") or []:
+        lines.append(f"  history: {h['field']} {h['from']} -> {h['to']}: {h['why']}")
+    lines += [f"  note: {n}" for n in rec.get("notes") or []]
+    return "\n".join(lines)
+
+
+def _run_recommend(args: argparse.Namespace) -> int:
+    rec = _client(args).recommend(args.folder, base_model=args.base, kind=args.kind, optimizer=args.optimizer)
+    _print_json(rec) if args.json else print(recommend_text(rec))
+    return 0
+
+
+def _add_rate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help=RUN_REF_HELP)
+    p.add_argument("rating", choices=["up", "down", "clear"], help="👍 up, 👎 down, or clear")
+    _add_json(p)
+
+
+def _run_rate(args: argparse.Namespace) -> int:
+    run = _client(args).rate(args.run, None if args.rating == "clear" else args.rating)
+    _print_json(run) if args.json else print(f"{run['id']}: rated {run.get('rating') or 'none'}")
+    return 0
+
+
 def _add_keys(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", help="folder to create the server and client CURVE certificates in")
 
@@ -487,6 +545,36 @@ def _nothing(p: argparse.ArgumentParser) -> None:
     _add_json(p)
 
 
+def _run_queue(args: argparse.Namespace) -> int:
+    """The queue in the order the daemon will take it, and why each run waits (fair share, a limit, memory)."""
+    reply = _client(args).queue()
+    if args.json:
+        _print_json(reply)
+        return 0
+    for run in reply["running"]:
+        memory = f", ~{run['memory_mb']:,.0f} MB" if run.get("memory_mb") else ""
+        print(f"  {run['status']:<8} on {run['device']}: {run['name']} ({run.get('user') or '-'}{memory})")
+    if not reply["queue"]:
+        print("queue: empty")
+    for row in reply["queue"]:
+        print(f"{row['position']:>3}. {row['id'] or '-':<24} {row.get('user') or '-':<12} prio {row['priority']:>3}  "
+              f"{row['name']}\n       {row['why']}")
+    return 0
+
+
+def _run_whoami(args: argparse.Namespace) -> int:
+    reply = _client(args).whoami()
+    if args.json:
+        _print_json(reply)
+        return 0
+    if not reply["shared"]:
+        print(f"{reply['user'] or '(no user)'}: this daemon has no users.yaml (one person's daemon: no limits)")
+    else:
+        print(f"{reply['user'] or '(token holder)'}: role {reply['role']!r} — {reply['limits']}; "
+              f"{reply['gpu_hours_today']:.2f} GPU-hours in the last 24 h, {reply['queued']} queued")
+    return 0
+
+
 SUBCOMMANDS: list[Subcommand] = [
     Subcommand("start", "start the daemon (detached unless --foreground)", _add_start, _run_start),
     Subcommand("stop", "stop the daemon; running jobs save a checkpoint first", _add_stop, _run_stop),
@@ -502,7 +590,12 @@ SUBCOMMANDS: list[Subcommand] = [
                _run_action("resume")),
     Subcommand("pause", "pause a running run: it saves a checkpoint and waits, holding its GPU, until resume",
                _add_run_ref, _run_action("pause")),
+    Subcommand("queue", "the queue in the order it will run, and why each run waits", _nothing, _run_queue),
+    Subcommand("whoami", "who the daemon takes you for: user, role and limits (users.yaml)", _nothing, _run_whoami),
     Subcommand("caption", "queue an auto-label job for an image folder", _add_caption, _run_caption),
+    Subcommand("recommend", "recommended settings for a dataset, each with its reason (learns from rated runs)",
+               _add_recommend, _run_recommend),
+    Subcommand("rate", "rate a run 👍 (up) or 👎 (down); recommend learns from it", _add_rate, _run_rate),
     Subcommand("tools", "LoRA toolbox jobs: inspect, merge, bake, resize, extract", tools_cli.add_arguments,
                tools_cli.run),
     Subcommand("keys", "create CURVE keys for binding beyond this machine", _add_keys, _run_keys),
@@ -517,10 +610,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-daemon", description="lora-scripts training daemon")
     home_help = "state folder (default: LORA_DAEMON_HOME or the user data folder)"
     parser.add_argument("--home", help=home_help)
+    user_help = "who you are to a daemon a team shares (its users.yaml; default: your OS user name)"
+    parser.add_argument("--user", help=user_help)
     subs = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for sub in SUBCOMMANDS:
         p = subs.add_parser(sub.name, help=sub.help, description=sub.help)
         p.add_argument("--home", default=argparse.SUPPRESS, help=home_help)
+        p.add_argument("--user", default=argparse.SUPPRESS, help=user_help)
         sub.add_arguments(p)
         p.set_defaults(handler=sub.run)
     return parser

@@ -26,7 +26,7 @@ NOT_RUNNING = "daemon not running — start it with `lora-daemon start`"
 BUSY = ("daemon busy — it is running but did not accept the connection in time (too many connections at once?); "
         "try again in a moment")
 READ_ONLY = frozenset({"ping", "status", "validate", "list", "get", "logs", "metrics", "check", "captions.get",
-                       "plan", "run.events", "tools.inspect"})
+                       "plan", "run.events", "tools.inspect", "queue", "whoami"})
 LIVENESS_SLICE_S = 0.4  # a daemon killed mid-request is noticed after this long, not after the whole timeout
 SLOW_TIMEOUT_S = 300.0  # dataset checks and plans run a child process; they get minutes, not 1.5 s
 # Config work (YAML, schema, preflight file reads; the first one imports the schema) runs in the daemon's pool: on a
@@ -133,8 +133,11 @@ class EventSubscription:
 
 class DaemonClient:
     def __init__(self, home: Optional[str | os.PathLike] = None, endpoint: Optional[str] = None,
-                 token: Optional[str] = None, timeout: float = 1.5, retries: int = 1):
+                 token: Optional[str] = None, timeout: float = 1.5, retries: int = 1, user: Optional[str] = None):
+        """``user``: who this client asks for (the WebUI's signed-in user, the CLI's OS user or --user), sent with
+        every request; it matters only to a daemon whose home holds a users.yaml (`lora_daemon.users`)."""
         self.home = resolve_home(home)
+        self.user = user
         self._fixed_endpoint = endpoint
         self._fixed_token = token
         self.timeout = timeout
@@ -200,7 +203,7 @@ class DaemonClient:
             attempt += 1
             if self._sock is None:
                 self._sock = self._connect()
-            request = make_request(command, args, token=self._info.get("token", ""))
+            request = make_request(command, args, token=self._info.get("token", ""), user=self.user)
             frame = encode(request)
             if len(frame) > MAX_MESSAGE_BYTES:  # the daemon would refuse it; say so without sending a megabyte
                 raise DaemonError(E_TOO_LARGE, f"{command}: the request is {len(frame)} bytes; the daemon takes at "
@@ -301,6 +304,16 @@ class DaemonClient:
     def plan(self, config: dict | str, timeout: float = SLOW_TIMEOUT_S, **extra: Any) -> dict:
         return self._call("plan", {"config": config, "cwd": os.getcwd(), **extra}, timeout)
 
+    def recommend(self, folder: str, base_model: Optional[str] = None, kind: Optional[str] = None,
+                  optimizer: Optional[str] = None, timeout: float = SLOW_TIMEOUT_S) -> dict:
+        """Recommended settings for a dataset (`lora_core.recommend`), adjusted for this user's rated runs."""
+        args = {"folder": folder, "cwd": os.getcwd(), "base_model": base_model, "kind": kind, "optimizer": optimizer}
+        return self._call("recommend", {k: v for k, v in args.items() if v is not None}, timeout)
+
+    def rate(self, run_id: str, rating: Optional[str]) -> dict:
+        """👍 ``up`` / 👎 ``down`` on a run (None clears it); recommend learns from it."""
+        return self.request("rate", run=run_id, rating=rating)
+
     def tools(self, command: str, **args: Any) -> dict:
         """Queue a LoRA-toolbox job: ``merge`` (loras=[{path, weight}], out, rank), ``bake`` (base, loras, out,
         precision), ``resize`` (file, out, rank | dynamic+param), ``extract`` (tuned, base, out, rank, conv_rank).
@@ -317,6 +330,14 @@ class DaemonClient:
 
     def shutdown(self) -> dict:
         return self.request("shutdown")
+
+    def queue(self) -> dict:
+        """The queue in the order it will run, each waiting run with why (fair share, a limit, memory)."""
+        return self.request("queue")
+
+    def whoami(self) -> dict:
+        """Who the daemon takes this client for: user, role and the role's limits (users.yaml), and its GPU time."""
+        return self.request("whoami")
 
     def subscribe(self, prefixes: tuple[str, ...] = ("run.", "lora.")) -> EventSubscription:
         info = self._load_info()

@@ -5,7 +5,12 @@ only plain data helpers. Every message is one UTF-8 JSON object in one ZeroMQ fr
 
 Request (client → daemon, over REQ/DEALER → ROUTER)::
 
-    {"v": 1, "id": "<request id>", "token": "<daemon.json token>", "command": "submit", "args": {...}}
+    {"v": 1, "id": "<request id>", "token": "<daemon.json token>", "command": "submit", "args": {...},
+     "user": "alice"}
+
+``user`` (optional) is who asked: the WebUI's signed-in user, the REST routes' basic-auth user, the CLI's OS user or
+``--user``. The daemon trusts it because the token came with it; it matters only when the daemon home holds a
+``users.yaml`` (`lora_daemon.users`).
 
 Reply (daemon → client)::
 
@@ -20,6 +25,7 @@ with CURVE, the authorised client key instead), so the event stream is as privat
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -29,6 +35,7 @@ MAX_MESSAGE_BYTES = 1 << 20  # 1 MiB: a config snapshot is a few KiB; anything n
 MAX_DEPTH = 64  # JSON nesting: a config is 3 levels deep; thousands of brackets only exist to crash a parser
 MAX_ERROR_CHARS = 4000  # an error message in a reply: enough for every problem of a bad config, never megabytes
 MAX_PROBLEMS = 100
+USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")  # a request's user: also a folder name (datasets/<user>)
 EVENTS_USER = "lora"  # the PLAIN user name subscribers present on the event socket (the password is the token)
 
 EVENT_TYPES = (
@@ -48,6 +55,7 @@ E_NOT_FOUND = "not_found"
 E_CONFIG = "config_invalid"
 E_STATE = "invalid_state"
 E_INTERNAL = "internal"
+E_FORBIDDEN = "forbidden"  # a shared daemon's users.yaml refuses this user or this request (a limit)
 
 
 class ProtocolError(ValueError):
@@ -71,6 +79,7 @@ class Request:
     id: str = ""
     token: str = ""
     v: int = PROTOCOL_VERSION
+    user: Optional[str] = None
 
 
 def new_request_id() -> str:
@@ -116,9 +125,13 @@ def decode(frame: bytes, limit: int = MAX_MESSAGE_BYTES, max_depth: Optional[int
     return obj
 
 
-def make_request(command: str, args: Optional[dict] = None, token: str = "", request_id: Optional[str] = None) -> dict:
-    return {"v": PROTOCOL_VERSION, "id": request_id or new_request_id(), "token": token, "command": command,
-            "args": args or {}}
+def make_request(command: str, args: Optional[dict] = None, token: str = "", request_id: Optional[str] = None,
+                 user: Optional[str] = None) -> dict:
+    request = {"v": PROTOCOL_VERSION, "id": request_id or new_request_id(), "token": token, "command": command,
+               "args": args or {}}
+    if user is not None:
+        request["user"] = user
+    return request
 
 
 def parse_request(frame: bytes, limit: int = MAX_MESSAGE_BYTES) -> Request:
@@ -142,7 +155,10 @@ def parse_request(frame: bytes, limit: int = MAX_MESSAGE_BYTES) -> Request:
         args = {}
     if not isinstance(args, dict):
         raise ProtocolError(E_BAD_REQUEST, "args: must be a JSON object")
-    return Request(command=command, args=args, id=rid, token=token, v=v)
+    user = obj.get("user")
+    if user is not None and (not isinstance(user, str) or not USER_RE.match(user) or ".." in user):
+        raise ProtocolError(E_BAD_REQUEST, f"user: 1-64 letters, digits, '_', '.', '@' or '-', got {str(user)[:80]!r}")
+    return Request(command=command, args=args, id=rid, token=token, v=v, user=user)
 
 
 def request_id_of(frame: bytes) -> str:

@@ -31,12 +31,15 @@ from . import __version__, core_bridge, procs, states, tools_job
 from .bus import Bus
 from .gpus import detect_slots
 from .home import INFO_FILE, make_private_dir, private_file, read_info, write_private_json
-from .protocol import (E_AUTH, E_BAD_JSON, E_BAD_REQUEST, E_CONFIG, E_INTERNAL, E_NOT_FOUND, E_STATE, E_TOO_LARGE,
+from . import fair
+from .gpus import device_memory
+from .users import Caller, Refused, Role, UsersFile, UsersFileError, check_submit, limits_text
+from .protocol import (E_AUTH, E_BAD_JSON, E_BAD_REQUEST, E_CONFIG, E_FORBIDDEN, E_INTERNAL, E_NOT_FOUND, E_STATE, E_TOO_LARGE,
                        E_UNKNOWN_COMMAND, E_VERSION, EVENTS_USER, MAX_MESSAGE_BYTES, PROTOCOL_VERSION, ProtocolError, encode,
                        error_reply, ok_reply, parse_request, request_id_of)
 from .queue import (CAPTION_EXTENSIONS, caption_job, inside, new_record, new_run_id, package_versions,
                     parse_priority, parse_submission, resolve_config, write_snapshot)
-from .store import NotFound, Store
+from .store import EVERYONE, NotFound, Store
 from .worker import Settings, Worker, prepare_retry, reconcile, tail_lines
 
 log = logging.getLogger(__name__)
@@ -47,7 +50,9 @@ REPLIES_INPROC = "inproc://lora-daemon-replies"
 # headers: tens of ms) in its own, so a submit never waits behind a minutes-long child of the other (dataset tools,
 # plans, the captioner list).
 CONFIG_COMMANDS = ("validate", "submit", "caption", "tools")
-SLOW_COMMANDS = CONFIG_COMMANDS + ("check", "captions.get", "captions.set", "captions.edit", "plan", "tools.inspect")
+SLOW_COMMANDS = CONFIG_COMMANDS + ("check", "captions.get", "captions.set", "captions.edit", "plan", "tools.inspect",
+                                   "recommend")
+RATINGS = ("up", "down")  # 👍 / 👎 on a run (`rate`), which `recommend` learns from
 CAPTIONERS_MAX_AGE_S = 60.0  # `status` re-asks the engine after this long, so weights put in place later show up
 HANDSHAKE_IVL_MS = 5000  # a TCP connection that has not finished the ZeroMQ handshake by then is closed
 LISTEN_BACKLOG = 1024  # pending TCP connections the OS keeps for us while the loop is busy (libzmq's default: 100)
@@ -135,6 +140,8 @@ class DaemonOptions:
     max_message_bytes: int = MAX_MESSAGE_BYTES
     slow_timeout_s: float = 300.0
     allow_pickle: bool = False  # --allow-pickle: configs over the protocol may set model.allow_pickle
+    max_per_device: int = 1  # --max-per-device: runs one device may run at once when their memory plans fit
+    device_memory_mb: Optional[str] = None  # --device-memory-mb: '24000' or '0=80000,1=24000' (else nvidia-smi)
 
 
 def is_loopback(host: str) -> bool:
@@ -177,6 +184,9 @@ class Daemon:
         self._peer_log = PeerLog()
         self._auth = None
         self.captioners: Optional[list[dict]] = None  # asked of the engine in a child: the daemon never imports it
+        self.users_file: Optional[UsersFile] = None  # users.yaml in the home: a daemon a team shares
+        self._caller = threading.local()  # who the request being handled in this thread is from
+        self.devices: list[fair.Device] = []
         self._captioners_asked = 0.0
         self.handlers: dict[str, Callable[[dict], Any]] = {
             "ping": self.cmd_ping, "status": self.cmd_status, "submit": self.cmd_submit,
@@ -187,7 +197,9 @@ class Daemon:
             "check": self._dataset_tool("check"), "captions.get": self._dataset_tool("captions.get"),
             "captions.set": self._dataset_tool("captions.set"), "captions.edit": self._dataset_tool("captions.edit"),
             "plan": self.cmd_plan, "run.events": self.cmd_run_events,
+            "recommend": self.cmd_recommend, "rate": self.cmd_rate,
             "tools": self.cmd_tools, "tools.inspect": self.cmd_tools_inspect,
+            "queue": self.cmd_queue, "whoami": self.cmd_whoami,
         }
 
     # --- start / stop ---------------------------------------------------------------------------------------
@@ -233,6 +245,12 @@ class Daemon:
     def start(self) -> dict:
         """Bind, write daemon.json, settle what a dead daemon left behind, start the workers."""
         self._refuse_second_instance()
+        if not 1 <= self.options.max_per_device <= 8:
+            raise DaemonStartError(f"--max-per-device: 1 to 8 runs per device, got {self.options.max_per_device}")
+        try:
+            self.users_file = UsersFile(self.home)
+        except UsersFileError as e:
+            raise DaemonStartError(f"users.yaml is not valid:\n{e}") from None
         raise_open_files_limit()
         self.store = Store(private_file(self.home / "runs.db"))
         self.ctx = zmq.Context()
@@ -260,6 +278,12 @@ class Daemon:
         self.bus = Bus(self.ctx, EVENTS_INPROC, self.store)
         self.bus.attach(lambda frames: self.pub.send_multipart(frames))
         self.slots = detect_slots(self.options.gpus)
+        try:
+            memory = device_memory(self.slots, self.options.device_memory_mb)
+        except ValueError as e:
+            raise DaemonStartError(str(e)) from None
+        self.devices = [fair.Device(slot, self.options.max_per_device, memory.get(slot)) for slot in self.slots]
+        self.settings.requeue_oom_solo = self.options.max_per_device > 1
         shown_host = "127.0.0.1" if self.options.host in ("0.0.0.0", "localhost") else self.options.host
         self.info = {
             "endpoint": f"tcp://{shown_host}:{port}", "events": f"tcp://{shown_host}:{events_port}",
@@ -268,8 +292,9 @@ class Daemon:
             "home": str(self.home), "curve_dir": str(self.options.curve_dir) if self.options.curve_dir else None,
         }
         write_private_json(self.home / INFO_FILE, self.info)
-        self.workers = [Worker(slot, self.store, self.bus, self.settings, self.wake, self.stopping)
-                        for slot in self.slots]
+        self.workers = [Worker(device.slot, self.store, self.bus, self.settings, self.wake, self.stopping,
+                               device=device, role_of=self._role_of, index=i)
+                        for device in self.devices for i in range(device.max_jobs)]
         # Settling runs a dead daemon left behind may wait for an orphaned child to checkpoint: do it beside the
         # request loop, so clients get answers meanwhile, and start the workers only after it.
         self._reconciler = threading.Thread(target=self._reconcile_then_work, name="reconcile", daemon=True)
@@ -413,6 +438,13 @@ class Daemon:
         if handler is None:
             return error_reply(req.id, E_UNKNOWN_COMMAND, f"command: unknown command {req.command[:64]!r}; "
                                                           f"one of {', '.join(self.handlers)}")
+        try:
+            caller = self._caller_of(req.user)
+        except Refused as e:
+            if req.command not in ("ping", "status"):
+                return error_reply(req.id, E_FORBIDDEN, str(e))
+            caller = Caller(req.user, Role("unknown"))
+        handler = self._as(caller, handler)
         if req.command in SLOW_COMMANDS:
             pool = self._config_pool if req.command in CONFIG_COMMANDS else self._pool
             pool.submit(self._run_slow, envelope, req.id, handler, req.args)
@@ -449,19 +481,126 @@ class Daemon:
                 self._reply_socks.append(sock)
         sock.send_multipart(envelope + [encode(reply)] if reply is not None else [b""])
 
+    # --- users (users.yaml: a daemon a team shares) ---------------------------------------------------------
+    def _caller_of(self, user: Optional[str]) -> Caller:
+        """Who a request is from. Without users.yaml everyone is the one owner (no filters, no limits); with it,
+        the user's role, refusing a user the file does not know (`users.Users.role_of`)."""
+        users = self.users_file.users if self.users_file is not None else None
+        if users is None:
+            return Caller(user)
+        return Caller(user, users.role_of(user))
+
+    def _as(self, caller: Caller, handler: Callable[[dict], Any]) -> Callable[[dict], Any]:
+        """The handler run as `caller` (kept per thread: slow commands run in pool threads)."""
+        def run(args: dict) -> Any:
+            self._caller.value = caller
+            try:
+                return handler(args)
+            finally:
+                self._caller.value = None
+        return run
+
+    @property
+    def caller(self) -> Caller:
+        return getattr(self._caller, "value", None) or Caller(None)
+
+    def _scope(self) -> Any:
+        """Whose runs the caller sees: everyone's (admin, or no users.yaml), else only their own."""
+        return EVERYONE if self.caller.sees_all else self.caller.user
+
+    def _role_of(self, user: Optional[str]) -> Optional[Role]:
+        """A user's role for the scheduler's limits (None: no users.yaml, or a user it no longer lists)."""
+        users = self.users_file.users if self.users_file is not None else None
+        if users is None:
+            return None
+        try:
+            return users.role_of(user)
+        except Refused:
+            return None
+
+    def _user_dir(self, root: Path, user: Optional[str]) -> Path:
+        """Per-user folders on a shared daemon (``runs/<user>/``); one person's daemon keeps today's layout."""
+        users = self.users_file.users if self.users_file is not None else None
+        return root / user if users is not None and user else root
+
+    def _admit(self, record: dict) -> None:
+        """On the server thread, just before queueing (so two submits cannot both pass a limit): the caller's
+        name on the run, and the role's limits checked (`users.check_submit`), the refusal naming the limit."""
+        caller = record.pop("_caller", None) or Caller(None)
+        record["user"] = caller.user
+        if self.users_file is None or self.users_file.users is None:
+            return
+        queued = self.store.count_user(caller.user, states.QUEUED)
+        used = self.store.queue_state().used_s.get(caller.user or "", 0.0)
+        cfg = record["config"] if record["kind"] in ("image", "text") else None
+        try:
+            check_submit(caller.role, caller.user, cfg, record["priority"], queued, used)
+        except Refused as e:
+            shutil.rmtree(record["run_dir"], ignore_errors=True)
+            raise ProtocolError(E_FORBIDDEN, str(e)) from None
+
+    def _user_publish(self, publish: dict, cfg: dict) -> None:
+        """Published LoRAs of a shared daemon's users kept apart: ``<Lora>/<user>/`` (A1111 and Forge show
+        subfolders in the Lora tab) or, with ``publish: prefix``, ``<user>_<name>``."""
+        users = self.users_file.users if self.users_file is not None else None
+        user = self.caller.user
+        if users is None or not user:
+            return
+        if users.publish == "prefix":
+            name = cfg["output"]["output_name"]
+            if not name.startswith(f"{user}_"):
+                cfg["output"]["output_name"] = f"{user}_{name}"
+            return
+        for key in ("lora_dir", "adapters_dir"):
+            base = Path(publish.get(key) or getattr(self.settings, key))
+            publish[key] = str(base / user)
+
+    def cmd_whoami(self, args: dict) -> dict:
+        caller = self.caller
+        users = self.users_file.users if self.users_file is not None else None
+        used = self.store.queue_state().used_s.get(caller.user or "", 0.0)
+        return {"user": caller.user, "shared": users is not None, "role": caller.role.name if users else None,
+                "admin": caller.sees_all, "limits": limits_text(caller.role) if users else "no users.yaml: no limits",
+                "gpu_hours_today": round(used / 3600, 4),
+                "queued": self.store.count_user(caller.user, states.QUEUED) if users else self.store.count(states.QUEUED)}
+
+    def cmd_queue(self, args: dict) -> dict:
+        """The queue in the order the scheduler takes it (`fair.explain`), each run with why it waits; on a
+        shared daemon a non-admin sees others' runs only as their user, priority and position."""
+        queued = self.store.runs_in((states.QUEUED,))
+        state = self.store.queue_state(self._role_of)
+        rows = fair.explain(queued, state, self.devices)
+        if not self.caller.sees_all:
+            for row in rows:
+                if row["user"] != self.caller.user:
+                    row.update(id=None, name="(another user's run)")
+        running = [{"id": r["id"] if self.caller.may_see(r) else None, "user": r.get("user"),
+                    "device": r.get("device"), "status": r["status"], "memory_mb": fair.memory_of(r),
+                    "name": r["name"] if self.caller.may_see(r) else "(another user's run)"} for r in state.active]
+        return {"queue": rows, "running": running, "policy": "fair share by device time within a priority",
+                "devices": [{"slot": d.slot, "max_jobs": d.max_jobs, "memory_mb": d.memory_mb} for d in self.devices],
+                "gpu_hours_today": {u or "(owner)": round(s / 3600, 4) for u, s in state.used_s.items()}
+                if self.caller.sees_all else {}}
+
     # --- commands -------------------------------------------------------------------------------------------
     def _run_ref(self, args: dict) -> dict:
         ref = args.get("run")
         if not isinstance(ref, str) or not ref or len(ref) > 128:
             raise ProtocolError(E_BAD_REQUEST, "run: give a run id")
-        return self.store.find_run(ref)
+        return self.store.find_run(ref, user=self._scope())
 
     def cmd_ping(self, args: dict) -> dict:
         return {"pong": True, "version": __version__, "pid": os.getpid(), "time": time.time()}
 
     def cmd_status(self, args: dict) -> dict:
         """Daemon, devices, queue, and the engine's captioners (null for the moment after start, until known)."""
-        busy = {w.slot: w.current for w in self.workers}
+        busy: dict[str, list[str]] = {}
+        for w in self.workers:
+            if w.current:
+                busy.setdefault(w.slot, []).append(w.current)
+        if not self.caller.sees_all:  # another user's run is only "busy"
+            mine = {r["id"] for r in self.store.runs_in(states.ACTIVE) if self.caller.may_see(r)}
+            busy = {slot: [r if r in mine else "(another user's run)" for r in ids] for slot, ids in busy.items()}
         if time.monotonic() - self._captioners_asked > CAPTIONERS_MAX_AGE_S and not self.stopping.is_set():
             self._ask_captioners()
         return {
@@ -470,7 +609,9 @@ class Daemon:
             "endpoint": self.info["endpoint"], "events": self.info["events"], "home": str(self.home),
             "lora_dir": str(self.settings.lora_dir), "adapters_dir": str(self.settings.adapters_dir),
             "checkpoint_dir": str(self._tool_folders().checkpoint_dir),
-            "gpus": [{"slot": slot, "run_id": busy.get(slot)} for slot in self.slots],
+            "gpus": [{"slot": d.slot, "run_id": (busy.get(d.slot) or [None])[0], "run_ids": busy.get(d.slot, []),
+                      "max_jobs": d.max_jobs, "memory_mb": d.memory_mb} for d in self.devices],
+            "user": self.caller.user, "shared": bool(self.users_file and self.users_file.users),
             "queue_length": self.store.count(states.QUEUED),
             "running": len(self.store.runs_in(states.ACTIVE)), "host": socket.gethostname(),
             "captioners": self.captioners,
@@ -516,10 +657,13 @@ class Daemon:
     def cmd_submit(self, args: dict) -> Deferred:
         run_id = new_run_id()
         publish = self._publish_targets(args)
-        sub, cfg = self._resolve(args, self.runs_dir / run_id / "output")
+        runs_dir = self._user_dir(self.runs_dir, self.caller.user)
+        sub, cfg = self._resolve(args, runs_dir / run_id / "output")
         kind = "text" if cfg["model"]["task_type"] == "text-generation" else "image"
-        record = new_record(run_id, self.runs_dir, kind, sub.name or cfg["output"]["output_name"], cfg,
+        self._user_publish(publish, cfg)
+        record = new_record(run_id, runs_dir, kind, sub.name or cfg["output"]["output_name"], cfg,
                             sub.priority, publish, package_versions())
+        record["_caller"] = self.caller
         write_snapshot(record)
         if args.get("dedupe"):
             return Deferred(lambda: self._enqueue_once(record))
@@ -538,10 +682,31 @@ class Daemon:
         return self._enqueue(record)
 
     def _enqueue(self, record: dict) -> dict:
+        self._admit(record)
         run = self.store.insert_run(record)
-        self.bus.emit("run.queued", run["id"], name=run["name"], kind=run["kind"], priority=run["priority"])
+        self.bus.emit("run.queued", run["id"], name=run["name"], kind=run["kind"], priority=run["priority"],
+                      user=run.get("user"))
+        if self.options.max_per_device > 1 and run["kind"] in ("image", "text") and not run.get("plan"):
+            self._pool.submit(self._plan_ahead, run["id"])
         self.wake.set()
         return run
+
+    def _plan_ahead(self, run_id: str) -> None:
+        """Packing several runs on a device needs each one's memory plan before it starts: work it out in a child
+        while the run waits (the run then skips its own plan-first phase). A failed plan only means the run starts
+        on an idle device."""
+        try:
+            run = self.store.get_run(run_id)
+            if run["status"] != states.QUEUED or run.get("plan"):
+                return
+            plan = core_bridge.run_plan(Path(run["run_dir"]) / "config.yaml", self.home, self.options.slow_timeout_s)
+        except (core_bridge.BridgeError, NotFound, OSError) as e:
+            log.warning("run %s: no memory plan ahead of its start: %s", run_id, e)
+            return
+        if isinstance(plan, dict) and self.store.get_run(run_id)["status"] == states.QUEUED:
+            self.store.update_run(run_id, plan=plan)
+            self.bus.emit("run.plan", run_id, plan=plan)
+            self.wake.set()
 
     def cmd_caption(self, args: dict) -> Deferred:
         options = {k: v for k, v in args.items() if k not in ("folder", "priority", "name", "cwd", "options")}
@@ -553,7 +718,9 @@ class Daemon:
         priority = parse_priority(args)
         run_id = new_run_id()
         name = args.get("name") if isinstance(args.get("name"), str) else f"caption {Path(job['folder']).name}"
-        record = new_record(run_id, self.runs_dir, "caption", name[:200], job, priority)
+        record = new_record(run_id, self._user_dir(self.runs_dir, self.caller.user), "caption", name[:200], job,
+                            priority)
+        record["_caller"] = self.caller
         Path(record["run_dir"]).mkdir(parents=True, exist_ok=True)
         return Deferred(lambda: self._enqueue(record))
 
@@ -568,7 +735,9 @@ class Daemon:
         Path(job["output"]).parent.mkdir(parents=True, exist_ok=True)
         name = args.get("name") if isinstance(args.get("name"), str) else \
             f"{job['command']} {Path(job['output']).name}"
-        record = new_record(new_run_id(), self.runs_dir, "tools", name[:200], job, parse_priority(args))
+        record = new_record(new_run_id(), self._user_dir(self.runs_dir, self.caller.user), "tools", name[:200], job,
+                            parse_priority(args))
+        record["_caller"] = self.caller
         Path(record["run_dir"]).mkdir(parents=True, exist_ok=True)
         return Deferred(lambda: self._enqueue(record))
 
@@ -578,7 +747,7 @@ class Daemon:
         return core_bridge.run_op("tools.inspect", {"path": path}, self.home, self.options.slow_timeout_s)
 
     def cmd_list(self, args: dict) -> dict:
-        return {"runs": self.store.list_runs(include_all=bool(args.get("all")))}
+        return {"runs": self.store.list_runs(include_all=bool(args.get("all")), user=self._scope())}
 
     def cmd_get(self, args: dict) -> dict:
         return self._run_ref(args)
@@ -669,6 +838,8 @@ class Daemon:
         return self._requeue(args, resume=True)
 
     def cmd_shutdown(self, args: dict) -> dict:
+        if not self.caller.sees_all:  # a shared daemon: stopping it stops everyone's runs
+            raise ProtocolError(E_FORBIDDEN, f"role {self.caller.role.name!r}: only an admin stops the daemon")
         self.request_stop()
         return {"stopping": True, "running": [w.current for w in self.workers if w.current]}
 
@@ -700,6 +871,53 @@ class Daemon:
                                                    f"{root}, got {meta[:200]!r}")
             out["metadata_path"] = str(path)
         return out
+
+    def cmd_rate(self, args: dict) -> dict:
+        """👍 (``up``) or 👎 (``down``) on one of the caller's runs; ``null`` clears it. `recommend` reads it."""
+        run = self._run_ref(args)
+        rating = args.get("rating")
+        if rating is not None and rating not in RATINGS:
+            raise ProtocolError(E_BAD_REQUEST, f"rating: must be up, down or null, got {str(rating)[:20]!r}")
+        self.store.update_run(run["id"], rating=rating)
+        self.bus.emit("run.rated", run["id"], rating=rating)
+        return self.store.get_run(run["id"])
+
+    def _recommend_history(self) -> list[dict]:
+        """The caller's finished image runs, newest first, as the plain dicts `lora_core.recommend` reads: settings,
+        status, final loss, health warnings (their stored ``run.health`` events) and rating. Only the caller's own
+        runs, admin or not: a recommendation learns from its user's taste."""
+        user = self.caller.user if self.users_file is not None else EVERYONE
+        runs = [r for r in self.store.list_runs(include_all=True, user=user)
+                if r.get("kind") == "image" and r.get("status") in ("finished", "failed", "cancelled")]
+        runs.sort(key=lambda r: r.get("created_at") or 0, reverse=True)
+        history = []
+        for run in runs[:20]:
+            kinds = sorted({e.get("kind") for e in self.store.events(run["id"], types=["run.health"])
+                            if e.get("kind")})
+            history.append({"id": run["id"], "name": run.get("name"), "status": run.get("status"),
+                            "rating": run.get("rating"), "config": run.get("config") or {}, "health": kinds,
+                            "loss": run.get("loss"), "error": run.get("error")})
+        return history
+
+    def cmd_recommend(self, args: dict) -> Any:
+        """Recommended settings for a dataset folder (`lora_core.recommend`, in a child like `check`), adjusted for
+        the caller's earlier runs."""
+        folder = self._folder_args({"folder": args.get("folder"), **({"cwd": args["cwd"]} if "cwd" in args
+                                                                     else {})})["folder"]
+        request: dict = {"data_dir": folder, "history": self._recommend_history()}
+        base = args.get("base_model")
+        if base is not None:
+            if not isinstance(base, str) or "\0" in base:
+                raise ProtocolError(E_BAD_REQUEST, "base_model: must be a file or folder path")
+            cwd = args.get("cwd") if isinstance(args.get("cwd"), str) else "."
+            request["base_model"] = str((Path(cwd) / Path(base).expanduser()).resolve())
+        for key in ("kind", "optimizer"):
+            value = args.get(key)
+            if value is not None:
+                if not isinstance(value, str) or len(value) > 40:
+                    raise ProtocolError(E_BAD_REQUEST, f"{key}: must be a name, got {str(value)[:40]!r}")
+                request[key] = value
+        return core_bridge.run_op("recommend", request, self.home, self.options.slow_timeout_s)
 
     def cmd_plan(self, args: dict) -> Any:
         plan_dir = self.home / "plans" / secrets.token_hex(6)

@@ -18,11 +18,12 @@ from typing import Any, Callable, Iterable, Mapping, Optional
 
 import sqlite_utils
 
-from . import states
+from . import fair, states
 
 log = logging.getLogger(__name__)
 
 LAST = "last"  # the run reference that means the newest run
+EVERYONE = object()  # no user filter (a single-user daemon, or an admin)
 JSON_COLUMNS = ("config", "versions", "publish", "plan", "phase")
 
 RUN_COLUMNS: dict[str, type] = {
@@ -71,8 +72,22 @@ def _migrate_v3(db: sqlite_utils.Database) -> None:
     db["runs"].add_column("first", int, not_null_default=0)
 
 
+def _migrate_v4(db: sqlite_utils.Database) -> None:
+    """A shared daemon (users.yaml): who queued each run (``user``; null on a single-user daemon and for older
+    runs), and ``solo`` — a run that ran out of memory beside other runs starts again only on an idle device."""
+    db["runs"].add_column("user", str)
+    db["runs"].add_column("solo", int, not_null_default=0)
+    db["runs"].create_index(["user", "status"])
+
+
+def _migrate_v5(db: sqlite_utils.Database) -> None:
+    """The user's 👍/👎 on a run (``rating``: up, down or null), which `recommend` learns from."""
+    db["runs"].add_column("rating", str)
+
+
 # One function per schema version, applied in order; a released entry is never edited, only appended to.
-MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_v1, _migrate_v2, _migrate_v3]
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [_migrate_v1, _migrate_v2, _migrate_v3, _migrate_v4,
+                                                             _migrate_v5]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -147,24 +162,27 @@ class Store:
             raise NotFound(f"no run {run_id!r}")
         return _row_to_record(rows[0])
 
-    def find_run(self, ref: str) -> dict:
+    def find_run(self, ref: str, user: Any = EVERYONE) -> dict:
         """A run as people name it after `lora-daemon show`: its id, ``last`` (the newest run), its name (the newest
         run of that name), or any part of the id that only one run has (ids are timestamps, so the distinctive part
-        is the random tail: ``cancel 4ef``)."""
+        is the random tail: ``cancel 4ef``). With `user` (a shared daemon), only that user's runs exist: another
+        user's run is "no run", not "not yours", so ids and names of others' runs are not revealed."""
         if not isinstance(ref, str) or not ref:
             raise NotFound("run: give a run id")
-        rows = list(self.db.query("select * from runs where id = ?", [ref]))
+        scope, scoped = ("", []) if user is EVERYONE else (" and user is ?", [user])
+        rows = list(self.db.query(f"select * from runs where id = ?{scope}", [ref, *scoped]))
         if not rows and ref == LAST:
-            rows = list(self.db.query("select * from runs order by created_at desc, rowid desc limit 1"))
+            rows = list(self.db.query(f"select * from runs where 1{scope} order by created_at desc, rowid desc "
+                                      f"limit 1", scoped))
             if not rows:
                 raise NotFound("no runs yet, so no 'last' run")
         if not rows:
-            rows = list(self.db.query("select * from runs where name = ? order by created_at desc, rowid desc "
-                                      "limit 1", [ref]))
+            rows = list(self.db.query(f"select * from runs where name = ?{scope} order by created_at desc, "
+                                      f"rowid desc limit 1", [ref, *scoped]))
         if not rows:
             escaped = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-            rows = list(self.db.query("select * from runs where id like ? escape '\\' order by created_at limit 6",
-                                      [f"%{escaped}%"]))
+            rows = list(self.db.query(f"select * from runs where id like ? escape '\\'{scope} order by created_at "
+                                      f"limit 6", [f"%{escaped}%", *scoped]))
             prefixed = [r for r in rows if r["id"].startswith(ref)]
             rows = prefixed if len(prefixed) == 1 else rows
         if len(rows) != 1:
@@ -174,18 +192,32 @@ class Store:
             raise NotFound(f"{ref!r} matches more than one run ({shown}); give more of the id")
         return _row_to_record(rows[0])
 
-    def list_runs(self, include_all: bool = False, recent: int = 20) -> list[dict]:
-        """Active and queued runs (in the order they will run) plus the most recent others; `--all` gives all."""
+    def list_runs(self, include_all: bool = False, recent: int = 20, user: Any = EVERYONE) -> list[dict]:
+        """Active and queued runs (in the order they will run) plus the most recent others; `--all` gives all.
+        With `user`, only that user's runs (a shared daemon's non-admin)."""
         order = "order by case status when 'running' then 0 when 'cancelling' then 0 when 'pausing' then 0 " \
                 "when 'paused' then 0 when 'queued' then 1 else 2 end," \
                 " case when status = 'queued' then -first else 0 end, " \
                 " case when status = 'queued' then -priority else 0 end, " \
                 " case when status = 'queued' then created_at else -created_at end"
-        rows = list(self.db.query(f"select * from runs {order}"))
+        scope, scoped = ("", []) if user is EVERYONE else ("where user is ? ", [user])
+        rows = list(self.db.query(f"select * from runs {scope}{order}", scoped))
         if not include_all:
             keep = [r for r in rows if r["status"] not in states.TERMINAL]
             rows = keep + [r for r in rows if r["status"] in states.TERMINAL][:recent]
         return [_row_to_record(r) for r in rows]
+
+    def shared_device(self, run: dict) -> bool:
+        """Did another run use `run`'s device while it ran (since its latest start)? An OOM then may be the
+        neighbour's doing, so the run gets another try with the device to itself."""
+        return bool(self.db.execute(
+            "select count(*) from runs where id != ? and device = ? and started_at is not null and "
+            "(finished_at is null or finished_at > ?) and started_at < ? and "
+            "(status in ('running', 'cancelling', 'pausing', 'paused') or finished_at is not null)",
+            [run["id"], run.get("device"), run.get("started_at") or 0, time.time()]).fetchone()[0])
+
+    def count_user(self, user: Optional[str], status: str) -> int:
+        return self.db.execute("select count(*) from runs where user is ? and status = ?", [user, status]).fetchone()[0]
 
     def runs_in(self, statuses: Iterable[str]) -> list[dict]:
         statuses = list(statuses)
@@ -234,22 +266,46 @@ class Store:
                 self._update(run_id, {**(fields or {}).get(new, {}), "status": new})
         return current, self.get_run(run_id)
 
-    def claim_next(self, device: str) -> Optional[dict]:
-        """Take the next queued run for `device`: a resumed paused run first, then highest priority, then first come,
-        first served. Nothing while a run paused on `device` holds it: the card was freed for the WebUI (or the
-        user), and another run starting there would take it back."""
+    def claim_next(self, device: "str | fair.Device",
+                   role_of: Optional[Callable[[Optional[str]], Any]] = None) -> Optional[dict]:
+        """Take the next queued run for `device`: a resumed paused run first, then highest priority, then within a
+        priority fair share between users by device time (`lora_daemon.fair`; one user: first come, first served).
+        Nothing while a run paused on `device` holds it: the card was freed for the WebUI (or the user), and another
+        run starting there would take it back. With a `fair.Device` (the workers), a run starts beside others on
+        the device only when their memory plans fit together; a plain slot name claims regardless (one caller per
+        slot). `role_of` gives a user's role, for limits that keep runs waiting (concurrent runs, GPU hours)."""
+        slot = device if isinstance(device, str) else device.slot
         with self._lock:
             if self.db.execute("select count(*) from runs where status = 'paused' and device = ?",
-                               [device]).fetchone()[0]:
+                               [slot]).fetchone()[0]:
                 return None
-            rows = list(self.db.query(
-                "select id from runs where status = 'queued' order by first desc, priority desc, created_at, rowid "
-                "limit 1"))
-            if not rows:
+            queued = [_row_to_record(r) for r in self.db.query("select * from runs where status = 'queued'")]
+            if not queued:
                 return None
-            run = self.get_run(rows[0]["id"])
-            return self.transition(run["id"], states.RUNNING, device=device, started_at=time.time(),
+            state = self.queue_state(role_of)
+            if isinstance(device, str):
+                state.active = [r for r in state.active if r.get("device") != slot]  # no occupancy check
+                target = fair.Device(slot, max_jobs=1)
+            else:
+                target = device
+            run = fair.pick(queued, state, target)
+            if run is None:
+                return None
+            return self.transition(run["id"], states.RUNNING, device=slot, started_at=time.time(),
                                    attempts=(run["attempts"] or 0) + 1, finished_at=None, first=0)
+
+    def queue_state(self, role_of: Optional[Callable[[Optional[str]], Any]] = None) -> "fair.QueueState":
+        """What the scheduler weighs besides the queue: runs holding a device and each user's device time today."""
+        from .users import DAY_S, gpu_seconds
+
+        now = time.time()
+        active = [_row_to_record(r) for r in self.db.query(
+            "select * from runs where status in ('running', 'cancelling', 'pausing', 'paused')")]
+        recent = [dict(r) for r in self.db.query(
+            "select user, status, started_at, finished_at, paused_at from runs where started_at is not null and "
+            "(finished_at is null or finished_at > ?)", [now - DAY_S])]
+        return fair.QueueState(active=active, used_s=gpu_seconds(recent, now),
+                               role_of=role_of or (lambda user: None))
 
     # --- events and metrics ---------------------------------------------------------------------------------
     def add_event(self, event: dict) -> None:

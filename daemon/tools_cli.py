@@ -99,7 +99,9 @@ def _follow(client: DaemonClient, run_id: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    client = DaemonClient(home=args.home, timeout=5.0)
+    from .cli import cli_user  # here: cli imports this module
+
+    client = DaemonClient(home=args.home, timeout=5.0, user=cli_user(args))
     try:
         if args.tool == "inspect":
             info = client.tools_inspect(_path(args.file))

@@ -60,6 +60,7 @@ class Settings:
     max_attempts: int = 3  # automatic resumes after crashes of the daemon, per run
     poll_s: float = 0.02  # how often the child's event file is read: bounds event latency
     preferred_weight: float = 1.0
+    requeue_oom_solo: bool = False  # runs share devices (--max-per-device > 1): an OOM runs again alone, once
 
 
 @dataclass
@@ -231,6 +232,9 @@ class RunFollower:
             self.bus.emit("run.sample", rid, step=event.get("step"), path=path, prompt=event.get("prompt"))
         elif kind == "oom":
             self.advice = event.get("advice") or self.advice
+        elif kind in ("health", "eval"):  # training health warnings and validation losses: stored, shown by `show`
+            self.bus.emit(f"run.{kind}", rid, **{k: v for k, v in event.items() if k not in ("type", "time",
+                                                                                              "run_id")})
         elif kind == "end":
             self.end = event
             self.advice = event.get("advice") or self.advice
@@ -325,6 +329,14 @@ def settle(store: Store, bus: Bus, settings: Settings, run_id: str, follower: Ru
         bus.emit("run.paused", run_id, reason=run.get("pause_reason"), checkpoint=run.get("checkpoint"),
                  step=run.get("step"), device=run.get("device"))
         return run
+    if settings.requeue_oom_solo and run["status"] == states.RUNNING and not run.get("solo") and \
+            (exit_code == EXIT_OOM or end.get("status") == "oom") and store.shared_device(run):
+        # out of memory on a device it may have shared: the plans were estimates; it runs again with the card to
+        # itself (from its checkpoint, if any), and fails as usual if it runs out of memory alone too
+        run = store.transition(run_id, states.QUEUED, resume=1, solo=1, **common)
+        bus.emit("run.requeued", run_id, reason="out of memory beside other runs; it runs again alone",
+                 checkpoint=run.get("checkpoint"), solo=True)
+        return run
     if daemon_stopping:
         run = store.transition(run_id, states.QUEUED, resume=1, **common)
         bus.emit("run.requeued", run_id, reason="daemon stopped", checkpoint=run.get("checkpoint"))
@@ -353,9 +365,14 @@ class Worker(threading.Thread):
     """Runs one job at a time on one device slot until the daemon stops."""
 
     def __init__(self, slot: str, store: Store, bus: Bus, settings: Settings, wake: threading.Event,
-                 stopping: threading.Event):
-        super().__init__(name=f"worker-{slot}", daemon=True)
+                 stopping: threading.Event, device: Optional[object] = None, role_of: Optional[object] = None,
+                 index: int = 0):
+        """`device` (a `fair.Device`): claim only what fits beside the device's other runs — several workers
+        share a slot when the daemon packs runs (--max-per-device); `role_of` gives users' roles (users.yaml)."""
+        super().__init__(name=f"worker-{slot}" + (f"-{index}" if index else ""), daemon=True)
         self.slot = slot
+        self.device = device
+        self.role_of = role_of
         self.store = store
         self.bus = bus
         self.settings = settings
@@ -366,7 +383,7 @@ class Worker(threading.Thread):
     def run(self) -> None:
         while not self.stopping.is_set():
             try:
-                run = self.store.claim_next(self.slot)
+                run = self.store.claim_next(self.device or self.slot, self.role_of)
             except Exception:
                 log.exception("worker %s: could not read the queue", self.slot)
                 run = None
