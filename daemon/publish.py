@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import signal
+import struct
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,8 @@ from typing import Callable, Iterable, Optional
 log = logging.getLogger(__name__)
 
 MAX_VERSIONS = 10_000
+# the card's "sd version" (A1111's and Forge's SdVersion names) from the file's ss_base_model_version
+SD_VERSIONS = (("flux1", "Flux"), ("sdxl", "SDXL"), ("sd_v2", "SD2"), ("sd_v1", "SD1"))
 FAULT_ENV = "LORA_DAEMON_FAULT_PUBLISH"
 FAULT_POINTS = ("after-sidecar", "mid-copy", "after-copy")
 LORA_SUFFIXES = (".safetensors", ".json", ".png", ".preview.png")
@@ -151,14 +154,33 @@ def clean_parts(pub: Publication) -> None:
         _remove(pub.part(dest))
 
 
+def sd_version(src: Path) -> Optional[str]:
+    """The model family a LoRA file says it is for, as the card's ``sd version`` names it (``Flux``, ``SDXL``,
+    ``SD2``, ``SD1``): read from its ``ss_base_model_version``, in the safetensors header only. None when the file
+    says none or is not a safetensors file (a diffusers folder)."""
+    try:
+        with Path(src).open("rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            if size > 100 * 1024 * 1024:
+                return None
+            version = json.loads(fh.read(size)).get("__metadata__", {}).get("ss_base_model_version", "")
+    except (OSError, ValueError, struct.error, AttributeError):
+        return None
+    return next((name for prefix, name in SD_VERSIONS if str(version).startswith(prefix)), None)
+
+
 def sidecar_text(src: Path, trigger_words: Optional[str], preferred_weight: float,
                  base_model: Optional[str] = None) -> str:
     """The card's ``.json``: its description names the base model the LoRA was trained on (what a user needs to
-    pick the matching checkpoint), not the LoRA's own file name."""
+    pick the matching checkpoint), not the LoRA's own file name; ``sd version`` says its family, which the WebUI's
+    Lora cards read to show a LoRA beside models it fits (A1111/Forge's ``SdVersion``: SD1, SD2, SDXL; Forge: Flux)."""
     base = Path(str(base_model).rstrip("/\\")).name if base_model else None
-    return json.dumps({"description": f"trained by lora-scripts on {base}" if base else "trained by lora-scripts",
-                       "activation text": trigger_words or "", "preferred weight": preferred_weight, "notes": ""},
-                      indent=2)
+    card = {"description": f"trained by lora-scripts on {base}" if base else "trained by lora-scripts",
+            "activation text": trigger_words or "", "preferred weight": preferred_weight, "notes": ""}
+    version = sd_version(src)
+    if version:
+        card["sd version"] = version
+    return json.dumps(card, indent=2)
 
 
 def _write_text(text: str) -> Callable[[Path], None]:

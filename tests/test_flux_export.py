@@ -114,10 +114,21 @@ def test_every_module_of_the_file_names_a_real_bfl_linear_and_qkv_is_one_module(
     assert float(linear1["alpha"]) == pytest.approx(4 * ALPHA)
 
 
-@pytest.mark.parametrize("loader", ["comfyui", "sd-scripts"])
-def test_kohya_file_applied_to_the_bfl_weights_gives_the_trained_model_output(tmp_path, loader):
-    targets = ALL_TARGETS if loader == "comfyui" else BLOCK_TARGETS
-    base, model = trained(targets)
+def default_targets() -> list[str]:
+    """The layers a FLUX run adapts by default: ``model.flux_target_modules`` in every block, as the task picks them."""
+    from lora_core.config import FLUX_TARGETS
+    from lora_core.image.flux_keys import block_prefixes
+    from lora_core.image.flux_task import lora_targets
+
+    return lora_targets(tiny_transformer(), FLUX_TARGETS, block_prefixes(range(2), range(2)), "all")
+
+
+@pytest.mark.parametrize("loader,targets", [("comfyui", "every linear"), ("sd-scripts", "every block linear"),
+                                            ("sd-scripts", "the default targets")])
+def test_kohya_file_applied_to_the_bfl_weights_gives_the_trained_model_output(tmp_path, loader, targets):
+    """sd-scripts loads block layers (and the input embedders) only: a key it cannot place fails `apply_file`."""
+    names = {"every linear": ALL_TARGETS, "every block linear": BLOCK_TARGETS}.get(targets) or default_targets()
+    base, model = trained(names)
     expected = flux_output(model)
     weights = bfl_weights(base)
     key_of = comfy_flux_key_map(weights) if loader == "comfyui" else \
@@ -232,3 +243,19 @@ def test_layers_no_flux_file_can_hold_are_refused_by_name():
         kohya_flux_tensors({"transformer_blocks.1.ff.net.2": lokr}, dims)
     with pytest.raises(FluxExportError, match=r"down_blocks\.0\.attentions\.0\.proj_in: not a weight-holding"):
         kohya_flux_tensors({"down_blocks.0.attentions.0.proj_in": {}}, dims)
+
+
+def test_the_lora_card_says_flux_for_a_flux_file_and_the_sd_version_for_others(tmp_path):
+    from lora_daemon.publish import sidecar_text
+
+    from lora_core.image.export import save_lora_file
+
+    _, model = trained(["to_q", "to_k", "to_v"])
+    card = json.loads(sidecar_text(write(model, tmp_path), "sks", 1.0, "/models/flux1-dev.safetensors"))
+    assert card["sd version"] == "Flux" and card["description"] == "trained by lora-scripts on flux1-dev.safetensors"
+    sd = save_lora_file(tmp_path / "sd.safetensors", {"lora_unet_x.alpha": torch.tensor(1.0)},
+                        training_metadata(**{**METADATA, "base_model_version": "sd_v1"}), "fp16")
+    assert json.loads(sidecar_text(sd, None, 1.0))["sd version"] == "SD1"
+    not_safetensors = tmp_path / "folder_lora"
+    not_safetensors.mkdir()
+    assert "sd version" not in json.loads(sidecar_text(not_safetensors, None, 1.0))

@@ -67,7 +67,10 @@ def test_every_preset_validates_and_lists_only_what_it_changes(tmp_path):
     presets = all_presets()
     assert {p.name for p in list_presets()} == {"style", "character", "concept", "style-lowvram",
                                                 "character-lowvram", "concept-lowvram", "sdxl-prodigy",
-                                                "sd15-locon", "lokr-style", "dora-character"}
+                                                "sd15-locon", "lokr-style", "dora-character", "flux-character",
+                                                "flux-style", "flux-lowvram"}
+    assert {p.name for p in list_presets(family="flux")} == {"flux-character", "flux-style", "flux-lowvram"}
+    assert not any(p.name.startswith("flux-") for p in list_presets(family="sd"))
     assert [p.name for p in list_presets(task_type=TEXT_TASK)] == ["text"]
     by_name = {p.name: p for p in presets}
     for preset in presets:

@@ -56,6 +56,7 @@ class FieldSpec:
     info: str = ""
     minimum: Optional[float] = None  # the engine's inclusive bounds, for reference: widgets do not clamp, the
     maximum: Optional[float] = None  # engine names an out-of-range value next to its field
+    family: Optional[str] = None     # "flux": shown (and sent) only when the base model is a FLUX.1 checkpoint
 
     @property
     def dotted(self) -> str:
@@ -72,7 +73,7 @@ def _shown(kind: str, value: Any) -> Any:
 
 
 def field(key: str, label: str, kind: Optional[str] = None, advanced: bool = False, info: Optional[str] = None,
-          start: Any = UNSET) -> FieldSpec:
+          start: Any = UNSET, family: Optional[str] = None) -> FieldSpec:
     """A form row for the setting ``key``, built from the schema. ``kind`` overrides the widget (``lines`` for a
     list typed one item a line); ``start`` is a starting value, allowed only where the engine's default is empty
     (a suggested output name), so the form never contradicts an engine default."""
@@ -82,7 +83,7 @@ def field(key: str, label: str, kind: Optional[str] = None, advanced: bool = Fal
     kind = kind or ("dropdown" if setting.get("choices") else WIDGETS[setting["type"]])
     default = start if start is not UNSET else _shown(kind, setting["default"])
     return FieldSpec(key, setting["section"], label, kind, default, tuple(setting.get("choices") or ()), advanced,
-                     setting["help"] if info is None else info, setting.get("ge"), setting.get("le"))
+                     setting["help"] if info is None else info, setting.get("ge"), setting.get("le"), family)
 
 
 FIELDS: tuple[FieldSpec, ...] = (
@@ -112,6 +113,7 @@ FIELDS: tuple[FieldSpec, ...] = (
     field("adafactor_relative_step", "Adafactor relative step (ignores learning rate)", advanced=True),
     field("mixed_precision", "Mixed precision", advanced=True),
     field("gradient_checkpointing", "Gradient checkpointing (less VRAM, slower)", advanced=True),
+    field("fp8_base", "fp8 base weights (half the VRAM of bf16 for the frozen model)", advanced=True),
     field("seed", "Seed", advanced=True),
     field("noise_offset", "Noise offset", advanced=True),
     field("train_text_encoder", "Train the text encoder", advanced=True),
@@ -124,8 +126,19 @@ FIELDS: tuple[FieldSpec, ...] = (
     field("save_every_n_epochs", "Save a checkpoint every N epochs (0: end only)", advanced=True),
     field("sample_prompts", "Sample prompts (one per line)", "lines", advanced=True),
     field("sample_every_n_steps", "Sample every N steps (0: never)", advanced=True),
+    # FLUX.1 only (the tab shows them when a FLUX checkpoint is the base model)
+    field("guidance_scale", "Guidance while training (dev; 0: 1.0; schnell: leave 0)", family="flux"),
+    field("timestep_sampling", "Timestep sampling", family="flux"),
+    field("discrete_flow_shift", "Flow shift (timestep sampling: shift)", family="flux"),
+    field("t5_max_length", "T5 tokens per caption (0: 512 dev, 256 schnell)", family="flux"),
+    field("flux_blocks_to_swap", "Blocks swapped to CPU RAM (12-16 GB cards; CUDA)", family="flux"),
+    field("flux_train_blocks", "Blocks that train", family="flux"),
+    field("t5_path", "T5-XXL file (a transformer-only checkpoint; empty: inside the checkpoint)", family="flux"),
+    field("clip_path", "CLIP-L file (empty: inside the checkpoint)", family="flux"),
+    field("vae_path", "AE file (empty: inside the checkpoint)", family="flux"),
 )
 FIELD_BY_KEY = {f.key: f for f in FIELDS}
+FLUX_KEYS = frozenset(f.key for f in FIELDS if f.family == "flux")
 IMAGE_TASK = "text-to-image"
 TEXT_TASK = "text-generation"
 TEXT_FIELDS: tuple[FieldSpec, ...] = (

@@ -37,6 +37,12 @@ class Preset:
     def task_type(self) -> str:
         return self.values.get("task_type", IMAGE_TASK)
 
+    @property
+    def family(self) -> str:
+        """``flux`` for a FLUX.1 preset (it says ``model_family: flux``), else ``sd``: the tab lists the presets
+        of the family of the picked base model."""
+        return "flux" if self.values.get("model_family") == "flux" else "sd"
+
 
 def _read(path: Path) -> Optional[Preset]:
     text = path.read_text(encoding="utf-8")
@@ -77,9 +83,11 @@ def all_presets(folder: Path = PRESETS_DIR) -> list[Preset]:
     return [p for p in (_resolve(p, by_name) for p in read) if p is not None]
 
 
-def list_presets(folder: Path = PRESETS_DIR, task_type: str = IMAGE_TASK) -> list[Preset]:
-    """The presets of one kind of run (image by default: the tab's Preset dropdown)."""
-    return [p for p in all_presets(folder) if p.task_type == task_type]
+def list_presets(folder: Path = PRESETS_DIR, task_type: str = IMAGE_TASK, family: Optional[str] = None
+                 ) -> list[Preset]:
+    """The presets of one kind of run (image by default: the tab's Preset dropdown), of one model family
+    (``sd`` or ``flux``) when given."""
+    return [p for p in all_presets(folder) if p.task_type == task_type and family in (None, p.family)]
 
 
 def get_preset(name: str, folder: Path = PRESETS_DIR) -> Preset:

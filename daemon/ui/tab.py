@@ -18,11 +18,12 @@ import yaml
 
 from ..client import DaemonError, DaemonNotRunning
 
-from . import gpu_handoff, render
+from . import gpu_handoff, lora_info, render
+from .checkpoint_family import LABELS as FAMILY_LABELS, family_of
 from .combine import CombineSection, list_loras
-from .context import TabContext
+from .context import TabContext, signed_in
 from .datasets import DatasetPathError, confined, dataset_folder, list_images, save_uploads
-from .forms import (FIELDS, TEXT_FIELDS, config_to_form, form_to_config, is_text_config, parse_extra_yaml,
+from .forms import (FIELDS, FLUX_KEYS, TEXT_FIELDS, config_to_form, form_to_config, is_text_config, parse_extra_yaml,
                     problems_by_field, text_form_to_config)
 from .presets import get_preset, list_presets, preset_form_values, text_form_start
 from .setup_env import installed_torch
@@ -37,7 +38,22 @@ IMAGE_KIND = "Image LoRA"
 TEXT_KIND = "Text LoRA (language model)"
 KINDS = (IMAGE_KIND, TEXT_KIND)
 DAEMON_DOWN = "The training daemon is not running: start it in the Daemon section."
+A1111_NO_FLUX = ("model.base_model: {name} is a FLUX.1 checkpoint, and A1111 cannot run FLUX: a LoRA trained "
+                 "here could not be used here. Train it from Forge (this tab), `lora-daemon ui` or `lora-train`, "
+                 "and load it in Forge or ComfyUI.")
 PLAN_NOTE = render.message("The memory plan is worked out as the run's first step; it shows in the run's row in Runs.")
+
+
+def as_signed_in(fn: Callable) -> Callable:
+    """`fn` run as the WebUI's signed-in user: gradio (3.41 and 4.40 alike) hands a handler whose first parameter
+    is annotated ``gr.Request`` the request, whose ``username`` is the ``--gradio-auth`` login (None without one),
+    and every daemon request `fn` makes then carries it (`context.signed_in`). The name is kept (not
+    functools.wraps: gradio would read the wrapped signature and not pass the request)."""
+    def handler(request: gr.Request, *args):
+        with signed_in(getattr(request, "username", None)):
+            return fn(*args)
+    handler.__name__, handler.__doc__ = getattr(fn, "__name__", "handler"), fn.__doc__
+    return handler
 
 
 def _daemon_message(error: Exception) -> str:
@@ -90,6 +106,8 @@ class TrainTab:
     def build(self) -> gr.Blocks:
         with gr.Blocks(analytics_enabled=False, title=TITLE) as blocks:
             gr.HTML('<div id="lora_scripts_toasts"></div>', elem_id="lora_scripts_toast_host")
+            # the GPU hand-off's "ask" question, filled by the tab's script from the live poll (any section)
+            gr.HTML('<div id="lora_scripts_handoff_ask"></div>', elem_id="lora_scripts_handoff_host")
             with gr.Tabs(elem_id="lora_scripts_sections"):
                 with gr.Tab("Dataset", elem_id="lora_scripts_dataset_section"):
                     self._dataset_section()
@@ -110,6 +128,7 @@ class TrainTab:
             blocks.load(self.refresh_models, inputs=[base_model], outputs=[base_model])
             continue_from = self.fields["network_weights"]
             blocks.load(self.refresh_loras, inputs=[continue_from], outputs=[continue_from])
+            continue_from.change(self.inspect_pick, inputs=[continue_from], outputs=[self.train.c["continue_info"]])
         return blocks
 
     def _dataset_section(self) -> None:
@@ -151,7 +170,9 @@ class TrainTab:
 
     def _train_section(self) -> None:
         t = self.train
-        presets = list_presets()
+        titles = sorted(self._models())
+        first = titles[0] if titles else None
+        presets = list_presets(family=self._family(first))
         default = self.ctx.settings().default_preset
         preset_name = default if any(p.name == default for p in presets) else (presets[0].name if presets else None)
         values = preset_form_values(preset_name, FIELDS) if preset_name else {}
@@ -159,19 +180,23 @@ class TrainTab:
                                elem_id="lora_scripts_run_kind"))
         with t.add("image_form", gr.Column(elem_id="lora_scripts_image_form")):
             with gr.Row():
-                titles = sorted(self.ctx.checkpoints())
                 t.add("base_model", gr.Dropdown(label="Base model", choices=titles,
-                                                value=titles[0] if titles else None, elem_id="lora_scripts_base_model"))
+                                                value=first, elem_id="lora_scripts_base_model"))
                 t.add("refresh_models", gr.Button("Refresh", elem_id="lora_scripts_refresh_models"))
                 t.add("preset", gr.Dropdown(label="Preset", choices=[p.name for p in presets], value=preset_name,
                                             elem_id="lora_scripts_preset"))
             t.add("preset_info", gr.Markdown(self._preset_text(preset_name)))
+            t.add("family_note", gr.HTML(self._family_note(first), elem_id="lora_scripts_family_note"))
             self._fields(FIELDS, advanced=False, values=values)
+            with t.add("flux_settings", gr.Column(visible=self._family(first) == "flux",
+                                                  elem_id="lora_scripts_flux_settings")):
+                self._fields(FIELDS, advanced=None, values=values, family="flux")
         with t.add("text_form", gr.Column(visible=False, elem_id="lora_scripts_text_form")):
             gr.Markdown("A LoRA for a causal language model (LLaMA, Qwen, Mistral, …) in a local folder; the adapter "
                         "is published to the daemon's adapters folder, not to the WebUI's Lora folder.")
             self._fields(TEXT_FIELDS, advanced=None, values=text_form_start(TEXT_FIELDS))
         t.add("plan", gr.HTML(elem_id="lora_scripts_plan"))
+        t.add("continue_info", gr.HTML(elem_id="lora_scripts_continue_info"))  # the picked LoRA's inspect summary
         with gr.Accordion("Advanced", open=False, elem_id="lora_scripts_advanced"):
             with t.add("image_advanced", gr.Column(elem_id="lora_scripts_image_advanced")):
                 self._fields(FIELDS, advanced=True, values=values)
@@ -184,15 +209,20 @@ class TrainTab:
             t.add("start", gr.Button("Start training", variant="primary", elem_id="lora_scripts_start"))
             t.add("show_yaml", gr.Button("Show YAML", elem_id="lora_scripts_show_yaml"))
             t.add("load_yaml", gr.Button("Load YAML", elem_id="lora_scripts_load_yaml"))
+        with gr.Row():  # recommended settings from the dataset (and this user's rated runs) fill the form
+            t.add("rec_kind", gr.Dropdown(label="Recommend for", choices=["character", "style", "concept"],
+                                          value="character", elem_id="lora_scripts_recommend_kind"))
+            t.add("recommend", gr.Button("Recommend", elem_id="lora_scripts_recommend"))
         t.add("status", gr.HTML(elem_id="lora_scripts_train_status"))
         t.add("yaml", gr.Textbox(label="Config YAML", lines=10, elem_id="lora_scripts_yaml"))
 
-    def _fields(self, specs: tuple, advanced: Optional[bool], values: dict) -> None:
-        """Three fields a row, each with its error box; the text form's ids carry ``text_`` so both forms coexist."""
+    def _fields(self, specs: tuple, advanced: Optional[bool], values: dict, family: Optional[str] = None) -> None:
+        """Three fields a row, each with its error box; the text form's ids carry ``text_`` so both forms coexist.
+        ``family``: only that family's own fields (the FLUX settings), which the other calls leave out."""
         text = specs is TEXT_FIELDS
         fields, errors = (self.text_fields, self.text_errors) if text else (self.fields, self.errors)
         prefix = "lora_scripts_text_" if text else "lora_scripts_"
-        shown = [s for s in specs if advanced is None or s.advanced == advanced]
+        shown = [s for s in specs if (advanced is None or s.advanced == advanced) and s.family == family]
         for start in range(0, len(shown), 3):
             with gr.Row():
                 for spec in shown[start:start + 3]:
@@ -211,7 +241,7 @@ class TrainTab:
                 run = self.train.add("selected_run", gr.Textbox(label="Selected run", interactive=True,
                                                                 elem_id="lora_scripts_selected_run"))
             load = gr.Button("Load this config", elem_id="lora_scripts_load_run_config")
-        load.click(self.load_run_config, inputs=[run], outputs=self._form_outputs())
+        load.click(as_signed_in(self.load_run_config), inputs=[run], outputs=self._form_outputs())
 
     def _daemon_section(self) -> None:
         gr.HTML('<div id="lora_scripts_daemon_live">Checking the daemon…</div>', elem_id="lora_scripts_daemon_host")
@@ -221,25 +251,35 @@ class TrainTab:
             start = gr.Button("Start daemon", elem_id="lora_scripts_daemon_start")
             stop = gr.Button("Stop daemon", elem_id="lora_scripts_daemon_stop")
             setup = gr.Button("Set up the training engine", elem_id="lora_scripts_daemon_setup")
+        # the GPU hand-off (inside A1111/Forge): its setting and where the WebUI's model is, from the live poll
+        gr.HTML('<div id="lora_scripts_handoff_live"></div>', elem_id="lora_scripts_handoff_setting_host")
+        reload = gr.Button("Reload the WebUI's model now", elem_id="lora_scripts_handoff_reload",
+                           visible=getattr(self.ctx.handoff, "host", None) is not None)
         result = gr.HTML(elem_id="lora_scripts_daemon_result")
+        reload.click(self.reload_webui_model, outputs=[result])
         gr.HTML('<pre id="lora_scripts_setup_log" class="lora-scripts-log"></pre>', elem_id="lora_scripts_setup_host")
         start.click(lambda: render.message(self.ctx.start_daemon()), outputs=[result])
-        stop.click(self.stop_daemon, outputs=[result])
+        stop.click(as_signed_in(self.stop_daemon), outputs=[result])
         setup.click(self.start_setup, outputs=[result])
 
     # ---------------------------------------------------------------- dataset handlers
     def _wire_dataset(self) -> None:
         d = self.ds.c
         refresh_outputs = [d["folder"], d["status"], d["gallery"], d["entries"], d["tags"]]
-        d["add"].click(self.add_files, inputs=[d["files"], d["name"], d["folder"]], outputs=refresh_outputs)
-        d["open"].click(self.open_folder, inputs=[d["name"], d["folder"]], outputs=refresh_outputs)
-        d["check"].click(self.check, inputs=[d["folder"], self.fields["resolution"]], outputs=[d["report"]])
-        d["caption"].click(self.autocaption, inputs=[d["folder"], d["captioner"], d["overwrite"]],
+        d["add"].click(as_signed_in(self.add_files), inputs=[d["files"], d["name"], d["folder"]],
+                       outputs=refresh_outputs)
+        d["open"].click(as_signed_in(self.open_folder), inputs=[d["name"], d["folder"]], outputs=refresh_outputs)
+        d["check"].click(as_signed_in(self.check), inputs=[d["folder"], self.fields["resolution"]],
+                         outputs=[d["report"]])
+        d["caption"].click(as_signed_in(self.autocaption), inputs=[d["folder"], d["captioner"], d["overwrite"]],
                            outputs=refresh_outputs)
         d["gallery"].select(self.select_image, inputs=[d["entries"]], outputs=[d["file"], d["text"]])
-        d["save"].click(self.save_caption, inputs=[d["folder"], d["file"], d["text"]], outputs=refresh_outputs)
-        d["add_trigger"].click(self.add_trigger, inputs=[d["folder"], d["trigger"]], outputs=refresh_outputs)
-        d["do_replace"].click(self.replace, inputs=[d["folder"], d["find"], d["replace"]], outputs=refresh_outputs)
+        d["save"].click(as_signed_in(self.save_caption), inputs=[d["folder"], d["file"], d["text"]],
+                        outputs=refresh_outputs)
+        d["add_trigger"].click(as_signed_in(self.add_trigger), inputs=[d["folder"], d["trigger"]],
+                               outputs=refresh_outputs)
+        d["do_replace"].click(as_signed_in(self.replace), inputs=[d["folder"], d["find"], d["replace"]],
+                              outputs=refresh_outputs)
 
     def _captioners(self) -> list[str]:
         """The engine's captioners as the daemon reports them, those with weights in place first, then the
@@ -417,13 +457,17 @@ class TrainTab:
                                       (t["start"], self.start, "queuing…")):
             button.click(lambda note=note: render.message(note), outputs=[t["status"]], queue=False,
                          show_progress="hidden") \
-                .then(handler, inputs=inputs, outputs=errors + [t["plan"], t["status"]], show_progress="hidden",
-                      queue=False)
+                .then(as_signed_in(handler), inputs=inputs, outputs=errors + [t["plan"], t["status"]],
+                      show_progress="hidden", queue=False)
         t["show_yaml"].click(self.show_yaml, inputs=inputs, outputs=[t["yaml"]] + errors)
         t["load_yaml"].click(self.load_yaml, inputs=[t["yaml"]], outputs=self._form_outputs())
+        t["recommend"].click(as_signed_in(self.recommend), inputs=[t["rec_kind"], t["base_model"], self.ds.c["folder"]],
+                             outputs=self._form_outputs() + [t["plan"]])
         t["preset"].change(self.apply_preset, inputs=[t["preset"]],
                            outputs=[self.fields[s.key] for s in FIELDS] + [t["preset_info"]])
         t["refresh_models"].click(self.refresh_models, inputs=[t["base_model"]], outputs=[t["base_model"]])
+        t["base_model"].change(self.pick_model, inputs=[t["base_model"], t["preset"]],
+                               outputs=[t["flux_settings"], t["family_note"], t["preset"]])
         t["kind"].change(self.show_kind, inputs=[t["kind"]],
                          outputs=[t["image_form"], t["image_advanced"], t["text_form"]])
 
@@ -440,14 +484,59 @@ class TrainTab:
         except KeyError as e:
             return str(e)
 
+    def _models(self) -> dict[str, str]:
+        """The Base model list: the host's checkpoints by title, a FLUX.1 one with its family after the title
+        (read from the file's header, `checkpoint_family`)."""
+        out = {}
+        for title, path in self.ctx.checkpoints().items():
+            family = family_of(path)
+            out[f"{title} · {FAMILY_LABELS[family]}" if family else title] = path
+        return out
+
+    def _model_path(self, title: Optional[str]) -> Optional[str]:
+        if not title:
+            return None
+        return self._models().get(title) or self.ctx.checkpoints().get(title, title)
+
+    def _family(self, title: Optional[str]) -> str:
+        """``flux`` or ``sd``: which settings and presets the picked base model takes."""
+        path = self._model_path(title)
+        return "flux" if path and family_of(path) else "sd"
+
+    def _family_note(self, title: Optional[str]) -> str:
+        if self._family(title) != "flux":
+            return ""
+        if self.ctx.host == "a1111":
+            return render.message(A1111_NO_FLUX.format(name=title).split(": ", 1)[1], "error")
+        label = FAMILY_LABELS[family_of(self._model_path(title))]
+        return render.message(f"{label}: the FLUX settings are below; the LoRA loads in Forge and ComfyUI.")
+
+    def _family_refusal(self, kind: str, base_model: Optional[str]) -> Optional[str]:
+        """A1111 cannot run FLUX: say so before anything is queued (Forge and the standalone UI train it)."""
+        if kind == TEXT_KIND or self.ctx.host != "a1111" or self._family(base_model) != "flux":
+            return None
+        return A1111_NO_FLUX.format(name=base_model)
+
+    def pick_model(self, title: Optional[str], preset: Optional[str]) -> list:
+        """A base model picked: the FLUX settings shown for FLUX only, its family said, and the presets of its
+        family listed (the first one chosen when the current preset is of the other family)."""
+        presets = [p.name for p in list_presets(family=self._family(title))]
+        default = self.ctx.settings().default_preset
+        value = next((name for name in (preset, default) if name in presets), presets[0] if presets else None)
+        return [gr.update(visible=self._family(title) == "flux"), self._family_note(title),
+                gr.update(choices=presets, value=value)]
+
     def _build_config(self, kind: str, base_model: Optional[str], folder: str, extra_text: str,
                       values: tuple) -> dict:
-        """The chosen form → config dict; raises ValueError for a bad Other settings box."""
+        """The chosen form → config dict; raises ValueError for a bad Other settings box. The FLUX settings are
+        sent only with a FLUX base model (hidden for SD, they must not carry a FLUX preset's values into it)."""
         extra = parse_extra_yaml(extra_text)
         if kind == TEXT_KIND:
             return text_form_to_config(dict(zip([s.key for s in TEXT_FIELDS], values[len(FIELDS):])), None, extra)
         chosen = dict(zip([s.key for s in FIELDS], values[:len(FIELDS)]))
-        model_path = self.ctx.checkpoints().get(base_model, base_model) if base_model else None
+        if self._family(base_model) != "flux":
+            chosen = {k: v for k, v in chosen.items() if k not in FLUX_KEYS}
+        model_path = self._model_path(base_model)
         chosen["network_weights"] = self._lora_path(chosen.get("network_weights"))
         return form_to_config(chosen, model_path, folder or None, None, extra)
 
@@ -456,6 +545,13 @@ class TrainTab:
         if picked and picked in list_loras(self.ctx.lora_dir()):
             return str(self.ctx.lora_dir() / picked)
         return picked or None
+
+    def inspect_pick(self, picked: Optional[str]) -> str:
+        """"Continue from a LoRA": what the picked file is (family, adapter, rank/alpha per block, metadata)."""
+        if not picked:
+            return ""
+        local = self.ctx.lora_dir() / picked if picked in list_loras(self.ctx.lora_dir()) else Path(picked)
+        return lora_info.CACHE.summary_html(self.ctx.client, picked, local)
 
     def refresh_loras(self, current: Optional[str]):
         """Page load: the Lora folder's files for "Continue from a LoRA" (a run published since shows at once)."""
@@ -477,6 +573,9 @@ class TrainTab:
             config = self._build_config(kind, base_model, folder, extra_text, values)
         except ValueError as e:
             return self._errors([], str(e), kind) + ["", render.message("Fix the Other settings box.", "error")]
+        refusal = self._family_refusal(kind, base_model)
+        if refusal:
+            return self._errors([refusal], kind=kind) + ["", render.message("Pick another base model.", "error")]
         try:
             result = self.ctx.client(timeout=30.0).validate(config)
         except (DaemonNotRunning, DaemonError) as e:
@@ -494,7 +593,7 @@ class TrainTab:
             config = self._build_config(kind, base_model, folder, extra_text, values)
         except ValueError as e:
             return self._errors([], str(e), kind) + ["", render.message("Nothing was queued.", "error")]
-        empty = None if kind == TEXT_KIND else self._empty_dataset(folder)
+        empty = self._family_refusal(kind, base_model) or (None if kind == TEXT_KIND else self._empty_dataset(folder))
         if empty:
             return self._errors([empty], kind=kind) + ["", render.message("Nothing was queued.", "error")]
         freed = gpu_handoff.webui_vram_mb()  # the plan counts the VRAM the hand-off frees as free
@@ -542,7 +641,7 @@ class TrainTab:
         if text:
             model_update = gr.update()
         else:
-            titles = self.ctx.checkpoints()
+            titles = self._models()
             title = next((t for t, p in titles.items() if p == base), base)
             model_update = gr.update(choices=sorted(set(titles) | ({title} if title else set())), value=title)
         extra = yaml.safe_dump(rest, sort_keys=False, allow_unicode=True) if rest else ""
@@ -566,6 +665,24 @@ class TrainTab:
             return self._unchanged("Config YAML: paste a mapping of settings (key: value per line).")
         return self._fill(config, "Loaded the YAML into the form.")
 
+    def recommend(self, kind: str, base_model: Optional[str], folder: str) -> list:
+        """The daemon's recommendation for the dataset folder (and base model) into the form; each value's reason
+        in the table under it."""
+        if not folder:
+            return self._unchanged("Add images or choose a dataset folder first.") + [gr.update()]
+        model_path = self._model_path(base_model)
+        try:
+            rec = self.ctx.client().recommend(folder, base_model=model_path, kind=kind)
+        except (DaemonNotRunning, DaemonError) as e:
+            return self._unchanged(_daemon_message(e)) + [gr.update()]
+        settings = dict(rec.get("settings") or {})
+        settings.pop("base_model", None)  # the Base model menu and the dataset folder keep their choice
+        settings.pop("train_data_dir", None)
+        filled = self._fill(settings, f"Filled {len(rec.get('reasons') or [])} recommended settings for a {kind} "
+                                      f"LoRA; why each, below.")
+        filled[1], filled[2] = gr.update(), gr.update()
+        return filled + [render.recommendation(rec)]
+
     def load_run_config(self, run_id: str) -> list:
         if not run_id:
             return self._unchanged("Select a run in the table first.")
@@ -588,10 +705,18 @@ class TrainTab:
         once) and keep the current choice when it is still there."""
         if self.ctx.rescan_checkpoints is not None:
             self.ctx.rescan_checkpoints()
-        titles = sorted(self.ctx.checkpoints())
+        titles = sorted(self._models())
         return gr.update(choices=titles, value=current if current in titles else (titles[0] if titles else None))
 
     # ---------------------------------------------------------------- daemon handlers
+    def reload_webui_model(self) -> str:
+        """The GPU hand-off moved the WebUI's model off the card for training; bring it back now (after a
+        generation in progress), instead of at the next generation."""
+        handoff = self.ctx.handoff
+        if handoff is None or not handoff.reload_now():
+            return render.message("There is no WebUI model to reload here (only inside A1111/Forge).", "error")
+        return render.message("The WebUI's model is back on its GPU.", "ok")
+
     def stop_daemon(self) -> str:
         try:
             self.ctx.client().shutdown()
