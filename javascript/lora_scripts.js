@@ -145,6 +145,8 @@
             (phase ? `<p id="lora_scripts_run_phase" class="lora-scripts-phase">Now ${esc(phase)}</p>` : "");
         return `<div id="lora_scripts_run_details" data-run-id="${esc(r.id)}" data-status="${esc(r.status)}">` +
             `<h3>${esc(r.name)} <small>${esc(r.id)} · ${esc(statusText(r))}</small></h3>${buttons}${published}${error}${facts}` +
+            // a finished run's file (inspect summary) and a toolbox job's report: HTML escaped by the routes
+            `<div id="lora_scripts_run_file">${sel.report_html || ""}${sel.inspect_html || ""}</div>` +
             lossCurve(points) +
             `<details open><summary>Log</summary><pre id="lora_scripts_run_log" class="lora-scripts-log">${esc(sel.log.join("\n"))}</pre></details>` +
             (samples ? `<details open><summary>Samples</summary><div class="lora-scripts-samples">${samples}</div></details>` : "") +
@@ -274,6 +276,7 @@
             const data = await res.json();
             const daemonHost = byId("lora_scripts_daemon_live");
             if (daemonHost) daemonHost.innerHTML = daemonStatus(data.daemon, data.lora_dir);
+            handoffView(data.handoff);
             state.lastRuns = data.runs || [];
             const wanted = pickDefault(state.lastRuns);
             if (wanted !== state.selected) { state.selected = wanted; setSelectedInput(wanted); }
@@ -296,7 +299,29 @@
         }
     }
 
+    // The GPU hand-off inside a WebUI: the "ask" setting's question (any section) and the Daemon section's line.
+    // HTML made (and escaped) by gpu_handoff.py; replaced only when it changes, so a button is never swapped
+    // under the pointer.
+    function handoffView(h) {
+        for (const [id, html] of [["lora_scripts_handoff_ask", (h && h.question_html) || ""],
+                                  ["lora_scripts_handoff_live", (h && h.setting_html) || ""]]) {
+            const host = byId(id);
+            if (host && host.dataset.shown !== html) { host.innerHTML = html; host.dataset.shown = html; }
+        }
+    }
+
     async function onClick(ev) {
+        const answer = ev.target.closest && ev.target.closest(".lora-scripts-handoff[data-handoff]");
+        if (answer) {
+            answer.disabled = true;
+            const res = await fetch(`${API}/handoff/${answer.dataset.handoff}`, {method: "POST"});
+            if (!res.ok) {
+                const data = await res.json().catch(() => ({}));
+                toastError((data.error && data.error.message) || `${answer.dataset.handoff} failed (${res.status})`);
+            }
+            poll();
+            return;
+        }
         const row = ev.target.closest && ev.target.closest("#lora_scripts_runs_table tr[data-run-id]");
         if (row) { select(row.dataset.runId); return; }
         const action = ev.target.closest && ev.target.closest(".lora-scripts-action");

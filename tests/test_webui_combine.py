@@ -105,3 +105,113 @@ def test_combine_section_previews_and_queues_merge_and_bake_jobs(env_name, daemo
     info = inspect_file(merged)
     assert info["rank"] == 6 and [s["weight"] for s in info["training"]["merged_from"]] == [0.8, 0.5]
     assert not (tmp_path / "escape.safetensors").exists()
+
+
+TOOLS_PROBE = r"""
+import importlib.util, json, sys, time
+spec = importlib.util.spec_from_file_location("lora_daemon_bootstrap", sys.argv[1])
+bootstrap = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bootstrap)
+bootstrap.import_lora_daemon()
+from pathlib import Path
+from lora_daemon.ui import routes
+from lora_daemon.ui.context import TabContext, UiSettings
+from lora_daemon.ui.tab import TrainTab
+from lora_daemon.ui.combine import EXTRACT, RESIZE
+
+home, lora_dir, checkpoints = sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4])
+models = lambda: {f"{p.name} [0]": str(p) for p in sorted(checkpoints.glob("*.safetensors"))}
+ctx = TabContext(settings=lambda: UiSettings(home=home), checkpoints=models, lora_dir=lambda: lora_dir)
+tab = TrainTab(ctx)
+tab.build()
+c = tab.combine
+client = ctx.client(timeout=30)
+def queued(result):
+    status, _, job = result
+    assert job, status
+    return job
+def wait(job):
+    deadline = time.monotonic() + 400
+    while client.get(job)["status"] not in ("finished", "failed", "cancelled") and time.monotonic() < deadline:
+        time.sleep(0.5)
+report = {}
+# the form's mistakes, named before anything is queued
+report["resize_two"] = c.run(RESIZE, ["style.safetensors", "other.safetensors"], "", 2, None, "x", "fp32")[0]
+report["resize_no_rank"] = c.run(RESIZE, ["style.safetensors"], "", 0, None, "x", "fp32", 0)[0]
+report["resize_bad_fro"] = c.run(RESIZE, ["style.safetensors"], "", 0, None, "x", "fp32", 1.5)[0]
+report["extract_same"] = c.run(EXTRACT, [], "", 4, "base.safetensors [0]", "x", "fp32", 0,
+                               "base.safetensors [0]", False)[0]
+jobs = {
+    "rank": queued(c.run(RESIZE, ["style.safetensors"], "", 2, None, "small", "fp32")),
+    "fro": queued(c.run(RESIZE, ["style.safetensors"], "", 0, None, "fro", "fp32", 0.9)),
+    "extract": queued(c.run(EXTRACT, [], "", 4, "base.safetensors [0]", "extracted", "fp32", 0,
+                            "tuned.safetensors [0]", True)),
+}
+for job in jobs.values():
+    wait(job)
+report["runs"] = {k: {f: client.get(j).get(f) for f in ("status", "error", "step", "total_steps", "output_file")}
+                  for k, j in jobs.items()}
+refreshed = c.refresh([], None, None, jobs["rank"])
+report["choices"] = refreshed[0]["choices"]
+report["status"] = {k: c.refresh([], None, None, j)[3] for k, j in jobs.items()}
+report["continue_pick"] = tab.inspect_pick("small.safetensors")
+report["pick"] = c.preview(["extracted.safetensors"], "")
+report["runs_view"] = {k: routes.run_view(ctx, j) for k, j in jobs.items()}
+report["runs_view"] = {k: {f: v.get(f) for f in ("report_html", "inspect_html")} for k, v in report["runs_view"].items()}
+print("REPORT " + json.dumps(report, default=str))
+"""
+
+
+@pytest.mark.parametrize("env_name", list(ENVS))
+def test_resize_and_extract_from_the_section_land_in_the_lora_list_with_their_report(env_name, daemon_factory,
+                                                                                   tmp_path):
+    """Resize (a rank, and a fro-ratio) and extract (tuned vs base checkpoint, conv layers as LoCon) queued from
+    the Combine section run as daemon jobs; Refresh lists the new files and shows each job's report (retained
+    energy, relative error) and the new file's inspect summary, and so do the Runs view and the continue-from pick."""
+    from lora_core.tiny import build_tiny_sd
+    from lora_core.tools.bake import bake
+    from lora_core.tools.inspect import inspect_file
+
+    python = require(env_name)
+    checkpoints = tmp_path / "Stable-diffusion"
+    lora_dir = tmp_path / "Lora"
+    base = build_tiny_sd(checkpoints / "base.safetensors", single_file=True)
+    style = make_lora(lora_dir / "style.safetensors", "sd1", seed=1, rank=4, text=False)
+    make_lora(lora_dir / "other.safetensors", "sd1", seed=2, text=False)
+    bake(base, [(style, 1.0)], checkpoints / "tuned.safetensors", precision="fp32")
+    daemon = daemon_factory("--checkpoint-dir", str(checkpoints))
+    probe = tmp_path / "probe.py"
+    probe.write_text(TOOLS_PROBE, encoding="utf-8")
+    done = subprocess.run([str(python), str(probe), str(ROOT / "daemon" / "bootstrap.py"), str(daemon.home),
+                           str(lora_dir), str(checkpoints)], capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": ""}, cwd=str(tmp_path))
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(lines[-1][len("REPORT "):])
+
+    assert "Resize: choose exactly one LoRA (2 chosen)" in report["resize_two"]
+    assert "Rank: give the new rank, or a fro-ratio" in report["resize_no_rank"]
+    assert "Fro-ratio: a share between 0 and 1" in report["resize_bad_fro"]
+    assert "choose another checkpoint than the base model" in report["extract_same"]
+    for name, run in report["runs"].items():
+        assert run["status"] == "finished", (name, run)
+        assert run["total_steps"] and run["step"] == run["total_steps"], (name, run)  # progress like a run
+    choices = [c[0] if isinstance(c, list) else c for c in report["choices"]]
+    assert {"small.safetensors", "fro.safetensors", "extracted.safetensors"} <= set(choices)
+
+    small, fro, extracted = (inspect_file(lora_dir / f"{n}.safetensors") for n in ("small", "fro", "extracted"))
+    assert small["rank"] == 2 and extracted["family"] == "sd1"
+    # the report shown is the job's own: resize by rank keeps less than all of a rank-4 update's energy
+    status = report["status"]
+    assert "retained energy: lowest" in status["rank"] and "rank 2" in status["rank"]
+    assert "module (least retained)" in status["rank"] and "4 → 2" in status["rank"]
+    assert "sv_fro 0.9" in status["fro"] and "retained energy" in status["fro"]
+    assert "relative error: mean" in status["extract"] and "conv rank 4" in status["extract"]
+    # ... and the new file's inspect summary, in the section, the Runs view and the continue-from pick
+    assert 'data-rank="2"' in status["rank"] and "small.safetensors" in status["rank"]
+    assert 'data-family="sd1"' in report["pick"] and "extracted.safetensors" in report["pick"]
+    assert 'data-rank="2"' in report["continue_pick"] and "<th>block</th>" in report["continue_pick"]
+    views = report["runs_view"]
+    assert "retained energy" in views["rank"]["report_html"] and 'data-rank="2"' in views["rank"]["inspect_html"]
+    assert "relative error" in views["extract"]["report_html"] and 'data-family="sd1"' in views["extract"]["inspect_html"]
+    assert fro["rank"] and max(fro["rank"] if isinstance(fro["rank"], list) else [fro["rank"]]) <= 4

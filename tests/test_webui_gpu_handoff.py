@@ -65,3 +65,62 @@ def test_a_generation_pauses_the_run_on_the_webui_gpu_and_it_resumes_after_the_i
     assert len(starts) == 2 and starts[1]["resumed_from"], "the run resumed from the pause's checkpoint"
     paused = client.run_events(run["id"], types=["run.paused"])
     assert len(paused) == 1 and paused[0]["reason"] == "generation"
+
+
+ASK = ROOT / "tests" / "webui_stub" / "ask_like_webui.py"
+
+
+@pytest.mark.parametrize("env_name", list(ENVS))
+def test_ask_puts_the_question_in_the_tab_and_the_answer_acts_and_the_model_reloads_on_request(
+        env_name, daemon_factory, tiny_sd, tiny_data, tmp_path):
+    """Setting "ask": a run starting on the WebUI's GPU puts "Run X wants the GPU: free the WebUI's VRAM now?" in
+    the tab's live poll; Keep leaves the model on the card (and that run is not asked again), Free moves it off
+    under the generation lock; "Reload the WebUI's model now" (REST route and the Daemon section's button) brings
+    it back under the lock."""
+    python = require(env_name)
+    daemon = daemon_factory()
+    client = daemon.client(timeout=60)
+    kept = client.submit(run_config(tiny_sd, tiny_data, "kept", steps=100000))
+    freed = client.submit(run_config(tiny_sd, tiny_data, "freed", steps=8))
+    (tmp_path / "webui" / "models" / "Stable-diffusion").mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "WEBUI_STUB_ROOT": str(tmp_path / "webui"), "LORA_DAEMON_HOME": str(daemon.home),
+           "WEBUI_STUB_DEVICE_ID": "cpu", "PYTHONPATH": ""}
+    forge = ["--forge"] if env_name == FORGE_ENV else []
+    proc = subprocess.run([str(python), str(ASK), str(ROOT), kept["id"], freed["id"], *forge], capture_output=True,
+                          text=True, env=env, timeout=2000, cwd=str(tmp_path))
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("REPORT ")]
+    assert proc.returncode == 0 and lines, proc.stdout[-3000:] + proc.stderr[-5000:]
+    report = json.loads(lines[-1][len("REPORT "):])
+
+    host = report["host"]
+    assert host == ("forge" if env_name == FORGE_ENV else "a1111")
+    assert {"lora_scripts_handoff_host", "lora_scripts_handoff_setting_host",
+            "lora_scripts_handoff_reload"} <= set(report["hosts"])
+    assert report["reload_handlers"] == 1 and report["reload_visible"] == [True]
+    # "ask" frees nothing by itself: the tab asks
+    assert report["calls_before_answer"] == []
+    asked = report["asked"]
+    assert asked["setting"] == "ask" and asked["asked"] == kept["id"] and asked["freed"] is False
+    assert asked["asked_name"] == kept["name"]
+    assert f"Run {kept['name']} wants the GPU: free the WebUI's VRAM now?" in asked["question_html"]
+    assert 'data-handoff="free">Free</button>' in asked["question_html"]
+    assert 'data-handoff="keep">Keep</button>' in asked["question_html"]
+    assert 'data-setting="ask"' in asked["setting_html"] and "Settings → LoRA Training" in asked["setting_html"]
+    # Keep: the model stays, the question goes
+    assert report["keep"]["asked"] is None and report["after_keep"]["question_html"] == ""
+    assert report["calls_after_keep"] == []
+    # the next run is asked again; Free moves the model off the GPU under the generation lock
+    assert report["asked_again"]["asked"] == freed["id"]
+    unload = UNLOAD[host]
+    assert [c["call"] for c in report["calls_after_free"]] == unload
+    assert report["free"]["freed"] is True and report["free"]["asked"] is None
+    assert 'data-freed="true"' in report["free"]["setting_html"]
+    # reload now: the REST route, then the Daemon section's button; A1111 reloads under the lock, Forge loads on
+    # demand at the next generation (nothing to call), and both count the model as back
+    reloads = ["reload", "reload"] if host == "a1111" else []
+    assert [c["call"] for c in report["calls_after_button"]] == unload + reloads
+    assert all(c["locked"] for c in report["calls_after_button"]), report["calls_after_button"]
+    assert report["reload"]["freed"] is False and "back on its GPU" in report["button"]
+    assert report["nonsense"] == 404
+    assert report["final"]["status"] == "finished", report["final"]
+    assert report["after_end"]["asked"] is None

@@ -1,5 +1,7 @@
-"""The tab's Combine section: pick LoRAs from the Lora folder with weights, preview what they are, and merge them
-into one LoRA or bake them into a checkpoint — as a daemon job that shows progress in Runs like a training run.
+"""The tab's Combine section: pick LoRAs from the Lora folder with weights, see what they are, and merge them into
+one LoRA, bake them into a checkpoint, resize one to a lower rank, or extract one from two checkpoints — each a
+daemon job that shows progress in Runs like a training run, its report (error, retained energy) shown here on
+Refresh and in Runs.
 
 Only the daemon touches the files (``tools.inspect`` and ``tools`` requests; `lora_daemon.tools_job` confines
 them to its Lora/checkpoint folders), so the WebUI process never loads a tensor. LoRAs are sent by their name
@@ -16,13 +18,18 @@ from typing import Any, Optional
 import gradio as gr
 
 from ..client import DaemonError, DaemonNotRunning
+from . import lora_info
 from .context import TabContext
 
 log = logging.getLogger(__name__)
 
 MERGE = "Merge into one LoRA"
 BAKE = "Bake into a checkpoint"
-ACTIONS = (MERGE, BAKE)
+RESIZE = "Resize one LoRA (lower rank)"
+EXTRACT = "Extract a LoRA from two checkpoints"
+ACTIONS = (MERGE, BAKE, RESIZE, EXTRACT)
+COMMANDS = {MERGE: "merge", BAKE: "bake", RESIZE: "resize", EXTRACT: "extract"}
+FINAL = ("finished", "failed", "cancelled")
 PRECISIONS = ("fp16", "bf16", "fp32")
 MAX_LISTED = 500
 DAEMON_DOWN = "The training daemon is not running: start it in the Daemon section."
@@ -87,8 +94,11 @@ def preview_html(infos: list[tuple[str, float, dict]]) -> str:
         exact = sum(int(r) if isinstance(r, int) else max(r or [0]) for r in
                     (info.get("rank") for _, _, info in infos))
         verdict = _status(f"One family ({families[0] if families else '?'}); an exact merge has rank {exact}.")
+    if len(infos) == 1:
+        verdict = ""
+    details = "".join(lora_info.inspect_html(info, name) for name, _, info in infos)
     return (f'<table class="lora-scripts-combine-preview"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table>{verdict}')
+            f'<tbody>{"".join(rows)}</tbody></table>{verdict}{details}')
 
 
 class CombineSection:
@@ -101,6 +111,7 @@ class CombineSection:
     def build(self) -> None:
         c = self.c
         names = list_loras(self.ctx.lora_dir())
+        models = sorted(self.ctx.checkpoints())
         with gr.Row():
             c["loras"] = gr.Dropdown(choices=names, value=[], multiselect=True, label="LoRAs (from the Lora folder)",
                                      elem_id="lora_scripts_combine_loras")
@@ -112,27 +123,45 @@ class CombineSection:
         with gr.Row():
             c["action"] = gr.Radio(choices=list(ACTIONS), value=MERGE, label="Combine by",
                                    elem_id="lora_scripts_combine_action")
-            c["rank"] = gr.Number(value=0, precision=0, label="Rank (0: exact, the ranks concatenated)",
+            c["rank"] = gr.Number(value=0, precision=0, label="Rank (merge: 0 is exact, the ranks concatenated; "
+                                                              "resize: the new rank; extract: 0 is 16)",
                                   elem_id="lora_scripts_combine_rank")
             c["precision"] = gr.Dropdown(choices=list(PRECISIONS), value="fp16", label="Precision",
                                          elem_id="lora_scripts_combine_precision")
         with gr.Row():
-            c["base"] = gr.Dropdown(choices=sorted(self.ctx.checkpoints()), label="Base model (bake)",
+            c["fro_ratio"] = gr.Number(value=0, label="Resize by fro-ratio: keep this share (0-1) of each module's "
+                                                      "Frobenius norm, rank at most the one above (0: off)",
+                                       elem_id="lora_scripts_combine_fro_ratio")
+            c["conv"] = gr.Checkbox(value=False, label="Extract: the 3×3 convolutions too, as LoCon",
+                                    elem_id="lora_scripts_combine_conv")
+        with gr.Row():
+            c["base"] = gr.Dropdown(choices=models, label="Base model (bake, extract)",
                                     elem_id="lora_scripts_combine_base")
+            c["tuned"] = gr.Dropdown(choices=models, label="Fine-tuned model (extract)",
+                                     elem_id="lora_scripts_combine_tuned")
             c["out"] = gr.Textbox(label="Output name", value="combined", elem_id="lora_scripts_combine_out")
         c["run"] = gr.Button("Combine", variant="primary", elem_id="lora_scripts_combine_run")
         c["status"] = gr.HTML(elem_id="lora_scripts_combine_status")
-        c["refresh"].click(self.refresh, inputs=[c["loras"], c["base"]], outputs=[c["loras"], c["base"]])
+        c["job"] = gr.State("")
+        form = [c["action"], c["loras"], c["weights"], c["rank"], c["base"], c["out"], c["precision"],
+                c["fro_ratio"], c["tuned"], c["conv"]]
+        c["refresh"].click(self.refresh, inputs=[c["loras"], c["base"], c["tuned"], c["job"]],
+                           outputs=[c["loras"], c["base"], c["tuned"], c["status"]])
         c["preview"].click(self.preview, inputs=[c["loras"], c["weights"]], outputs=[c["info"]])
-        c["run"].click(self.run, inputs=[c["action"], c["loras"], c["weights"], c["rank"], c["base"], c["out"],
-                                         c["precision"]], outputs=[c["status"], c["loras"]])
+        c["loras"].change(self.preview, inputs=[c["loras"], c["weights"]], outputs=[c["info"]])  # a pick shows it
+        c["run"].click(self.run, inputs=form, outputs=[c["status"], c["loras"], c["job"]])
 
     # ---------------------------------------------------------------- handlers
-    def refresh(self, chosen: Optional[list], base: Optional[str]):
+    def refresh(self, chosen: Optional[list], base: Optional[str], tuned: Optional[str] = None,
+                job: Optional[str] = None):
+        """The Lora folder and checkpoint lists again (a finished job's file shows), and the last job's state:
+        progress while it runs, its report and the new file's summary once it is done."""
         names = list_loras(self.ctx.lora_dir())
         models = sorted(self.ctx.checkpoints())
         return (gr.update(choices=names, value=[n for n in (chosen or []) if n in names]),
-                gr.update(choices=models, value=base if base in models else None))
+                gr.update(choices=models, value=base if base in models else None),
+                gr.update(choices=models, value=tuned if tuned in models else None),
+                self.job_status(job) if job else gr.update())
 
     def preview(self, chosen: Optional[list], weights_text: str) -> str:
         chosen = list(chosen or [])
@@ -140,44 +169,101 @@ class CombineSection:
             return _status("Choose one or more LoRAs first.", "error")
         try:
             weights = parse_weights(weights_text, len(chosen))
-            client = self.ctx.client(timeout=10.0)
-            infos = [(name, w, client.tools_inspect(name)) for name, w in zip(chosen, weights)]
+            infos = [(name, w, self.inspect(name)) for name, w in zip(chosen, weights)]
         except (ValueError, DaemonError, DaemonNotRunning) as e:
             return _status(_message(e), "error")
         return preview_html(infos)
 
+    def inspect(self, name: str) -> dict:
+        """The daemon's inspect summary of a file in the Lora folder (kept while the file is unchanged)."""
+        return lora_info.CACHE.inspect(self.ctx.client, name, self.ctx.lora_dir() / name)
+
+    def _checkpoint(self, title: Optional[str], label: str) -> str:
+        models = self.ctx.checkpoints()
+        if not title or title not in models:
+            raise ValueError(f"{label}: choose it in the list.")
+        return str(models[title])
+
     def request(self, action: str, chosen: list, weights_text: str, rank: Any, base: Optional[str], out: str,
-                precision: str) -> tuple[str, dict]:
+                precision: str, fro_ratio: Any = 0, tuned: Optional[str] = None,
+                conv: bool = False) -> tuple[str, dict]:
         """The daemon request the form describes (command, arguments); a form mistake raises ValueError."""
-        if not chosen:
-            raise ValueError("Choose one or more LoRAs first.")
-        weights = parse_weights(weights_text, len(chosen))
+        if action not in COMMANDS:
+            raise ValueError(f"Combine by: one of {', '.join(ACTIONS)}")
         out = (out or "").strip()
         if not out:
             raise ValueError("Output name: give the new file a name.")
-        args: dict[str, Any] = {"loras": [{"path": n, "weight": w} for n, w in zip(chosen, weights)], "out": out,
-                                "precision": precision or "fp16"}
-        if action == BAKE:
-            models = self.ctx.checkpoints()
-            if not base or base not in models:
-                raise ValueError("Base model: choose the checkpoint to bake the LoRAs into.")
-            args["base"] = str(models[base])
-            return "bake", args
         rank = int(rank or 0)
         if rank < 0:
-            raise ValueError("Rank: 0 for an exact merge, or a positive rank")
+            raise ValueError("Rank: 0 or a positive rank")
+        args: dict[str, Any] = {"out": out, "precision": precision or "fp16"}
+        if action == EXTRACT:
+            args["tuned"] = self._checkpoint(tuned, "Fine-tuned model (extract)")
+            args["base"] = self._checkpoint(base, "Base model (the checkpoint it was tuned from)")
+            if args["tuned"] == args["base"]:
+                raise ValueError("Fine-tuned model: choose another checkpoint than the base model.")
+            args["rank"] = rank or 16
+            if conv:
+                args["conv_rank"] = args["rank"]
+            return "extract", args
+        if not chosen:
+            raise ValueError("Choose one or more LoRAs first.")
+        if action == RESIZE:
+            if len(chosen) != 1:
+                raise ValueError(f"Resize: choose exactly one LoRA ({len(chosen)} chosen).")
+            args["file"] = chosen[0]
+            fro = float(fro_ratio or 0)
+            if not 0 <= fro <= 1:
+                raise ValueError(f"Fro-ratio: a share between 0 and 1, got {fro:g}")
+            if fro:
+                args.update(dynamic="sv_fro", param=fro)
+            elif not rank:
+                raise ValueError("Rank: give the new rank, or a fro-ratio.")
+            if rank:
+                args["rank"] = rank
+            return "resize", args
+        weights = parse_weights(weights_text, len(chosen))
+        args["loras"] = [{"path": n, "weight": w} for n, w in zip(chosen, weights)]
+        if action == BAKE:
+            args["base"] = self._checkpoint(base, "Base model")
+            return "bake", args
         if rank:
             args["rank"] = rank
         return "merge", args
 
     def run(self, action: str, chosen: Optional[list], weights_text: str, rank: Any, base: Optional[str],
-            out: str, precision: str):
+            out: str, precision: str, fro_ratio: Any = 0, tuned: Optional[str] = None, conv: bool = False):
         names = list_loras(self.ctx.lora_dir())
         try:
-            command, args = self.request(action, list(chosen or []), weights_text, rank, base, out, precision)
+            command, args = self.request(action, list(chosen or []), weights_text, rank, base, out, precision,
+                                         fro_ratio, tuned, conv)
             job = self.ctx.client(timeout=10.0).tools(command, **args)
         except (ValueError, DaemonError, DaemonNotRunning) as e:
-            return _status(_message(e), "error"), gr.update(choices=names)
+            return _status(_message(e), "error"), gr.update(choices=names), gr.update()
         where = "the checkpoint folder" if command == "bake" else "the Lora folder"
         return (_status(f"Queued {job['name']} as job {job['id']}: follow it in Runs; the file appears in {where} "
-                        f"when it finishes (press Refresh)."), gr.update(choices=names))
+                        f"when it finishes (press Refresh to see it and the job's report)."),
+                gr.update(choices=names), job["id"])
+
+    def job_status(self, job_id: str) -> str:
+        """The last job in words: its progress, or its failure, or its report and the new LoRA's summary."""
+        try:
+            client = self.ctx.client(timeout=10.0)
+            run = client.get(job_id)
+            if run["status"] not in FINAL:
+                step, total = run.get("step") or 0, run.get("total_steps") or "?"
+                return _status(f"Job {job_id} ({run.get('name')}): {run['status']}, {step}/{total}.")
+            if run["status"] != "finished":
+                return _status(f"Job {job_id} ({run.get('name')}) {run['status']}: {run.get('error') or ''}",
+                               "error")
+            report = lora_info.report_from_log(client.logs(job_id, tail=lora_info.REPORT_TAIL))
+            parts = [_status(f"Job {job_id} finished: {run.get('output_file')}", "ok")]
+            if report:
+                parts.append(lora_info.report_html(report))
+            output = Path(str(run.get("output_file") or ""))
+            lora_dir = self.ctx.lora_dir()
+            if run.get("config", {}).get("command") != "bake" and output.name in list_loras(lora_dir):
+                parts.append(lora_info.inspect_html(self.inspect(output.name)))
+            return "".join(parts)
+        except (DaemonError, DaemonNotRunning) as e:
+            return _status(_message(e), "error")

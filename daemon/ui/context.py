@@ -9,7 +9,7 @@ import logging
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from .. import procs
 from ..client import DaemonClient
@@ -49,6 +49,9 @@ class TabContext:
     rescan_checkpoints: Optional[Callable[[], None]] = None
     # The host's checkpoint folder, given to the daemon it starts (`--checkpoint-dir`) for the Combine section's bake
     checkpoint_dir: Optional[Callable[[], Path]] = None
+    # The WebUI's GPU hand-off (`gpu_handoff.GpuHandoff`): its setting and question in the tab, the reload button;
+    # None in standalone mode, where no WebUI model shares the card
+    handoff: Optional[Any] = None
 
     def home(self) -> Path:
         return resolve_home(self.settings().home or None)

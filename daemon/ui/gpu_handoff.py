@@ -19,6 +19,7 @@ imports neither torch nor the engine: only the WebUI's ``modules`` (lazily) and 
 """
 from __future__ import annotations
 
+import html
 import logging
 import threading
 import time
@@ -211,6 +212,8 @@ class GpuHandoff:
         self.slot = slot
         self.freed = False  # the WebUI's checkpoint is off the card because of us
         self.asked: Optional[str] = None  # "ask": the run waiting for the user's answer
+        self.asked_name: Optional[str] = None  # ... and its name, for the question
+        self.kept: set[str] = set()  # runs the user answered "Keep" for: not asked again
         self.paused: set[str] = set()  # runs we paused for a generation, to resume after idling
         self.generating = 0
         self._lock = threading.RLock()
@@ -230,7 +233,40 @@ class GpuHandoff:
     def _unload_locked(self) -> None:
         log.info("lora-scripts: moving the WebUI's model off the GPU for training (%s)", self.host.name)
         self.host.unload()
-        self.freed, self.asked = True, None
+        self.freed, self.asked, self.asked_name = True, None, None
+
+    def keep(self) -> None:
+        """The user answered "Keep": the WebUI's model stays on the card for this run (it is not asked again)."""
+        with self._lock:
+            if self.asked:
+                self.kept.add(self.asked)
+            self.asked, self.asked_name = None, None
+
+    def answer(self, action: str) -> dict:
+        """The tab's buttons (REST ``POST handoff/{action}``): "free" or "keep" answer the question, "reload"
+        brings the WebUI's model back now; returns the new `view`."""
+        if action == "free":
+            if not self.free_now():
+                raise ValueError("free: no WebUI model to move here (not inside A1111/Forge)")
+        elif action == "keep":
+            self.keep()
+        elif action == "reload":
+            if not self.reload_now():
+                raise ValueError("reload: no WebUI model to reload here (not inside A1111/Forge)")
+        else:
+            raise ValueError(f"action: one of free, keep, reload, got {action!r}")
+        return self.view()
+
+    def view(self) -> dict:
+        """What the tab shows (the live poll carries it): the three settings, the question if one is open, where
+        the WebUI's model is, and the same as HTML (`question_html`, `setting_html`)."""
+        s = self.settings()
+        view = {"setting": s.handoff, "generate": s.generate, "idle_s": s.idle_s, "asked": self.asked,
+                "asked_name": self.asked_name, "freed": self.freed, "host": self.host.name if self.host else None,
+                "paused": sorted(self.paused)}
+        view["question_html"] = question_html(view)
+        view["setting_html"] = setting_html(view)
+        return view
 
     def reload_now(self) -> bool:
         """Bring the WebUI's checkpoint back at once (the user asked; otherwise the next generation does it)."""
@@ -251,10 +287,15 @@ class GpuHandoff:
             mode = self.settings().handoff
             if mode == FREE and not self.freed and self.host is not None and not self.generating:
                 self.free_now()
-            elif mode == ASK and not self.freed:
-                self.asked = event.get("run_id")
-        elif kind in ("run.finished", "run.failed", "run.cancelled"):
+            elif mode == ASK and not self.freed and self.host is not None and event.get("run_id") not in self.kept:
+                self.asked, self.asked_name = event.get("run_id"), event.get("name") or event.get("run_id")
+        elif kind in ("run.finished", "run.failed", "run.cancelled", "run.paused"):
+            if self.asked == event.get("run_id"):  # the run left the card: nothing to answer any more
+                self.asked, self.asked_name = None, None
+            if kind == "run.paused":
+                return
             self.paused.discard(event.get("run_id"))
+            self.kept.discard(event.get("run_id"))
             if self.freed and not self._runs_on_slot(("running", "pausing", "paused", "queued")):
                 self.freed = False  # nothing left to train: the next generation loads the model as after a start
                 log.info("lora-scripts: the training queue is empty; the WebUI reloads its model when needed")
@@ -312,7 +353,7 @@ class GpuHandoff:
             return
         for run in running:
             self.on_event({"type": "run.started", "run_id": run["id"], "device": run.get("device"),
-                           "kind": run["kind"]})
+                           "kind": run["kind"], "name": run.get("name")})
 
     # -- generations ----------------------------------------------------------------------------------------------
     def before_generation(self, interrupted: Callable[[], bool] = lambda: False) -> list[str]:
@@ -401,3 +442,28 @@ def pause_text(run: dict) -> str:
     if status not in ("pausing", "paused"):
         return str(status)
     return f"{status} for {run.get('pause_reason') or 'user'}"
+
+
+def question_html(view: dict) -> str:
+    """The "ask" setting's question while a run waits for an answer; the buttons are wired by the tab's script
+    (``javascript/lora_scripts.js``: ``POST handoff/free`` or ``handoff/keep``)."""
+    if not view.get("asked"):
+        return ""
+    name = html.escape(str(view.get("asked_name") or view["asked"]))
+    run_id = html.escape(str(view["asked"]))
+    return (f'<div id="lora_scripts_handoff_question" class="lora-scripts-msg lora-scripts-info" '
+            f'data-run-id="{run_id}">Run {name} wants the GPU: free the WebUI\'s VRAM now? '
+            '<button class="lora-scripts-handoff" data-handoff="free">Free</button> '
+            '<button class="lora-scripts-handoff" data-handoff="keep">Keep</button></div>')
+
+
+def setting_html(view: dict) -> str:
+    """The Daemon section's line on the hand-off: the setting (it lives in Settings → LoRA Training) and where the
+    WebUI's model is now."""
+    where = ("off the GPU (moved off for training; it comes back at the next generation, or with the button "
+             "below)" if view.get("freed") else "where the WebUI keeps it")
+    return (f'<div id="lora_scripts_handoff_setting" data-setting="{html.escape(str(view.get("setting")))}" '
+            f'data-freed="{str(bool(view.get("freed"))).lower()}">GPU hand-off (Settings → LoRA Training): when a '
+            f'run starts on the WebUI\'s GPU: <b>{html.escape(str(view.get("setting")))}</b>; when you press '
+            f'Generate while it trains: <b>{html.escape(str(view.get("generate")))}</b> (resume after '
+            f'{float(view.get("idle_s") or 0):g} s idle). The WebUI\'s model is {where}.</div>')

@@ -25,6 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..client import DaemonError, DaemonNotRunning
 
+from . import lora_info
 from .completions import latest_completions
 from .context import TabContext
 from .datasets import DatasetPathError, confined
@@ -102,12 +103,34 @@ def run_view(ctx: TabContext, run_id: str, log_tail: int = 200, metrics_since: i
             "metrics": client.metrics(run["id"], since_step=metrics_since), "samples": samples[-24:]}
     if run.get("kind") == "text":
         view["completions"] = latest_completions(run_dir) if run_dir.is_dir() else []
+    view.update(file_views(ctx, run))
     return view
+
+
+def file_views(ctx: TabContext, run: dict) -> dict:
+    """A finished run's file as the Runs view shows it: the inspect summary of the LoRA it published (or a
+    toolbox job wrote), and a toolbox job's report (errors, retained energy). Inspect answers are cached per file
+    state, so polling a finished run asks the daemon once."""
+    if run.get("status") != "finished":
+        return {}
+    out: dict[str, str] = {}
+    tool = run.get("kind") == "tools"
+    command = (run.get("config") or {}).get("command") if tool else None
+    if tool:
+        report = lora_info.report_from_log(ctx.client().logs(run["id"], tail=lora_info.REPORT_TAIL))
+        if report:
+            out["report_html"] = lora_info.report_html(report)
+    target = run.get("output_file") if tool else run.get("published_file")
+    if target and str(target).endswith(".safetensors") and command != "bake":
+        out["inspect_html"] = lora_info.CACHE.summary_html(ctx.client, str(target), Path(str(target)))
+    return out
 
 
 def live_view(ctx: TabContext, since: int, run_id: Optional[str], metrics_since: int) -> dict:
     """Everything one poll of the tab needs, in one request: daemon status, runs, the selected run, new LoRAs."""
     view: dict[str, Any] = {"loras": ctx.feed.since(since), "lora_dir": str(ctx.lora_dir())}
+    if ctx.handoff is not None:  # inside a WebUI: the GPU hand-off's setting, and its question when it has one
+        view["handoff"] = ctx.handoff.view()
     if ctx.setup is not None:
         view["setup"] = {"status": ctx.setup.status}
     try:
@@ -199,6 +222,18 @@ def make_router(ctx: TabContext, auth: AuthPolicy) -> APIRouter:
             return JSONResponse({"error": {"code": "not_found", "message": f"{path}: no such sample"}},
                                 status_code=404)
         return FileResponse(str(target), media_type=mimetypes.guess_type(target.name)[0])
+
+    @router.post("/handoff/{answer}")
+    def handoff(answer: str):
+        """The GPU hand-off from the tab: "free" / "keep" answer its question, "reload" brings the WebUI's model
+        back at once. Each waits for a generation in progress (the WebUI's generation lock)."""
+        if ctx.handoff is None:
+            return JSONResponse({"error": {"code": "unavailable", "message": "the GPU hand-off works inside "
+                                           "A1111/Forge only"}}, status_code=503)
+        try:
+            return ctx.handoff.answer(answer)
+        except ValueError as e:
+            return JSONResponse({"error": {"code": "not_found", "message": str(e)}}, status_code=404)
 
     @router.get("/loras")
     def loras(since: int = -1):

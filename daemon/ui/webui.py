@@ -170,6 +170,7 @@ class Runtime:
         # the WebUI and the daemon hand the GPU to each other (scripts/lora_scripts_handoff.py calls it per generation)
         self.handoff = gpu_handoff.GpuHandoff(client=lambda **kw: self.ctx.client(**kw),
                                               host=gpu_handoff.detect_host())
+        self.ctx.handoff = self.handoff  # the tab shows its setting and question, and offers "reload now"
 
     def tab_context(self) -> TabContext:
         self.ctx.interrogators = interrogators()

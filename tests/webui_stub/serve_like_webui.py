@@ -1,6 +1,7 @@
 """Serve the extension the way A1111/Forge do under ``--api-auth``/``--gradio-auth``, for HTTP tests of its routes.
 
-``python serve_like_webui.py EXT_DIR --port N [--api-auth u:p] [--gradio-auth u:p]`` with ``WEBUI_STUB_ROOT`` set:
+``python serve_like_webui.py EXT_DIR --port N [--api-auth u:p] [--gradio-auth u:p] [--opt KEY=VALUE]`` with
+``WEBUI_STUB_ROOT`` set:
 loads ``scripts/`` like `load_like_webui`, launches the Blocks with gradio's login when ``--gradio-auth`` is given
 (as modules/ui + webui.py do), runs the app_started callbacks on the app gradio made, prints ``READY <url>`` and
 serves until terminated.
@@ -22,11 +23,15 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--api-auth")
     parser.add_argument("--gradio-auth")
+    parser.add_argument("--opt", action="append", default=[], help="KEY=VALUE: a setting as saved in Settings")
     args = parser.parse_args()
     shared.cmd_opts.api_auth = args.api_auth
     shared.cmd_opts.gradio_auth = args.gradio_auth
     load_scripts(Path(args.ext_dir).resolve())
     demo, _ = build_ui()
+    for pair in args.opt:  # after the settings registered their defaults, as a saved config.json overrides them
+        key, _, value = pair.partition("=")
+        shared.opts.data[key] = value
     creds = [tuple(pair.split(":", 1)) for pair in (args.gradio_auth or "").split(",") if ":" in pair]
     app, url, _ = demo.launch(server_name="127.0.0.1", server_port=args.port, prevent_thread_lock=True,
                               auth=creds or None, show_api=False, inbrowser=False)
