@@ -10,7 +10,9 @@ Every event has ``type`` and ``time`` (unix seconds). Types and their fields:
 ``step``      step, total_steps, epoch, loss, lr, it_s, eta_s, peak_mem_mb
 ``checkpoint``  step, epoch, path (resume state folder), lora (the step's LoRA file)
 ``sample``    step, path (PNG or .txt for text runs), prompt
-``eval``      step, eval_loss, perplexity (text runs with a validation split)
+``eval``      step, eval_loss, perplexity (text runs with a validation split), validation_images (image runs)
+``health``    kind (loss_spike | plateau | grad_explosion | overfit | sample_nan | sample_flat | sample_copy |
+              early_stop), step, message, advice, value; early_stop adds best_step and reason (`lora_core.health`)
 ``oom``       step, batch_size, action ("step_down" | "stop"), advice
 ``end``       status ("finished" | "stopped" | "failed" | "oom"), step, output (final file or null), error, advice
 ``caption``   done, total, it_s, eta_s — from ``lora_core.dataset.auto_label --events`` (whose ``end`` adds done, total,

@@ -7,6 +7,10 @@ reported from one place (`StepReporter`): the JSON-lines events, TensorBoard, an
 the loop draws no progress bar itself; the CLI (`lora_core.train`) renders one. A stop request (signal) is honoured
 between optimizer steps: checkpoint + current LoRA, then status "stopped". CUDA out-of-memory never escapes as a
 traceback: the loop saves the last completed step and reports "oom" with what to change.
+
+No per-step host sync: the loss stays on the device and is read every ``training.log_every_n_steps`` steps (and
+before anything that is reported after a step: a save, a validation, a sample, a stop, the end of an epoch or of the
+run) — see `TrainingRun.flush_logs`, the one place logged values become Python floats.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ from .checkpoint import (Position, capture_rng, latest_checkpoint, load_checkpoi
 from .config import TrainConfig, save_resolved_config
 from .errors import InputError
 from .events import OOM_ADVICE, EventWriter
+from .health import HealthMonitor, HealthWarning, image_hashes
 from .optimizers import evaluation_weights
 from .task import TrainingTask
 
@@ -77,11 +82,42 @@ class TrainResult:
     peak_mem_mb: float = 0.0
 
 
+@dataclass
+class PendingStep:
+    """A finished optimizer step not reported yet: its loss (and gradient norm) may still be device tensors —
+    reading them would make the host wait for the GPU; the rest was known on the host when the step ended."""
+
+    step: int
+    epoch: int
+    loss: Any  # a 0-d tensor (on the device) or, once read, a float
+    lr: float
+    peak_mb: float
+    at: float  # time.perf_counter() when the step ended: the rate is the steps' own, not the reading's
+    guarded: bool  # its loss was read before the update (the non-finite guard already judged it)
+    grad_norm: Any = None  # a tensor or None, read by the health monitor at its own checks
+
+
+GPU_LOG_EVERY = 10
+
+
+def log_interval(cfg: TrainConfig, device: torch.device) -> int:
+    """How often the loss is read (``training.log_every_n_steps``): empty = every step on a CPU, where the read
+    costs nothing, and every `GPU_LOG_EVERY` steps on a GPU, where each read waits for the queued kernels."""
+    every = cfg.training.log_every_n_steps
+    return every if every else (GPU_LOG_EVERY if device.type == "cuda" else 1)
+
+
 def make_task(cfg: TrainConfig, progress: Optional[Callable[[str, int, int], None]] = None) -> TrainingTask:
     if cfg.is_text:
         from .text.task import TextTask
 
         return TextTask(cfg)
+    from .image.flux import is_flux_config
+
+    if is_flux_config(cfg):  # the FLUX.1 family (model_family flux, or a FLUX model picked with auto)
+        from .image.flux_task import FluxTask
+
+        return FluxTask(cfg, progress=progress)
     from .image.task import ImageTask
 
     return ImageTask(cfg, progress=progress)
@@ -201,11 +237,13 @@ class StepReporter:
         if self.progress is not None:
             self.progress("start", {"step": start, "total_steps": total})
 
-    def step(self, step: int, epoch: int, loss: float, lr: float, peak_mb: float) -> None:
+    def step(self, step: int, epoch: int, loss: float, lr: float, peak_mb: float,
+             at: Optional[float] = None) -> None:
+        """Report one step; ``at`` is when it ended (deferred steps are reported later than that)."""
         if not self.main:
             return
         done = step - self.start_step
-        elapsed = time.perf_counter() - self.t0
+        elapsed = (at if at is not None else time.perf_counter()) - self.t0
         it_s = done / elapsed if elapsed > 0 else 0.0
         eta = (self.total - step) / it_s if it_s > 0 else None
         fields = {"step": step, "total_steps": self.total, "epoch": epoch, "loss": loss, "lr": lr,
@@ -259,8 +297,15 @@ class TrainingRun:
         # advanced by every optimizer step
         self.pos = Position()
         self.losses: list[float] = []
+        self.pending: list[PendingStep] = []  # steps whose loss is not read yet (`flush_logs`)
+        self.log_every = 1  # read the loss every N steps (`log_interval`, set by start_accelerator)
         self.bad_steps = 0  # non-finite losses in a row
         self.sampled = False  # an image was rendered: finish() renders a card preview only for runs without one
+        # training health (lora_core.health): warnings as `health` events; training.stop_on ends the run early
+        self.health = HealthMonitor(cfg.training.stop_on)
+        self.grad_norm: Any = None  # the last step's gradient norm, a tensor read by the monitor every few steps
+        self.best: Optional[tuple[int, float, dict]] = None  # (step, validation loss, LoRA state) of the best eval
+        self.hashed = False  # the training images' hashes were taken for the sample-copy check
 
     # ---- prepare -------------------------------------------------------------------------------------------------
     def prepare(self) -> Optional[TrainResult]:
@@ -281,6 +326,7 @@ class TrainingRun:
         if self.main:
             save_resolved_config(self.cfg, self.out_dir / "config.yaml")
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.log_every = log_interval(self.cfg, self.accelerator.device)
         seed = t.seed + self.rank
         torch.manual_seed(seed)
         random.seed(seed)
@@ -373,20 +419,52 @@ class TrainingRun:
             group_loss = self.forward_backward(group)
         except torch.OutOfMemoryError:
             return self.out_of_memory(rng_at_group_start)
-        if not self.update(group_loss):
+        guarded = (pos.step + 1) % self.log_every == 0  # read before the update: this step is guarded
+        loss: Any = group_loss.item() if guarded else group_loss
+        if not self.update(loss if guarded else None):
+            self.flush_logs()
             return self.diverged()
         pos.step += 1
         pos.batch_in_epoch += len(group)
         pos.examples_in_epoch += sum(len(b) for b in group)
-        self.losses.append(group_loss)
-        self.reporter.step(pos.step, pos.epoch, group_loss, self.lr_scheduler.get_last_lr()[0],
-                           peak_memory_mb(self.accelerator.device))
-        return self.after_step()
+        self.pending.append(PendingStep(pos.step, pos.epoch, loss, self.lr_scheduler.get_last_lr()[0],
+                                        peak_memory_mb(self.accelerator.device), time.perf_counter(), guarded,
+                                        self.grad_norm))
+        return self.after_step(epoch_ends=pos.batch_in_epoch >= len(batches))
 
-    def forward_backward(self, group: list[list[int]]) -> float:
-        """Accumulate the gradients of a group of micro-batches; returns their mean loss (over all processes)."""
+    def flush_logs(self) -> bool:
+        """Read the pending steps' losses (one host sync for all of them) and report each step in order: events,
+        TensorBoard, the progress callback, `losses` and the health monitor. The one place logged values become
+        Python floats — whatever is fed from them belongs here. Returns False when the run diverged.
+
+        The non-finite guard: a step whose loss is read before its update (every ``log_every``-th step; every step
+        with 1, the CPU default) skips a non-finite update, as `update` says. Between reads updates are applied
+        unguarded and the guard runs here, every ``log_every`` steps: a non-finite loss poisons the LoRA, so the
+        losses after it are non-finite too and the run ends as diverged at this check (without saving)."""
+        if not self.pending:
+            return True
+        deferred = [p for p in self.pending if not isinstance(p.loss, float)]
+        if deferred:
+            values = torch.stack([p.loss.detach().float().reshape(()) for p in deferred]).tolist()
+            for p, value in zip(deferred, values):
+                p.loss = value
+        pending, self.pending = self.pending, []
+        diverged = False
+        for p in pending:
+            if not p.guarded:
+                self.bad_steps = 0 if (math.isfinite(p.loss) or self.scaler is not None) else self.bad_steps + 1
+                diverged = diverged or self.bad_steps >= MAX_BAD_STEPS
+            self.losses.append(p.loss)
+            self.reporter.step(p.step, p.epoch, p.loss, p.lr, p.peak_mb, p.at)
+            if self.main:
+                self.report_health(self.health.observe_step(p.step, p.loss, p.grad_norm))
+        return not diverged
+
+    def forward_backward(self, group: list[list[int]]) -> torch.Tensor:
+        """Accumulate the gradients of a group of micro-batches; returns their mean loss (over all processes) as a
+        0-d tensor on the device — read where `flush_logs` reads (a read waits for the GPU)."""
         accelerator, task = self.accelerator, self.task
-        group_loss = 0.0
+        group_loss: Any = 0.0
         for k, indices in enumerate(group):
             if self.fault is not None:
                 self.fault.check(self.pos.step + 1, self.batch_size)
@@ -396,21 +474,27 @@ class TrainingRun:
             with ctx, accelerator.autocast():
                 loss = task.loss(batch, self.generator)
                 accelerator.backward(loss / len(group))
-            group_loss += loss.detach().float().item() / len(group)
+            group_loss = group_loss + loss.detach().float() / len(group)
         if self.world > 1:
-            group_loss = accelerator.reduce(torch.tensor(group_loss, device=accelerator.device), "mean").item()
+            group_loss = accelerator.reduce(group_loss, "mean")
         return group_loss
 
-    def update(self, group_loss: float) -> bool:
+    def update(self, group_loss: Optional[float]) -> bool:
         """Apply the accumulated gradients; False when the run diverged.
 
         A non-finite loss would poison the LoRA: that update is skipped (fp16's grad scaler does the same for
-        overflows), and the run gives up with advice when it keeps happening."""
-        finite = math.isfinite(group_loss) or self.scaler is not None
-        self.bad_steps = 0 if finite else self.bad_steps + 1
+        overflows), and the run gives up with advice when it keeps happening. ``None``: the loss is not read at this
+        step, the update is applied and `flush_logs` guards it at the next read."""
+        finite = group_loss is None or math.isfinite(group_loss) or self.scaler is not None
+        if group_loss is not None:
+            self.bad_steps = 0 if finite else self.bad_steps + 1
+        self.grad_norm = None
         if finite:
-            if self.cfg.training.max_grad_norm > 0:
-                self.accelerator.clip_grad_norm_(self.params, self.cfg.training.max_grad_norm)
+            if self.cfg.training.max_grad_norm > 0:  # clipping returns the norm before clipping: kept, not read
+                self.grad_norm = self.accelerator.clip_grad_norm_(self.params, self.cfg.training.max_grad_norm)
+            elif self.scaler is None:  # no clipping: the norm of the LoRA's gradients, on the device
+                grads = [p.grad.detach().float().norm() for p in self.params if p.grad is not None]
+                self.grad_norm = torch.stack(grads).norm() if grads else None
             self.optimizer.step()
         elif self.bad_steps >= MAX_BAD_STEPS:
             return False
@@ -418,13 +502,26 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         return True
 
-    def after_step(self) -> Optional[TrainResult]:
-        """Periodic checkpoint and samples; a stop request saves and ends the run."""
+    def after_step(self, epoch_ends: bool = False) -> Optional[TrainResult]:
+        """Report the pending steps when it is time (`flush_logs`), periodic checkpoint and samples; a stop request
+        saves and ends the run."""
         o, step = self.cfg.output, self.pos.step
+        reports = (o.save_steps, self.cfg.data.validation_every, self.cfg.sample.sample_every_n_steps)
+        if (step % self.log_every == 0 or step >= self.total or epoch_ends or self.stop.is_set()
+                or any(n and step % n == 0 for n in reports)):  # a step is reported before what it triggers
+            if not self.flush_logs():
+                return self.diverged()
         if o.save_steps and step % o.save_steps == 0 and step < self.total:
             self.save_step()
+        saved = bool(o.save_steps and step % o.save_steps == 0 and step < self.total)
+        every = self.cfg.data.validation_every
+        validated = bool(every and step % every == 0 and not saved and step < self.total)
+        if validated:
+            self.validate()
         if self.cfg.sample.sample_every_n_steps and step % self.cfg.sample.sample_every_n_steps == 0:
             self.samples()
+        if step < self.total and self.health_says_stop(step, validated or saved):
+            return self.stop_early()
         if self.stop.is_set():
             path, lora = self.save_step("stop")
             if self.main:
@@ -450,6 +547,7 @@ class TrainingRun:
         self.optimizer.zero_grad(set_to_none=True)
         if self.accelerator.device.type == "cuda":
             torch.cuda.empty_cache()
+        self.flush_logs()  # the steps completed before the OOM are reported
         path = self.checkpoint(rng_at_group_start) if self.main else None
         if self.main:
             self.events.emit("oom", step=self.pos.step, batch_size=self.batch_size,
@@ -465,6 +563,7 @@ class TrainingRun:
     def finish(self) -> TrainResult:
         """The final checkpoint (lets a finished run be continued with more steps), the LoRA and its metrics."""
         pos, main = self.pos, self.main
+        self.flush_logs()  # every step is reported before the final checkpoint, preview and export
         self.accelerator.wait_for_everyone()
         final_ckpt = self.checkpoint() if main else None
         if main and not self.sampled and not any((self.out_dir / "samples").glob("step*.png")):
@@ -478,6 +577,7 @@ class TrainingRun:
             metrics = self.task.evaluate(pos.step) if main else None
         if metrics:
             self.events.emit("eval", step=pos.step, **metrics)
+            self.observe_eval(metrics)
         if main:
             self.events.emit("end", status="finished", step=pos.step, output=str(output), error=None, advice=None)
         return self.result("finished", output, checkpoint=final_ckpt)
@@ -500,7 +600,74 @@ class TrainingRun:
         metrics = self.task.evaluate(pos.step)
         if metrics:
             self.events.emit("eval", step=pos.step, **metrics)
+            self.observe_eval(metrics)
         return path, lora
+
+    # ---- training health -----------------------------------------------------------------------------------------
+    def report_health(self, warnings: list[HealthWarning]) -> None:
+        """Each warning as a ``health`` event, a TensorBoard text and a log line (main process only)."""
+        for w in warnings:
+            self.events.emit("health", **w.to_event())
+            log.warning("health at step %d: %s: %s. %s", w.step, w.kind, w.message, w.advice)
+            tb = self.reporter.tb if self.reporter is not None else None
+            if tb is not None:
+                tb.add_text(f"health/{w.kind}", f"{w.message}. {w.advice}", w.step)
+
+    def validate(self) -> None:
+        """The validation loss now (``data.validation_every``), as an ``eval`` event and health input."""
+        if not self.main:
+            return
+        with evaluation_weights(self.optimizer), self.accelerator.autocast():
+            metrics = self.task.evaluate(self.pos.step)
+        if metrics:
+            self.events.emit("eval", step=self.pos.step, **metrics)
+            self.observe_eval(metrics)
+
+    def observe_eval(self, metrics: dict) -> None:
+        """Feed the monitor; with ``stop_on`` keep the LoRA state of the lowest validation loss (on the CPU: a LoRA
+        is small) so an early stop can write that one."""
+        loss = metrics.get("eval_loss")
+        if loss is None or not math.isfinite(loss):
+            return
+        if self.reporter is not None and self.reporter.tb is not None:
+            self.reporter.tb.add_scalar("loss/validation", loss, self.pos.step)
+        if self.cfg.training.stop_on and (self.best is None or loss < self.best[1]):
+            self.best = (self.pos.step, loss, {k: v.detach().cpu().clone()
+                                               for k, v in self.task.lora_state_dict().items()})
+        self.report_health(self.health.observe_eval(self.pos.step, loss))
+
+    def health_says_stop(self, step: int, evaluated: bool) -> bool:
+        """Whether ``training.stop_on`` ends the run now. Only the main process watches health, so with several
+        processes its answer is shared (a sum over ranks) at the steps where it can change: every check and every
+        evaluation, never on other steps."""
+        if not self.cfg.training.stop_on:
+            return False
+        wanted = self.health.stop_reason is not None
+        if self.world == 1:
+            return wanted
+        if step % self.health.check_every and not evaluated:
+            return False
+        flag = torch.tensor([1.0 if wanted else 0.0], device=self.accelerator.device)
+        return self.accelerator.reduce(flag, "sum").item() > 0
+
+    def stop_early(self) -> TrainResult:
+        """``training.stop_on`` matched a warning: write the best LoRA by validation loss (or the current one when
+        there is no validation) as the run's result, and say which step it is from."""
+        reason, step = self.health.stop_reason, self.pos.step
+        if self.best is not None:
+            best_step, best_loss, state = self.best
+            self.task.load_lora_state_dict(state)
+            kept = f"the LoRA written is the one from step {best_step} (lowest validation loss {best_loss:.4g})"
+        else:
+            best_step, best_loss = step, None
+            kept = "no validation split: the LoRA written is the current one"
+        if self.main and reason is not None:
+            self.events.emit("health", kind="early_stop", step=step, message=f"stopped at step {step} of "
+                             f"{self.total} on {reason.kind} (training.stop_on); {kept}", advice=reason.advice,
+                             value=best_loss, best_step=best_step, reason=reason.kind)
+            log.warning("stopping early at step %d on %s; %s", step, reason.kind, kept)
+        self.total = step  # the LoRA's metadata and the end event tell the steps actually trained
+        return self.finish()
 
     def samples(self, preview: bool = False) -> None:
         """Render the sample prompts (``preview``: the card picture of a run that asked for none), reporting each
@@ -518,12 +685,18 @@ class TrainingRun:
         for path, prompt in written:
             self.events.emit("sample", step=step, path=str(path), prompt=prompt, **({"preview": True} if preview
                                                                                         else {}))
+        if written and not self.hashed:  # the copy check compares samples with the images trained on
+            self.hashed = True
+            self.health.training_hashes = image_hashes(getattr(self.task, "training_images", list)())
+        if written:
+            self.report_health(self.health.observe_samples(step, [path for path, _ in written]))
         if written:
             self.sampled = True
             log.info("%s at step %d: %d image(s) in %.1f s", "preview" if preview else "samples", step,
                      len(written), time.perf_counter() - started)
 
     def result(self, status: str, output: Optional[Path] = None, **kw: Any) -> TrainResult:
+        self.flush_logs()  # no step goes unreported, however the run ends
         self.close()
         return TrainResult(status, output, self.pos.step, self.pos.epoch, self.total, losses=self.losses,
                            peak_mem_mb=peak_memory_mb(self.accelerator.device), **kw)

@@ -79,6 +79,8 @@ class ImageTask:
         self.reg_scan: Optional[DatasetScan] = None
         self.items: list[ImageItem] = []  # training then regularisation images, each once
         self.examples: list[Example] = []  # items repeated `repeats` times: what an epoch visits
+        self.val_items: list[ImageItem] = []  # held out by data.validation_split: never trained on
+        self.val_data: list[dict] = []  # per held-out image: latents, fixed noise and timesteps, text (`_cache`)
         self.bucket_table: Optional[dict] = None
         # _load_model, _add_lora
         self.model: Optional[SDModel] = None
@@ -132,6 +134,7 @@ class ImageTask:
         if d.enable_bucket:
             self.bucket_table = bucket_info([i.bucket for i in items], [i.width / i.height for i in items])
             log.info("%s", format_bucket_table(self.bucket_table))
+        items, self.val_items = split_validation(items, d.validation_split, self.cfg.training.seed)
         self.items = items
         self.examples = [Example(item, idx) for idx, item in enumerate(items) for _ in range(item.repeats)]
 
@@ -207,7 +210,30 @@ class ImageTask:
             self._cache_all_latents()
         if self.cache_text:
             self._cache_all_text()
+        self._cache_validation()
         self._offload_frozen()
+
+    def _cache_validation(self) -> None:
+        """Latents, fixed noise and fixed timesteps of each held-out image, encoded once: the validation loss is
+        then a deterministic function of the LoRA alone, so its rise means overfitting, not a different draw."""
+        d, sched = self.cfg.data, self.model.noise_scheduler
+        steps = sched.config.num_train_timesteps
+        timesteps = torch.tensor([min(steps - 1, int(f * steps)) for f in VALIDATION_TIMESTEPS])
+        for k, item in enumerate(self.val_items):
+            mean, std = self._latent_dist(("val", k), item, epoch=0, index=0)
+            gen = torch.Generator().manual_seed(_seed_for(self.cfg.training.seed, "validation", k))
+            latent = ((mean + std * torch.randn(mean.shape, generator=gen).to(mean.device, mean.dtype))
+                      * self.model.vae.config.scaling_factor).float().cpu()
+            noise = torch.randn((len(timesteps), *latent.shape), generator=gen)
+            caption = process_caption(item.caption, d.trigger_word, False, d.keep_tokens, 0.0, random.Random(0))
+            entry = {"latents": latent, "noise": noise, "timesteps": timesteps, "caption": caption,
+                     "time_ids": (item.height, item.width, *self.crops[("val", k)], item.bucket.height,
+                                  item.bucket.width)}
+            if not self.te_targets:  # a frozen text encoder: its output for the caption never changes
+                with torch.no_grad():
+                    embeds, pooled = self._encode_text(self._tokenize([caption]))
+                entry["text"], entry["pooled"] = embeds[0].cpu(), None if pooled is None else pooled[0].cpu()
+            self.val_data.append(entry)
 
     def _frozen_parts(self) -> list:
         """The frozen modules caching left idle until the next sample: the VAE once latents are cached, the text
@@ -281,6 +307,7 @@ class ImageTask:
                 "duplicates": [{"file": n, "same_as": k} for n, k in self.scan.duplicates],
                 "converted": [{"file": n, "note": why} for n, why in self.scan.notes],
                 "reg_images": len(self.reg_scan.items) if self.reg_scan else 0,
+                "validation_images": [i.path.name for i in self.val_items],
                 "latent_disk_cache": self.disk_cache_stats,
                 "buckets": self.bucket_table}
 
@@ -418,22 +445,29 @@ class ImageTask:
             noise = noise + t.noise_offset * offset.to(self.device, latents.dtype)
         sched = self.model.noise_scheduler
         timesteps = torch.randint(0, sched.config.num_train_timesteps, (bsz,), generator=generator).to(self.device)
-        noisy = sched.add_noise(latents, noise, timesteps)
-        if self.model.prediction_type == "v_prediction":
-            target = sched.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
-        added = None
-        if pooled is not None:  # SDXL: pooled text embedding + size/crop time ids
-            added = {"text_embeds": pooled, "time_ids": batch["time_ids"].to(self.device, pooled.dtype)}
-        pred = self.unet(noisy, timesteps, text, added_cond_kwargs=added).sample
-        per_example = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        per_example = self._denoise_loss(latents, noise, timesteps, text, pooled, batch.get("time_ids"))
         if t.min_snr_gamma:
             per_example = per_example * min_snr_weight(sched, timesteps, t.min_snr_gamma, self.model.prediction_type)
         is_reg = batch["is_reg"].to(self.device)
         if is_reg.any():
             per_example = torch.where(is_reg, per_example * self.cfg.data.prior_loss_weight, per_example)
         return per_example.mean()
+
+    def _denoise_loss(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, text: torch.Tensor,
+                      pooled: Optional[torch.Tensor], time_ids: Optional[torch.Tensor], unet: Any = None
+                      ) -> torch.Tensor:
+        """Per-example MSE of the UNet's prediction (noise, or velocity for v-prediction) at these timesteps: the
+        one formula training and validation share (validation passes the unwrapped UNet: only the main process
+        evaluates, and a DDP-wrapped forward on one rank alone would wait for the others)."""
+        sched = self.model.noise_scheduler
+        noisy = sched.add_noise(latents, noise, timesteps)
+        target = sched.get_velocity(latents, noise, timesteps) if self.model.prediction_type == "v_prediction" \
+            else noise
+        added = None
+        if pooled is not None:  # SDXL: pooled text embedding + size/crop time ids
+            added = {"text_embeds": pooled, "time_ids": time_ids.to(self.device, pooled.dtype)}
+        pred = (unet if unet is not None else self.unet)(noisy, timesteps, text, added_cond_kwargs=added).sample
+        return F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
 
     def lora_state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"unet.{k}": v for k, v in adapter_state(self.unet).items()}
@@ -538,7 +572,54 @@ class ImageTask:
         return written
 
     def evaluate(self, step: int) -> Optional[dict]:
-        return None
+        """Mean loss on the held-out images at fixed timesteps and fixed noise (None without data.validation_split):
+        the number whose rise while the training loss falls means overfitting (`lora_core.health`)."""
+        if not self.val_data:
+            return None
+        unet = self.model.unet
+        was_training = unet.training
+        unet.eval()
+        total, count = 0.0, 0
+        try:
+            with torch.no_grad():
+                for entry in self.val_data:
+                    n = len(entry["timesteps"])
+                    latents = entry["latents"].to(self.device, self.weight_dtype).expand(n, -1, -1, -1)
+                    noise = entry["noise"].to(self.device, self.weight_dtype)
+                    if "text" in entry:
+                        text = entry["text"].to(self.device, self.weight_dtype).expand(n, -1, -1)
+                        pooled = entry["pooled"].to(self.device, self.weight_dtype).expand(n, -1) \
+                            if entry["pooled"] is not None else None
+                    else:
+                        text, pooled = self._encode_text(self._tokenize([entry["caption"]] * n))
+                    time_ids = torch.tensor([entry["time_ids"]] * n, dtype=torch.float32)
+                    losses = self._denoise_loss(latents, noise, entry["timesteps"].to(self.device), text, pooled,
+                                                time_ids, unet=self.model.unet)
+                    total += float(losses.sum())
+                    count += n
+        finally:
+            unet.train(was_training)
+        return {"eval_loss": total / count, "validation_images": len(self.val_data)}
+
+    def training_images(self) -> list[Path]:
+        """The files trained on (not the held-out or regularisation ones): a sample too close to one is a copy."""
+        return [item.path for item in self.items if not item.is_reg]
+
+
+VALIDATION_TIMESTEPS = (0.1, 0.3, 0.5, 0.7, 0.9)  # shares of the schedule the validation loss is measured at
+
+
+def split_validation(items: list[ImageItem], share: float, seed: int) -> tuple[list[ImageItem], list[ImageItem]]:
+    """(training, held-out) images: ``share`` of the training images (at least one, never all), chosen by the seed
+    so a resumed run holds out the same ones; regularisation images always train."""
+    own = [i for i, item in enumerate(items) if not item.is_reg]
+    if share <= 0 or len(own) < 2:
+        if share > 0:
+            log.warning("data.validation_split %s: %d training image(s) is too few to hold any out", share, len(own))
+        return items, []
+    count = min(len(own) - 1, max(1, round(len(own) * share)))
+    held = set(random.Random(_seed_for(seed, "validation-split")).sample(own, count))
+    return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
 
 
 # What a task tells about rendering samples: prompt_index (1-based), prompts, denoise_step, denoise_steps, prompt.
