@@ -166,4 +166,4 @@ def test_an_out_of_memory_beside_another_run_runs_again_alone_then_fails_as_usua
     requeued = [e for e in events if e["type"] == "run.requeued" and e["run_id"] == run["id"]]
     assert [e["reason"] for e in requeued] == ["out of memory beside other runs; it runs again alone"]
     assert requeued[0]["solo"] is True and final["solo"] == 1 and final["attempts"] == 2
-    assert final["exit_code"] == 4 and "memory" in (final.get("advice") or "").lower()
+    assert final["exit_code"] == 4 and "training.batch_size" in (final.get("advice") or "")  # the OOM advice

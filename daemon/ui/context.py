@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import logging
 import subprocess
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -14,6 +16,7 @@ from typing import Any, Callable, Optional
 from .. import procs
 from ..client import DaemonClient
 from ..home import resolve_home
+from ..protocol import USER_RE
 
 from .lora_watch import LoraFeed
 from .setup_env import SetupJob, shown
@@ -21,6 +24,26 @@ from .setup_env import SetupJob, shown
 log = logging.getLogger(__name__)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+
+# The WebUI's signed-in user for the handler running in this thread (`signed_in`), so every daemon request the
+# handler makes carries it without passing it through every helper; gradio runs each handler call in one thread.
+_SIGNED_IN = threading.local()
+
+
+@contextmanager
+def signed_in(user: Optional[str]):
+    """Daemon requests made in this block (through `TabContext.client`) are for `user` (None: nobody signed in,
+    a WebUI without a login: the token holder itself)."""
+    before = getattr(_SIGNED_IN, "user", None)
+    _SIGNED_IN.user = user or None
+    try:
+        yield
+    finally:
+        _SIGNED_IN.user = before
+
+
+def current_user() -> Optional[str]:
+    return getattr(_SIGNED_IN, "user", None)
 
 
 @dataclass
@@ -56,11 +79,18 @@ class TabContext:
     def home(self) -> Path:
         return resolve_home(self.settings().home or None)
 
-    def client(self, timeout: float = 3.0) -> DaemonClient:
+    def client(self, timeout: float = 3.0, user: Optional[str] = None) -> DaemonClient:
+        """A daemon client for `user`, else for the user signed in to this thread's handler (`signed_in`)."""
         s = self.settings()
-        return DaemonClient(home=s.home or None, endpoint=s.endpoint or None, timeout=timeout)
+        return DaemonClient(home=s.home or None, endpoint=s.endpoint or None, timeout=timeout,
+                            user=user or current_user())
 
     def datasets_root(self) -> Path:
+        """Where the Dataset section keeps uploads: ``datasets/<user>/`` for a signed-in user, so two people's
+        datasets of the same name never mix; ``datasets/`` without a login."""
+        user = current_user()
+        if user and USER_RE.match(user) and ".." not in user:
+            return self.home() / "datasets" / user
         return self.home() / "datasets"
 
     def daemon_python(self) -> Optional[Path]:

@@ -26,8 +26,9 @@ from starlette.concurrency import run_in_threadpool
 from ..client import DaemonError, DaemonNotRunning
 
 from . import lora_info
+from . import render
 from .completions import latest_completions
-from .context import TabContext
+from .context import TabContext, signed_in
 from .datasets import DatasetPathError, confined
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ PREFIX = "/lora-scripts/v1"
 SAMPLE_EXTS = (".png", ".jpg", ".jpeg", ".webp")
 # The run buttons of the Runs section; each is the `DaemonClient` method of the same name.
 RUN_ACTIONS = ("cancel", "resume", "retry", "pause")  # POST /runs/{id}/pause: a user pause (reason "user")
+RATE_ACTIONS = {"rate_up": "up", "rate_down": "down", "rate_clear": None}  # 👍/👎 in the Runs view (`rate`)
 HTTP_STATUS = {"not_found": 404, "config_invalid": 422, "invalid_state": 409, "bad_request": 400,
-               "unauthorized": 403, "unavailable": 503}
+               "unauthorized": 403, "unavailable": 503, "forbidden": 403}
 
 
 @dataclass
@@ -52,21 +54,27 @@ class AuthPolicy:
         return bool(self.users) or self.gradio_tokens is not None
 
     def allows(self, request: Request) -> bool:
-        if not self.required:
-            return True
+        return not self.required or self.user_of(request) is not None
+
+    def user_of(self, request: Request) -> Optional[str]:
+        """Who is calling: the ``--api-auth`` user of valid HTTP Basic credentials, else the user the gradio login
+        cookie belongs to (gradio's own token table: ``access-token``/``-unsecure``, with gradio 4's app suffix);
+        None when nobody is (or, without a login, need be) signed in. Sent to the daemon with each request."""
         header = request.headers.get("authorization", "")
         if header.lower().startswith("basic ") and self.users:
             try:
                 user, _, password = base64.b64decode(header[6:]).decode("utf-8").partition(":")
             except (binascii.Error, UnicodeDecodeError):
-                return False
+                user, password = "", ""
             expected = self.users.get(user)
             if expected is not None and secrets.compare_digest(expected, password):
-                return True
+                return user
         if self.gradio_tokens is not None:
             tokens = self.gradio_tokens() or {}
-            return any(name.startswith("access-token") and value in tokens for name, value in request.cookies.items())
-        return False
+            for name, value in request.cookies.items():
+                if name.startswith("access-token") and value in tokens:
+                    return tokens[value]
+        return None
 
 
 def parse_credentials(text: Optional[str]) -> dict[str, str]:
@@ -101,6 +109,9 @@ def run_view(ctx: TabContext, run_id: str, log_tail: int = 200, metrics_since: i
                 samples.append(path.relative_to(run_dir).as_posix())
     view = {"run": run, "log": client.logs(run["id"], tail=log_tail),
             "metrics": client.metrics(run["id"], since_step=metrics_since), "samples": samples[-24:]}
+    if run.get("kind") in ("image", "text"):  # training health warnings, each with its advice
+        view["health"] = client.run_events(run["id"], last=50, types=["run.health"])
+        view["health_html"] = render.health_list(view["health"])
     if run.get("kind") == "text":
         view["completions"] = latest_completions(run_dir) if run_dir.is_dir() else []
     view.update(file_views(ctx, run))
@@ -158,23 +169,26 @@ def make_router(ctx: TabContext, auth: AuthPolicy) -> APIRouter:
 
     router = APIRouter(prefix=PREFIX, dependencies=[Depends(guard)])
 
-    def call(fn: Callable[[], Any]) -> Any:
+    def call(request: Request, fn: Callable[[], Any]) -> Any:
+        """`fn` run as the caller (`AuthPolicy.user_of`): a shared daemon shows each user only their own runs."""
         try:
-            return fn()
+            with signed_in(auth.user_of(request)):
+                return fn()
         except (DaemonNotRunning, DaemonError) as e:
             return _error(e)
 
     @router.get("/status")
-    def status():
-        return call(lambda: ctx.client().status())
+    def status(request: Request):
+        return call(request, lambda: ctx.client().status())
 
     @router.get("/live")
-    def live(since: int = -1, run: Optional[str] = None, metrics_since: int = 0):
-        return live_view(ctx, since, run, metrics_since)
+    def live(request: Request, since: int = -1, run: Optional[str] = None, metrics_since: int = 0):
+        with signed_in(auth.user_of(request)):
+            return live_view(ctx, since, run, metrics_since)
 
     @router.get("/runs")
-    def runs(all: bool = False):
-        return call(lambda: {"runs": ctx.client().list_runs(all=all)})
+    def runs(request: Request, all: bool = False):
+        return call(request, lambda: {"runs": ctx.client().list_runs(all=all)})
 
     @router.post("/runs")
     async def submit(request: Request):
@@ -187,31 +201,46 @@ def make_router(ctx: TabContext, auth: AuthPolicy) -> APIRouter:
                                 status_code=400)
         extra = {k: body[k] for k in ("priority", "name", "lora_dir") if body.get(k) is not None}
         extra.setdefault("lora_dir", str(ctx.lora_dir()))
-        return await run_in_threadpool(call, lambda: ctx.client().submit(body["config"], **extra))
+        return await run_in_threadpool(call, request, lambda: ctx.client().submit(body["config"], **extra))
 
     @router.get("/runs/{run_id}")
-    def get_run(run_id: str, log_tail: int = 200, metrics_since: int = 0):
-        return call(lambda: run_view(ctx, run_id, log_tail, metrics_since))
+    def get_run(request: Request, run_id: str, log_tail: int = 200, metrics_since: int = 0):
+        return call(request, lambda: run_view(ctx, run_id, log_tail, metrics_since))
 
     @router.get("/runs/{run_id}/log")
-    def run_log(run_id: str, tail: int = 200):
-        return call(lambda: {"lines": ctx.client().logs(run_id, tail=tail)})
+    def run_log(request: Request, run_id: str, tail: int = 200):
+        return call(request, lambda: {"lines": ctx.client().logs(run_id, tail=tail)})
 
     @router.get("/runs/{run_id}/metrics")
-    def run_metrics(run_id: str, since_step: int = 0):
-        return call(lambda: {"metrics": ctx.client().metrics(run_id, since_step=since_step)})
+    def run_metrics(request: Request, run_id: str, since_step: int = 0):
+        return call(request, lambda: {"metrics": ctx.client().metrics(run_id, since_step=since_step)})
+
+    @router.post("/recommend")
+    async def recommend(request: Request):
+        """Recommended settings for a dataset folder: body {folder, base_model?, kind?, optimizer?}."""
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": {"code": "bad_json", "message": "body: must be JSON"}}, status_code=400)
+        if not isinstance(body, dict) or not isinstance(body.get("folder"), str):
+            return JSONResponse({"error": {"code": "bad_request", "message": "body: give {\"folder\": \"...\"}"}},
+                                status_code=400)
+        args = {k: body.get(k) for k in ("base_model", "kind", "optimizer")}
+        return await run_in_threadpool(call, request, lambda: ctx.client().recommend(body["folder"], **args))
 
     @router.post("/runs/{run_id}/{action}")
-    def run_action(run_id: str, action: str):
+    def run_action(request: Request, run_id: str, action: str):
+        if action in RATE_ACTIONS:
+            return call(request, lambda: ctx.client().rate(run_id, RATE_ACTIONS[action]))
         if action not in RUN_ACTIONS:
             return JSONResponse({"error": {"code": "not_found", "message": f"action: one of "
                                            f"{', '.join(RUN_ACTIONS)}, got {action!r}"}}, status_code=404)
-        return call(lambda: getattr(ctx.client(), action)(run_id))
+        return call(request, lambda: getattr(ctx.client(), action)(run_id))
 
     @router.get("/runs/{run_id}/file")
-    def run_file(run_id: str, path: str):
+    def run_file(request: Request, run_id: str, path: str):
         """A sample image of a run, confined to the run's folder."""
-        result = call(lambda: ctx.client().get(run_id))
+        result = call(request, lambda: ctx.client().get(run_id))
         if isinstance(result, JSONResponse):
             return result
         try:

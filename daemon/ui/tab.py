@@ -522,9 +522,12 @@ class TrainTab:
         family listed (the first one chosen when the current preset is of the other family)."""
         presets = [p.name for p in list_presets(family=self._family(title))]
         default = self.ctx.settings().default_preset
-        value = next((name for name in (preset, default) if name in presets), presets[0] if presets else None)
-        return [gr.update(visible=self._family(title) == "flux"), self._family_note(title),
-                gr.update(choices=presets, value=value)]
+        if preset in presets:  # same family: the preset (and what the user typed since) stays as it is
+            preset_update = gr.update(choices=presets)
+        else:
+            preset_update = gr.update(choices=presets, value=default if default in presets else
+                                      (presets[0] if presets else None))
+        return [gr.update(visible=self._family(title) == "flux"), self._family_note(title), preset_update]
 
     def _build_config(self, kind: str, base_model: Optional[str], folder: str, extra_text: str,
                       values: tuple) -> dict:
