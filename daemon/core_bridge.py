@@ -24,6 +24,7 @@ OPS: dict[str, tuple[str, str]] = {
     "captions.edit": ("lora_core.dataset.captions", "apply_edit"),
     "captioners": ("lora_daemon.core_bridge", "captioner_list"),
     "tools.inspect": ("lora_core.tools.inspect", "inspect_file"),
+    "recommend": ("lora_core.recommend", "recommend"),
 }
 
 

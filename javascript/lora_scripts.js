@@ -130,6 +130,11 @@
         if (r.status === "running" && !["caption", "tools"].includes(r.kind)) actions.push(["pause", "Pause (save and wait)"]);
         if (["cancelled", "failed", "stopped", "paused"].includes(r.status)) actions.push(["resume", "Resume"]);
         if (["cancelled", "failed", "finished", "stopped"].includes(r.status)) actions.push(["retry", "Retry"]);
+        // 👍/👎: the recommendation learns from them (lora-daemon rate); the current rating is pressed
+        if (["finished", "failed", "cancelled"].includes(r.status) && ["image", "text"].includes(r.kind)) {
+            actions.push([r.rating === "up" ? "rate_clear" : "rate_up", r.rating === "up" ? "👍 (rated)" : "👍"]);
+            actions.push([r.rating === "down" ? "rate_clear" : "rate_down", r.rating === "down" ? "👎 (rated)" : "👎"]);
+        }
         const buttons = actions.map(([a, label]) =>
             `<button class="lora-scripts-action" data-action="${a}" data-run-id="${esc(r.id)}">${esc(label)}</button>`).join(" ");
         const samples = sel.samples.map((p) =>
@@ -147,6 +152,7 @@
             `<h3>${esc(r.name)} <small>${esc(r.id)} · ${esc(statusText(r))}</small></h3>${buttons}${published}${error}${facts}` +
             // a finished run's file (inspect summary) and a toolbox job's report: HTML escaped by the routes
             `<div id="lora_scripts_run_file">${sel.report_html || ""}${sel.inspect_html || ""}</div>` +
+            (sel.health_html || "") +  // training-health warnings with advice, HTML escaped by render.health_list
             lossCurve(points) +
             `<details open><summary>Log</summary><pre id="lora_scripts_run_log" class="lora-scripts-log">${esc(sel.log.join("\n"))}</pre></details>` +
             (samples ? `<details open><summary>Samples</summary><div class="lora-scripts-samples">${samples}</div></details>` : "") +

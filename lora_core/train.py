@@ -114,7 +114,7 @@ def install_signal_handlers(stop: StopFlag) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="lora-train", description="Train a LoRA from a YAML config.")
-    parser.add_argument("--config", required=True, help="YAML config (flat or sectioned)")
+    parser.add_argument("--config", help="YAML config (flat or sectioned); required unless --recommend")
     parser.add_argument("--events", help="append JSON-lines progress events to this file")
     parser.add_argument("--resume", help="'latest' or a checkpoint folder (overrides training.resume_from_checkpoint)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -126,7 +126,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--plan-first", action="store_true",
                         help="work out the memory plan as the run's first phase and emit it as a 'plan' event")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (events and logs only)")
+    from .recommend import add_arguments as add_recommend_arguments
+
+    rec = parser.add_argument_group("recommended settings (lora_core.recommend)")
+    rec.add_argument("--recommend", action="store_true", help="propose settings for --data, each with its reason, "
+                     "and exit without training (--json for JSON)")
+    add_recommend_arguments(rec, standalone=False)
     args = parser.parse_args(argv)
+    if args.recommend:
+        from .recommend import run_cli
+
+        if not args.data:
+            parser.error("--recommend needs --data DIR")
+        return run_cli(args, sys.stdout, sys.stderr)
+    if not args.config:
+        parser.error("--config is required (or --recommend --data DIR)")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     quiet_known_noise()
     events = EventWriter(args.events)

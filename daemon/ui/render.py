@@ -80,3 +80,30 @@ def vram_plan(plan: dict) -> str:
     if not parts:
         return message("VRAM plan: " + ", ".join(f"{k}={v}" for k, v in plan.items() if not isinstance(v, dict)))
     return message("VRAM plan: " + "; ".join(parts), "ok" if memory.get("fits", True) else "error")
+
+
+def health_list(events: list[dict]) -> str:
+    """A run's training-health warnings (its stored ``run.health`` events), newest last, each with its advice."""
+    if not events:
+        return ""
+    rows = "".join(
+        f'<li data-kind="{escape(str(e.get("kind", "")))}"><b>step {escape(str(e.get("step", "?")))}: '
+        f'{escape(str(e.get("kind", "")).replace("_", " "))}</b> — {escape(str(e.get("message", "")))}. '
+        f'<i>{escape(str(e.get("advice") or ""))}</i></li>' for e in events)
+    return f'<div id="lora_scripts_run_health" class="lora-scripts-msg lora-scripts-error"><b>Training health</b>' \
+           f"<ul>{rows}</ul></div>"
+
+
+def recommendation(rec: dict) -> str:
+    """The daemon's `recommend` result: every setting with its reason and the source of the rule, what earlier
+    runs changed, and the notes (what was skipped or estimated)."""
+    rows = "".join(f"<tr><td>{escape(str(r.get('field')))}</td><td>{escape(str(r.get('value')))}</td>"
+                   f"<td>{escape(str(r.get('reason')))}</td><td>{escape(str(r.get('source')))}</td></tr>"
+                   for r in rec.get("reasons") or [])
+    history = "".join(f"<li>{escape(str(h.get('field')))}: {escape(str(h.get('from')))} → {escape(str(h.get('to')))}"
+                      f" — {escape(str(h.get('why')))}</li>" for h in rec.get("history") or [])
+    notes = "".join(f"<li>{escape(str(n))}</li>" for n in rec.get("notes") or [])
+    return (f'<div id="lora_scripts_recommendation"><table class="lora-scripts-table"><thead><tr><th>setting</th>'
+            f"<th>value</th><th>why</th><th>source</th></tr></thead><tbody>{rows}</tbody></table>"
+            + (f"<b>Adjusted for your earlier runs</b><ul>{history}</ul>" if history else "")
+            + (f"<ul>{notes}</ul>" if notes else "") + "</div>")
