@@ -4,14 +4,22 @@ Why random: the speed and memory of a LoRA step depend on the shapes, not the va
 (Hugging Face is not reachable where the benchmarks run). The shapes are those of ``runwayml/stable-diffusion-v1-5``
 and ``stabilityai/stable-diffusion-xl-base-1.0`` (UNet, VAE, CLIP-L, OpenCLIP-bigG); kohya sd-scripts' SD1 loader
 builds exactly these shapes, which is why ``train_speed.py --peer kohya`` needs this model and not the narrow ones of
-`lora_core.tiny`. Built on any device (the GPU suite builds on the GPU: seconds instead of minutes) and saved as a
-WebUI-style single file with the original key names, fp16 like the released files.
+`lora_core.tiny`. Saved as a WebUI-style single file with the original key names, fp16 like the released files.
+
+The one builder of full-size files (`write_full_single_file`), used by ``train_speed.py --size full``,
+``load_memory.py`` and ``gpu_suite.py``: the key names and shapes come from the diffusers modules built on the
+``meta`` device (no memory), renamed as `lora_core.tiny.write_single_file` renames them, and each tensor is made
+(`random_tensor`) and written one at a time — an SDXL file is written with a few hundred MB of RAM, not the 14 GB
+of an fp32 model. The random numbers are drawn on ``--device`` (the GPU suite: seconds instead of minutes on a CPU);
+seeded by the tensor's name, so a file is the same on every run on the same kind of device.
 
     python benchmarks/full_models.py --family sd1|sdxl --out DIR [--device cuda]
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import math
 import sys
 import time
 from pathlib import Path
@@ -64,20 +72,60 @@ def build_full_parts(family: str, device: str = "cpu", seed: int = 0) -> dict:
     return parts
 
 
-def build_full_single_file(family: str, out_dir: Path, device: str = "cpu", seed: int = 0) -> Path:
-    """``<out_dir>/full-<family>.safetensors`` (fp16, original key names); reused when it is already there, since
-    building SDXL on a CPU takes minutes."""
+def ldm_shapes(family: str) -> dict:
+    """{key: (shape, dtype)} of the full-size family's WebUI checkpoint (fp16 floats), computed on the meta device:
+    the parts of `build_full_parts`, renamed as `lora_core.tiny.write_single_file` does."""
     import torch
 
-    from lora_core.tiny import write_single_file
+    from lora_core.image.ldm_keys import clip_to_ldm, open_clip_to_ldm, unet_to_ldm, vae_to_ldm
 
-    path = Path(out_dir) / f"full-{family}.safetensors"
-    if path.is_file():
-        return path
-    parts = build_full_parts(family, device, seed)
-    parts = {k: m.to(dtype=torch.float16).to("cpu") for k, m in parts.items()}
-    write_single_file(parts, path, family)
+    parts = build_full_parts(family, device="meta")
+    unet, vae = parts["unet"], parts["vae"]
+    up_attn = ["CrossAttn" in t for t in unet.config.up_block_types]
+    state = dict(unet_to_ldm(unet.state_dict(), unet.config.layers_per_block, up_attn))
+    state.update(vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels)))
+    if family == "sdxl":
+        state.update(clip_to_ldm(parts["text_encoder"].state_dict(), "conditioner.embedders.0.transformer."))
+        state.update(open_clip_to_ldm(parts["text_encoder_2"].state_dict(), "conditioner.embedders.1.model."))
+    else:
+        state.update(clip_to_ldm(parts["text_encoder"].state_dict()))
+    return {k: (tuple(v.shape), torch.float16 if v.is_floating_point() else v.dtype) for k, v in state.items()}
+
+
+def random_tensor(name: str, shape: tuple, dtype, device: str = "cpu"):
+    """Seeded by the name: norms' scales 1, other vectors 0, matrices N(0, 1/fan_in) — a model whose forward pass
+    stays finite, so a training step on it is a real one. Drawn on ``device``, returned on the CPU."""
+    import torch
+
+    if not dtype.is_floating_point:
+        return torch.arange(math.prod(shape)).reshape(shape).to(dtype) if shape else torch.zeros((), dtype=dtype)
+    if len(shape) <= 1:
+        ones = any(t in name for t in ("norm", "ln_", "gamma")) and name.endswith("weight")
+        return (torch.ones if ones else torch.zeros)(shape, dtype=dtype)
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") >> 1
+    fan_in = math.prod(shape[1:])
+    generator = torch.Generator(device).manual_seed(seed)
+    return (torch.randn(shape, generator=generator, device=device) / math.sqrt(fan_in)).to("cpu", dtype)
+
+
+def write_full_single_file(family: str, path: Path, device: str = "cpu") -> Path:
+    """The full-size random checkpoint at ``path``, written tensor by tensor; reused when it is already there
+    (building SDXL on a CPU takes minutes)."""
+    from lora_core.image.weights_io import write_tensors
+
+    path = Path(path)
+    if not path.is_file():
+        t0 = time.perf_counter()
+        write_tensors(path, ldm_shapes(family), lambda name, shape, dtype: random_tensor(name, shape, dtype, device),
+                      {"format": "pt"})
+        print(f"built {path} ({path.stat().st_size / 2**30:.1f} GiB, {time.perf_counter() - t0:.0f} s)",
+              file=sys.stderr)
     return path
+
+
+def build_full_single_file(family: str, out_dir: Path, device: str = "cpu") -> Path:
+    """``<out_dir>/full-<family>.safetensors`` (`write_full_single_file`)."""
+    return write_full_single_file(family, Path(out_dir) / f"full-{family}.safetensors", device)
 
 
 def main() -> int:
