@@ -40,15 +40,10 @@ def _print_json(obj: Any) -> None:
 
 
 def cli_user(args: argparse.Namespace) -> Optional[str]:
-    """Who this command is for: ``--user``, else the OS user (what a shared daemon's users.yaml names)."""
-    import getpass
+    """Who this command is for: ``--user``, else the OS user (`users.command_line_user`)."""
+    from .users import command_line_user
 
-    if getattr(args, "user", None):
-        return args.user
-    try:
-        return getpass.getuser()
-    except (OSError, KeyError):  # no login name (a container without a passwd entry): the token holder itself
-        return None
+    return command_line_user(getattr(args, "user", None))
 
 
 def _client(args: argparse.Namespace, timeout: float = 1.5) -> DaemonClient:

@@ -609,8 +609,9 @@ class Daemon:
             "endpoint": self.info["endpoint"], "events": self.info["events"], "home": str(self.home),
             "lora_dir": str(self.settings.lora_dir), "adapters_dir": str(self.settings.adapters_dir),
             "checkpoint_dir": str(self._tool_folders().checkpoint_dir),
-            "gpus": [{"slot": d.slot, "run_id": (busy.get(d.slot) or [None])[0], "run_ids": busy.get(d.slot, []),
-                      "max_jobs": d.max_jobs, "memory_mb": d.memory_mb} for d in self.devices],
+            "gpus": [{"slot": d.slot, "run_id": (busy.get(d.slot) or [None])[0],
+                      **({"run_ids": busy.get(d.slot, []), "max_jobs": d.max_jobs, "memory_mb": d.memory_mb}
+                         if d.max_jobs > 1 or d.memory_mb is not None else {})} for d in self.devices],
             "user": self.caller.user, "shared": bool(self.users_file and self.users_file.users),
             "queue_length": self.store.count(states.QUEUED),
             "running": len(self.store.runs_in(states.ACTIVE)), "host": socket.gethostname(),

@@ -99,9 +99,9 @@ def _follow(client: DaemonClient, run_id: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .cli import cli_user  # here: cli imports this module
+    from .users import command_line_user
 
-    client = DaemonClient(home=args.home, timeout=5.0, user=cli_user(args))
+    client = DaemonClient(home=args.home, timeout=5.0, user=command_line_user(getattr(args, "user", None)))
     try:
         if args.tool == "inspect":
             info = client.tools_inspect(_path(args.file))

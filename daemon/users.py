@@ -47,6 +47,19 @@ class Refused(ValueError):
     """A request over a role's limit, or from a user the file does not know; the message names the limit."""
 
 
+def command_line_user(explicit: Optional[str] = None) -> Optional[str]:
+    """Who a command-line client is for: ``--user``, else the OS user (what a shared daemon's users.yaml names);
+    None where the system has no login name (a container without a passwd entry): the token holder itself."""
+    if explicit:
+        return explicit
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return None
+
+
 def check_user_name(name: Any, where: str = "user") -> str:
     """A user name as the daemon stores it and uses it as a folder name (``datasets/<user>``, ``Lora/<user>``)."""
     if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
