@@ -453,8 +453,8 @@ def question_html(view: dict) -> str:
     run_id = html.escape(str(view["asked"]))
     return (f'<div id="lora_scripts_handoff_question" class="lora-scripts-msg lora-scripts-info" '
             f'data-run-id="{run_id}">Run {name} wants the GPU: free the WebUI\'s VRAM now? '
-            '<button class="lora-scripts-handoff" data-handoff="free">Free</button> '
-            '<button class="lora-scripts-handoff" data-handoff="keep">Keep</button></div>')
+            '<button class="lora-scripts-handoff lora-scripts-action" data-handoff="free">Free</button> '
+            '<button class="lora-scripts-handoff lora-scripts-action" data-handoff="keep">Keep</button></div>')
 
 
 def setting_html(view: dict) -> str:
