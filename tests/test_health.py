@@ -189,3 +189,71 @@ def test_one_image_repeated_overfits_and_stop_on_keeps_the_best_lora(train_confi
     assert stop[0]["best_step"] == best["step"] < stop[0]["step"]
     # the LoRA written is the best one: its validation loss (the final eval, fixed noise and timesteps) is the best
     assert evals[-1]["step"] == result.step and evals[-1]["eval_loss"] == best["eval_loss"]
+
+
+# ---- through the daemon, the CLI and the REST routes -------------------------------------------------------------------
+from daemon_fixtures import daemon, daemon_factory, run_config, wait_until  # noqa: E402,F401  (fixtures)
+
+
+def test_the_daemon_stores_health_show_lists_it_and_the_run_view_renders_it_with_a_rating(daemon_factory, tiny_sd,
+                                                                                         tiny_data, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    from daemon_fixtures import ROOT
+    from prepare_webui_envs import require
+    from test_webui_routes_auth import SERVER, free_port
+
+    daemon = daemon_factory()
+    client = daemon.client()
+    data = one_image_repeated(tmp_path)
+    config = run_config(tiny_sd, data, "shapez", steps=60, data__validation_split=0.5, data__validation_every=3,
+                        training__stop_on=["overfit"], training__learning_rate=0.1, training__batch_size=1,
+                        model__lora_rank=8)
+    run = client.submit(config, name="shapez")
+    done = wait_until(lambda: (r := client.get(run["id"]))["status"] in ("finished", "failed") and r, timeout=400,
+                      what="the run to end")
+    assert done["status"] == "finished", done.get("error")
+    stored = client.run_events(run["id"], last=100, types=["run.health"])
+    assert {"overfit", "early_stop"} <= {e["kind"] for e in stored}, stored
+    shown = subprocess.run([sys.executable, "-m", "lora_daemon.cli", "--home", str(daemon.home), "show", run["id"],
+                            "--events", "50"], capture_output=True, text=True, cwd=str(ROOT), timeout=120)
+    assert shown.returncode == 0 and "run.health kind=overfit" in shown.stdout, shown.stdout + shown.stderr
+
+    # the tab's REST side (gradio 3.41, as A1111 serves it): the run view's health list, 👍, and Recommend
+    python = require(".venv-gradio3")
+    (tmp_path / "webui" / "models" / "Stable-diffusion").mkdir(parents=True)
+    env = {**os.environ, "WEBUI_STUB_ROOT": str(tmp_path / "webui"), "LORA_DAEMON_HOME": str(daemon.home),
+           "PYTHONPATH": "", "GRADIO_ANALYTICS_ENABLED": "False"}
+    port = free_port()
+    log_path = tmp_path / "webui.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(python), str(SERVER), str(ROOT), "--port", str(port)], stdout=log,
+                                stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
+    try:
+        deadline = time.monotonic() + 180
+        while "READY" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        api = f"http://127.0.0.1:{port}/lora-scripts/v1"
+
+        def call(path: str, body: dict | None = None) -> dict:
+            request = urllib.request.Request(api + path, data=json.dumps(body).encode() if body is not None
+                                             else None, headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=300) as response:
+                return json.loads(response.read())
+
+        view = call(f"/runs/{run['id']}")
+        assert "Training health" in view["health_html"] and "early stop" in view["health_html"]
+        assert call(f"/runs/{run['id']}/rate_up", {})["rating"] == "up"
+        assert client.get(run["id"])["rating"] == "up"
+        rec = call("/recommend", {"folder": str(tiny_data), "base_model": str(tiny_sd), "kind": "character"})
+        assert rec["validated"] and any(h["run"] == run["id"] for h in rec["history"])
+        assert rec["settings"]["lora_rank"] == 8  # taken from the 👍 run
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
