@@ -1,15 +1,17 @@
 """The memory plan: will this config fit the device, and if not, which settings will?
 
 ``python -m lora_core.train --config X --plan`` prints it without training; ``auto_fit: true`` applies its choice.
-The estimate is built from measurements, not a table of GPUs: the model is loaded, the LoRA added, and one forward pass
-at batch 1 and the largest training resolution records what autograd saves for backward (with and without gradient
-checkpointing). Peak ≈ frozen weights + LoRA weights/gradients/optimizer state + batch × activations (+ the VAE
+The estimate is built from measurements, not a table of GPUs: the model is loaded in the training dtype (as the run
+loads it: `load_sd_model` with bf16/fp16 weights, fp32 VAE under no_half_vae), the LoRA added, and one forward pass
+at batch 1 and the largest training resolution, under the run's autocast, records what autograd saves for backward
+(with and without gradient checkpointing). Peak ≈ frozen weights + LoRA weights/gradients/optimizer state + batch × activations (+ the VAE
 encode when latents are not cached) + a margin for the backward pass. Tests check it against the tensor memory
 actually used by training steps on the tiny models.
 """
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -37,6 +39,11 @@ class Measurements:
     fp8_channels: int = 0  # their output channels (each keeps an fp32 scale)
     fp8_largest: int = 0  # the largest of those layers (upcast for its matmul: one at a time)
     param_shapes: list = field(default_factory=list)  # trainable tensors' shapes: each optimizer's state size
+    # FLUX: T5 + CLIP-L weights (fp32 bytes; on the device only while captions are cached, then freed) and each
+    # block's frozen Linear weights in the order training.flux_blocks_to_swap keeps them in CPU RAM (numels)
+    encoder_bytes: int = 0
+    swap_block_numels: list = field(default_factory=list)
+    half: bool = False  # measured in half precision (weights, activations, VAE encode); else fp32
 
 
 @dataclass
@@ -112,12 +119,22 @@ def measure(cfg: TrainConfig) -> Measurements:
     """Load the model on the CPU, add the LoRA, and measure one batch-1 forward at the largest bucket."""
     if cfg.is_text:
         return measure_text(cfg)
+    from .image.flux import is_flux_config
+
+    if is_flux_config(cfg):
+        from .image.flux_task import flux_measurements
+
+        return Measurements(**flux_measurements(cfg))
     from .dataset.buckets import make_buckets
     from .image.adapters import AdapterSpec, adapter_parameters, add_network
     from .image.sd_models import load_sd_model
 
     m, d = cfg.model, cfg.data
-    sd = load_sd_model(m.base_model, m.model_family, m.prediction_type, m.allow_pickle)
+    half = cfg.training.mixed_precision in ("fp16", "bf16")
+    # the run's dtypes (`ImageTask._load_model`); fp16 is measured as bf16 — the same bytes, and a CPU runs it
+    dtype = torch.bfloat16 if half else torch.float32
+    sd = load_sd_model(m.base_model, m.model_family, m.prediction_type, m.allow_pickle, dtype=dtype,
+                       vae_dtype=torch.float32 if m.no_half_vae else dtype)
     spec = AdapterSpec.from_model_config(m)  # the network type decides the trainable tensors (and their state)
     add_network(sd.unet, spec, m.unet_target_modules)
     trainable = adapter_parameters(sd.unet)
@@ -127,6 +144,9 @@ def measure(cfg: TrainConfig) -> Measurements:
             add_network(te, spec, m.text_encoder_target_modules, field="model.text_encoder_target_modules",
                         conv=False)
             trainable += adapter_parameters(te)
+    for module in (sd.unet, *encoders):  # LoRA weights in fp32 beside half-precision frozen ones, as the run has them
+        for p in adapter_parameters(module):
+            p.data = p.data.float()
     params = sum(p.numel() for p in trainable)
     lora_bytes = params * 4
     weights = module_bytes(sd.unet) + module_bytes(sd.vae) + sum(module_bytes(te) for te in encoders) - lora_bytes
@@ -139,16 +159,19 @@ def measure(cfg: TrainConfig) -> Measurements:
     width, height = max(((b.width, b.height) for b in buckets), key=lambda s: s[0] * s[1],
                         default=(d.resolution, d.resolution))
     scale = 2 ** (len(sd.vae.config.block_out_channels) - 1)
-    latents = torch.zeros(1, sd.unet.config.in_channels, height // scale, width // scale)
-    text = torch.zeros(1, sd.tokenizer.model_max_length, sd.unet.config.cross_attention_dim)
-    act = activation_bytes(sd.unet, latents, text, checkpointing=False)
-    act_gc = activation_bytes(sd.unet, latents, text, checkpointing=True)
+    latents = torch.zeros(1, sd.unet.config.in_channels, height // scale, width // scale, dtype=dtype)
+    text = torch.zeros(1, sd.tokenizer.model_max_length, sd.unet.config.cross_attention_dim, dtype=dtype)
+    # the run's autocast (accelerate's, for mixed_precision bf16/fp16): what it saves for backward is what counts
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if half else nullcontext()
+    with autocast:
+        act = activation_bytes(sd.unet, latents, text, checkpointing=False)
+        act_gc = activation_bytes(sd.unet, latents, text, checkpointing=True)
     meter = TensorMemoryMeter()
     with torch.no_grad(), meter:
-        sd.vae.encode(torch.zeros(1, 3, height, width)).latent_dist.mean
+        sd.vae.encode(torch.zeros(1, 3, height, width, dtype=sd.vae.dtype)).latent_dist.mean
     return Measurements(weights, params, act, act_gc, meter.peak_bytes, sum(fp8_sizes),
                         sum(layer.weight.shape[0] for layer in fp8_layers), max(fp8_sizes, default=0),
-                        param_shapes=[tuple(p.shape) for p in trainable])
+                        param_shapes=[tuple(p.shape) for p in trainable], half=half)
 
 
 def activation_bytes(unet: torch.nn.Module, latents: torch.Tensor, text: torch.Tensor, checkpointing: bool) -> int:
@@ -175,7 +198,8 @@ def estimate_mb(meas: Measurements, settings: dict, device: torch.device) -> tup
     """Peak memory for one set of settings (batch_size, gradient_checkpointing, cache_latents, optimizer,
     mixed_precision, lora_rank scale)."""
     half = settings["mixed_precision"] in ("fp16", "bf16")
-    weights = meas.weights * (0.5 if half else 1.0)
+    # measured in the config's own precision; a candidate in another one (mixed_precision no → bf16) is scaled
+    weights = meas.weights * _precision_scale(meas.half, half, 0.5)
     if settings.get("fp8_base"):  # one byte per frozen Linear/Conv weight + an fp32 scale per channel, and one
         # layer at a time upcast to the compute dtype for its matmul
         element = 2 if half else 4
@@ -190,20 +214,39 @@ def estimate_mb(meas: Measurements, settings: dict, device: torch.device) -> tup
     per_example = meas.act_per_example_gc if settings["gradient_checkpointing"] else meas.act_per_example
     if settings["gradient_checkpointing"]:
         per_example += meas.act_per_example / 8  # one block's activations are recomputed at a time
-    acts = settings["batch_size"] * per_example * (0.55 if half else 1.0) * BACKWARD_MARGIN
+    acts = settings["batch_size"] * per_example * _precision_scale(meas.half, half, 0.55) * BACKWARD_MARGIN
     # the image task encodes uncached images one at a time, so the VAE's transient does not grow with the batch
-    vae = 0.0 if settings["cache_latents"] else meas.vae_encode_per_example * (0.5 if half else 1.0)
+    vae = 0.0 if settings["cache_latents"] else meas.vae_encode_per_example * _precision_scale(meas.half, half, 0.5)
     context = CUDA_CONTEXT_MB * MB if device.type == "cuda" else 0.0
+    swap = settings.get("flux_blocks_to_swap", 0)
+    if swap and meas.swap_block_numels:  # those blocks' frozen Linear weights wait in CPU RAM, one layer on the GPU
+        element = 1 if settings.get("fp8_base") else (2 if half else 4)
+        weights -= sum(meas.swap_block_numels[len(meas.swap_block_numels) - swap:]) * element
     parts = {"model weights": weights, "LoRA + optimizer": lora, "activations": acts, "VAE encode": vae,
              "CUDA context": context}
+    if meas.encoder_bytes:  # FLUX: T5 + CLIP-L are on the device only while the captions are encoded, then freed
+        encoders = meas.encoder_bytes * (0.5 if half else 1.0)
+        parts["text encoders (caching only)"] = encoders
+        caching = encoders + vae + context + weights * 0.05  # the AE and little else beside them
+        train = sum(v for k, v in parts.items() if k != "text encoders (caching only)")
+        return max(train, caching) / MB, {k: v / MB for k, v in parts.items()}
     return sum(parts.values()) / MB, {k: v / MB for k, v in parts.items()}
+
+
+def _precision_scale(measured_half: bool, wanted_half: bool, half_share: float) -> float:
+    """Bytes in the wanted precision per byte measured: ``half_share`` is what half precision keeps of fp32 (0.5 for
+    weights; a little more for activations, some of which autocast keeps in fp32)."""
+    if measured_half == wanted_half:
+        return 1.0
+    return half_share if wanted_half else 1.0 / half_share
 
 
 def current_settings(cfg: TrainConfig) -> dict:
     t = cfg.training
     return {"batch_size": t.batch_size, "gradient_checkpointing": t.gradient_checkpointing,
             "cache_latents": cfg.data.cache_latents and not cfg.data.flip_aug, "optimizer": t.optimizer,
-            "mixed_precision": t.mixed_precision, "fp8_base": cfg.model.fp8_base}
+            "mixed_precision": t.mixed_precision, "fp8_base": cfg.model.fp8_base,
+            "flux_blocks_to_swap": getattr(t, "flux_blocks_to_swap", 0)}
 
 
 def candidate_changes(cfg: TrainConfig, device: torch.device) -> list[dict]:
@@ -228,6 +271,12 @@ def candidate_changes(cfg: TrainConfig, device: torch.device) -> list[dict]:
             steps.append({"training.mixed_precision": "bf16" if torch.cuda.is_bf16_supported() else "fp16"})
     if not cfg.is_text and not cfg.model.fp8_base:  # halves the frozen weights again, at a small cost in precision
         steps.append({"model.fp8_base": True})
+    if device.type == "cuda" and not cfg.is_text:  # FLUX: keep blocks in CPU RAM (slower steps, less VRAM)
+        from .image.flux import is_flux_config
+
+        if is_flux_config(cfg):
+            steps += [{"training.flux_blocks_to_swap": n} for n in (8, 16, 24, 32)
+                      if n > cfg.training.flux_blocks_to_swap]
     if cfg.model.lora_rank > 4:
         steps.append({"model.lora_rank": 4})
     return steps
