@@ -215,3 +215,49 @@ def test_resize_and_extract_from_the_section_land_in_the_lora_list_with_their_re
     assert "retained energy" in views["rank"]["report_html"] and 'data-rank="2"' in views["rank"]["inspect_html"]
     assert "relative error" in views["extract"]["report_html"] and 'data-family="sd1"' in views["extract"]["inspect_html"]
     assert fro["rank"] and max(fro["rank"] if isinstance(fro["rank"], list) else [fro["rank"]]) <= 4
+
+
+RUN_VIEW_PROBE = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("lora_daemon_bootstrap", sys.argv[1])
+bootstrap = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bootstrap)
+bootstrap.import_lora_daemon()
+from pathlib import Path
+from lora_daemon.ui import routes
+from lora_daemon.ui.context import TabContext, UiSettings
+
+home, lora_dir, run_id = sys.argv[2], Path(sys.argv[3]), sys.argv[4]
+ctx = TabContext(settings=lambda: UiSettings(home=home), checkpoints=lambda: {}, lora_dir=lambda: lora_dir)
+first = routes.run_view(ctx, run_id)
+again = routes.run_view(ctx, run_id)  # a poll of the same finished run: the cached summary
+print("REPORT " + json.dumps({"first": first.get("inspect_html"), "again": again.get("inspect_html"),
+                              "report": first.get("report_html")}, default=str))
+"""
+
+
+def test_the_runs_view_shows_the_inspect_summary_of_a_finished_runs_published_lora(daemon_factory, tiny_sd,
+                                                                                   tiny_data, tmp_path):
+    """A training run that finished and published its LoRA: the Runs view (the routes' run view the tab's script
+    polls) carries that file's inspect summary — family, adapter, rank/alpha per block, its training steps."""
+    from daemon_fixtures import run_config, wait_until
+
+    python = require(list(ENVS)[0])
+    daemon = daemon_factory()
+    client = daemon.client(timeout=60)
+    run = client.submit(run_config(tiny_sd, tiny_data, "published", steps=2))
+    wait_until(lambda: client.get(run["id"])["status"] in ("finished", "failed"), 600, 0.5, "the run")
+    finished = client.get(run["id"])
+    assert finished["status"] == "finished" and finished["published_file"], finished.get("error")
+    probe = tmp_path / "probe.py"
+    probe.write_text(RUN_VIEW_PROBE, encoding="utf-8")
+    done = subprocess.run([str(python), str(probe), str(ROOT / "daemon" / "bootstrap.py"), str(daemon.home),
+                           str(daemon.lora_dir), run["id"]], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""}, cwd=str(tmp_path))
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(lines[-1][len("REPORT "):])
+    shown = report["first"]
+    assert 'data-family="sd1"' in shown and 'data-rank="4"' in shown and "<th>block</th>" in shown, shown
+    assert Path(finished["published_file"]).name in shown and "steps: 2" in shown
+    assert report["again"] == shown and report["report"] is None  # a training run has no toolbox report
