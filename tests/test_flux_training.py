@@ -14,6 +14,8 @@ from lora_core.image.flux_tiny import build_tiny_flux
 from lora_core.loop import StopFlag
 from lora_core.train import run_training
 
+from daemon_fixtures import daemon_factory, run_config, wait_until  # noqa: F401  (fixtures)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -210,3 +212,24 @@ def test_the_memory_plan_measures_flux_and_counts_fp8_and_block_swap(flux_config
     swap, swap_parts = estimate_mb(meas, {**base, "flux_blocks_to_swap": 2}, device)
     assert fp8_parts["model weights"] < parts["model weights"]
     assert swap_parts["model weights"] < parts["model weights"]
+
+
+@pytest.mark.slow
+def test_a_daemon_run_of_tiny_flux_publishes_a_lora_with_a_sidecar_saying_flux(daemon_factory, flux_file, tiny_data):
+    import json
+
+    daemon = daemon_factory()
+    client = daemon.client()
+    run = client.submit(run_config(flux_file, tiny_data, "fluxy", steps=3, model__t5_max_length=16), name="fluxy")
+    wait_until(lambda: client.get(run["id"])["status"] in ("finished", "failed"), 300, 0.5, "the FLUX run")
+    row = client.get(run["id"])
+    assert row["status"] == "finished", row["error"]
+    published = daemon.lora_dir / "fluxy.safetensors"
+    assert row["published_file"] == str(published) and published.is_file()
+    sidecar = json.loads((daemon.lora_dir / "fluxy.json").read_text())
+    assert sidecar["sd version"] == "Flux" and sidecar["activation text"] == "fluxy style"
+    raw = published.read_bytes()
+    meta = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])["__metadata__"]
+    assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_base_model_version"] == "flux1"
+    keys = [k for k in json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]) if k != "__metadata__"]
+    assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in keys)
