@@ -261,3 +261,23 @@ def test_the_runs_view_shows_the_inspect_summary_of_a_finished_runs_published_lo
     assert 'data-family="sd1"' in shown and 'data-rank="4"' in shown and "<th>block</th>" in shown, shown
     assert Path(finished["published_file"]).name in shown and "steps: 2" in shown
     assert report["again"] == shown and report["report"] is None  # a training run has no toolbox report
+
+
+def test_the_report_shown_for_an_svd_merge_names_its_worst_modules_and_is_found_in_a_log(tmp_path):
+    """An SVD merge's own report (the engine's, as the job prints it last with --json) rendered for the tab: the
+    mean/max relative error and the modules with the largest error, the largest first; found in a log whose last
+    lines are warnings."""
+    from lora_core.tools.merge import merge_loras
+    from lora_daemon.ui import lora_info
+
+    a = make_lora(tmp_path / "a.safetensors", "sd1", seed=1, text=False)
+    b = make_lora(tmp_path / "b.safetensors", "sd1", seed=2, text=False)
+    report = merge_loras([(a, 1.0), (b, 0.5)], tmp_path / "m.safetensors", rank=2, precision="fp32")
+    log_lines = ["loading…", json.dumps(report, default=str), "UserWarning: something", ""]
+    found = lora_info.report_from_log(log_lines)
+    assert found == json.loads(json.dumps(report, default=str))
+    shown = lora_info.report_html(found)
+    assert "module (largest error)" in shown and f"max {report['max_relative_error']:.4g}" in shown
+    worst = max(report["error_per_module"], key=report["error_per_module"].get)
+    assert shown.index(worst) < min(shown.index(n) for n in report["error_per_module"] if n != worst and n in shown)
+    assert lora_info.report_from_log(["no report here", "{not json"]) is None
