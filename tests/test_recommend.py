@@ -193,3 +193,60 @@ def test_lora_daemon_cli_recommend_and_rate(daemon, few, tiny_sd):
     assert "network_type" in done.stdout and "locon" in done.stdout and "[lycoris]" in done.stdout
     done = cli("rate", "nope", "up")
     assert done.returncode != 0 and "nope" in (done.stderr + done.stdout)
+
+
+# ---- the tab's Recommend button (gradio 3.41 and 4.40) --------------------------------------------------------------
+TAB_PROBE = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("lora_daemon_bootstrap", sys.argv[1])
+bootstrap = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bootstrap)
+bootstrap.import_lora_daemon()
+from pathlib import Path
+from lora_daemon.ui.context import TabContext, UiSettings
+from lora_daemon.ui.forms import FIELDS, TEXT_FIELDS
+from lora_daemon.ui.tab import TrainTab
+
+home, base, data = sys.argv[2], sys.argv[3], sys.argv[4]
+ctx = TabContext(settings=lambda: UiSettings(home=home), checkpoints=lambda: {"tiny [0]": base},
+                 lora_dir=lambda: Path(home) / "Lora")
+tab = TrainTab(ctx)
+tab.build()
+out = tab.recommend("style", "tiny [0]", data)
+fields = {s.key: u.get("value") for s, u in zip(FIELDS, out[4:4 + len(FIELDS)]) if isinstance(u, dict) and "value" in u}
+empty = tab.recommend("style", "tiny [0]", "")
+print("REPORT " + json.dumps({"n": len(out), "expected": 4 + len(FIELDS) + len(TEXT_FIELDS) + 2, "fields": fields,
+                              "extra": out[3].get("value"), "status": out[-2], "html": out[-1],
+                              "folder_kept": out[2] == {"__type__": "update"} or out[2].get("value") is None,
+                              "empty_status": empty[-2]}, default=str))
+"""
+
+
+@pytest.mark.parametrize("env_name", [".venv-gradio3", ".venv-gradio4"])
+def test_the_tabs_recommend_button_fills_the_form_and_explains(env_name, daemon, tiny_sd, tmp_path):
+    import os
+    import subprocess
+
+    from daemon_fixtures import ROOT
+    from prepare_webui_envs import require
+
+    python = require(env_name)
+    data = make_tiny_dataset(tmp_path / "styled", n=8)
+    for txt in data.glob("*.txt"):
+        txt.write_text(LONG_TAGS, encoding="utf-8")
+    probe = tmp_path / "probe.py"
+    probe.write_text(TAB_PROBE, encoding="utf-8")
+    done = subprocess.run([str(python), str(probe), str(ROOT / "daemon" / "bootstrap.py"), str(daemon.home),
+                           str(tiny_sd), str(data)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""}, cwd=str(tmp_path))
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(lines[-1][len("REPORT "):])
+    assert report["n"] == report["expected"]
+    fields, extra = report["fields"], report["extra"] or ""
+    assert fields.get("resolution") == 64 and fields.get("shuffle_caption") is True, fields
+    assert "network_type: locon" in extra or fields.get("network_type") == "locon", (fields, extra)
+    assert "recommended settings" in report["status"]
+    assert "lora_scripts_recommendation" in report["html"]
+    assert "locon" in report["html"] and "lycoris" in report["html"]
+    assert "dataset folder" in report["empty_status"] and report["folder_kept"]
