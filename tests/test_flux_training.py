@@ -233,3 +233,12 @@ def test_a_daemon_run_of_tiny_flux_publishes_a_lora_with_a_sidecar_saying_flux(d
     assert meta["modelspec.architecture"] == "flux-1-dev/lora" and meta["ss_base_model_version"] == "flux1"
     keys = [k for k in json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")]) if k != "__metadata__"]
     assert any(k.startswith("lora_unet_double_blocks_0_img_attn_qkv.") for k in keys)
+
+
+def test_a_validation_split_reports_a_finite_flow_matching_eval_loss(flux_config, tmp_path):
+    events = tmp_path / "events.jsonl"
+    result = run_training(flux_config(max_train_steps=3, validation_split=0.25), EventWriter(events),
+                          show_progress=False)
+    assert result.status == "finished"
+    evals = [e for e in read_events(events) if e["type"] == "eval"]
+    assert evals and evals[-1]["validation_images"] == 1 and 0 < evals[-1]["eval_loss"] < float("inf")
