@@ -22,7 +22,8 @@ TOLERANCE = 0.25  # the estimate must be within ±25% of the measured peak
 def measured_peak_mb(cfg) -> float:
     """Frozen weights + the peak of live tensors over two real training steps of the run's task."""
     task = make_task(cfg)
-    task.setup(make_accelerator(cfg))
+    accelerator = make_accelerator(cfg)
+    task.setup(accelerator)
     if cfg.is_text:
         static = module_bytes(task.model)
     else:
@@ -33,7 +34,8 @@ def measured_peak_mb(cfg) -> float:
     meter = TensorMemoryMeter()
     with meter:
         for batch_indices in task.epoch_batches(0, cfg.training.batch_size)[:2]:
-            loss = task.loss(task.collate(batch_indices, 0), generator)
+            with accelerator.autocast():  # as the loop runs it (bf16 autocast for mixed_precision bf16)
+                loss = task.loss(task.collate(batch_indices, 0), generator)
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -43,7 +45,8 @@ def measured_peak_mb(cfg) -> float:
 
 @pytest.mark.parametrize("overrides", [
     {}, {"batch_size": 1}, {"gradient_checkpointing": True}, {"cache_latents": False}, {"resolution": 128},
-], ids=["default", "batch1", "checkpointing", "uncached", "128px"])
+    {"mixed_precision": "bf16"}, {"mixed_precision": "bf16", "cache_latents": False},
+], ids=["default", "batch1", "checkpointing", "uncached", "128px", "bf16", "bf16-uncached"])
 def test_plan_estimate_is_within_tolerance_of_the_measured_peak(train_config, overrides):
     cfg = train_config(**{"batch_size": 4, **overrides})
     estimate = make_plan(cfg).estimate_mb
@@ -100,3 +103,16 @@ def test_plan_estimate_holds_for_a_text_run(tmp_path, tiny_llama, settings):
     cfg = text_config(tmp_path, tiny_llama, **settings)
     estimate, measured = make_plan(cfg).estimate_mb, measured_peak_mb(cfg)
     assert abs(estimate - measured) <= TOLERANCE * measured, f"estimate {estimate:.2f} MB vs measured {measured:.2f} MB"
+
+
+def test_the_plan_measures_the_model_in_the_training_dtype(train_config):
+    """bf16 frozen weights are measured as loaded (2 bytes each), not loaded in fp32 and halved; the LoRA stays fp32."""
+    from lora_core.plan import measure
+
+    fp32, bf16 = measure(train_config()), measure(train_config(mixed_precision="bf16"))
+    assert bf16.half and not fp32.half
+    assert bf16.lora_params == fp32.lora_params
+    assert abs(2 * bf16.weights - fp32.weights) <= 0.01 * fp32.weights
+    full, half = make_plan(train_config()), make_plan(train_config(mixed_precision="bf16"))
+    assert half.breakdown_mb["model weights"] == pytest.approx(bf16.weights / 2**20)
+    assert half.breakdown_mb["model weights"] == pytest.approx(full.breakdown_mb["model weights"] / 2, rel=0.01)
