@@ -205,7 +205,12 @@ class Store:
         if not include_all:
             keep = [r for r in rows if r["status"] not in states.TERMINAL]
             rows = keep + [r for r in rows if r["status"] in states.TERMINAL][:recent]
-        return [_row_to_record(r) for r in rows]
+        records = [_row_to_record(r) for r in rows]
+        queued = [r for r in records if r["status"] == states.QUEUED]
+        if user is EVERYONE and len({r.get("user") for r in queued}) > 1:  # several users: their turns, as claimed
+            fair_order = iter([d.run for d in fair.order(queued, self.queue_state())])
+            records = [next(fair_order) if r["status"] == states.QUEUED else r for r in records]
+        return records
 
     def shared_device(self, run: dict) -> bool:
         """Did another run use `run`'s device while it ran (since its latest start)? An OOM then may be the

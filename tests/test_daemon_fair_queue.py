@@ -8,12 +8,15 @@ took on this machine. What the policy fixes regardless of timing is asserted as 
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
 import pytest
 
-from daemon_fixtures import daemon_factory, run_config, wait_until  # noqa: F401  (fixtures)
+from daemon_fixtures import ROOT, daemon_factory, run_config, wait_until  # noqa: F401  (fixtures)
 from test_daemon_users import hold_the_slot, write_users
 
 pytestmark = pytest.mark.slow
@@ -67,6 +70,12 @@ def test_three_users_take_turns_by_device_time_within_a_priority(daemon_factory,
     assert "device cpu is held by a paused run" in why["c2"]
     assert "fair share: alice used 0.00 GPU-h" in why["a1"] and "turn 2" in why["a2"] and "turn 3" in why["a3"]
     assert queue["policy"] == "fair share by device time within a priority"
+    assert [r["name"] for r in owner.list_runs() if r["status"] == "queued"] == [row["name"] for row in queue["queue"]]
+    cli = subprocess.run([sys.executable, "-m", "lora_daemon.cli", "--home", str(daemon.home), "--user", "bob",
+                          "queue"], capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         timeout=60)
+    assert "  3. " + ids["b1"] in cli.stdout and "fair share: bob used 0.00 GPU-h" in cli.stdout, cli.stderr
+    assert "(another user's run)" in cli.stdout and ids["a1"] not in cli.stdout
     # a user sees where their runs stand among the others' without seeing what those are
     seen_by_bob = users["bob"].queue()["queue"]
     assert [row["name"] for row in seen_by_bob].count("(another user's run)") == 5
