@@ -57,6 +57,8 @@ SOURCES = {
     "holdout": "standard practice: a held-out split to see overfitting (here: loss at fixed timesteps and noise)",
     "history": "this user's earlier runs in the daemon's runs database (their settings, health warnings, 👍/👎)",
     "dataset-check": "lora_core/dataset/check.py: colour dHash near-duplicate detector and size checks",
+    "tagger": "a WD14 tagger (lora_core/dataset/captioners/wd14.py) on up to 64 of the images: the share tagged "
+              "with a person (1girl, 1boy, solo, portrait, ...) or a named character",
     "family": "the base model's native resolution: SD1 512, SD2 768, SDXL 1024 (Stability AI model cards)",
 }
 
@@ -66,6 +68,11 @@ GENERIC_TAGS = {"1girl", "1boy", "solo", "simple background", "white background"
 TARGET_VIEWS_PER_IMAGE = 100  # kohya-guide: a character trains well at ~10 repeats x 10 epochs
 MIN_TOTAL_VIEWS, MAX_TOTAL_VIEWS = 1500, 12000
 CLIP_TOKENS = 75
+# booru tags that mean "a person is the subject" (WD14's general tags); a named character (WD14 category 4) counts too
+PERSON_TAGS = {"1girl", "2girls", "multiple girls", "1boy", "2boys", "multiple boys", "solo", "portrait", "face",
+               "close-up", "upper body", "male focus", "female focus"}
+TAGGER_SAMPLE = 64  # images tagged at most (evenly spread): recommend stays quick on big folders
+CHARACTER_SHARE = 0.5  # at least this share of person images suggests a character LoRA when no kind is given
 
 
 @dataclass
@@ -191,6 +198,48 @@ def _analyse(root: Path, caption_extension: str, metadata_path: Optional[str]) -
                   "first_tags": firsts.most_common(3)},
         top_tags=list(report.tag_frequency.items())[:15], errors=errors,
         tagger="not measured: no tagger is configured for recommend (face/character share skipped)"), ratios
+
+
+def tagger_folder(tagger: Optional[str]) -> Optional[Path]:
+    """The WD14 folder to use: ``tagger`` when given, else the default wd14 folder when its files are in place
+    ("configured"); None when there is none (the share is then skipped, with a note)."""
+    from .dataset.captioners import available_captioners, check_model_dir
+
+    spec = next((c for c in available_captioners() if c.name == "wd14"), None)
+    if spec is None:
+        return None
+    try:
+        return check_model_dir(spec, tagger)
+    except Exception as e:  # MissingWeightsError: not configured
+        if tagger:
+            raise InputError(f"tagger: {e}") from None
+        return None
+
+
+def person_share(folder: Path, model_dir: Path) -> tuple[float, int]:
+    """(share of images tagged with a person or a named character, images tagged), on up to `TAGGER_SAMPLE`."""
+    from PIL import Image
+
+    from .dataset.captioners import load_captioner
+    from .dataset.check import find_images
+    from .dataset.captioners.wd14 import CATEGORY_CHARACTER
+    from .dataset.scan import upright_rgb
+
+    images = find_images(folder)
+    if len(images) > TAGGER_SAMPLE:
+        images = [images[round(i * (len(images) - 1) / (TAGGER_SAMPLE - 1))] for i in range(TAGGER_SAMPLE)]
+    tagger = load_captioner("wd14", model_dir, device="cpu")
+    characters = {name.replace("_", " ").lower() for name, cat in getattr(tagger, "tags", []) if cat ==
+                  CATEGORY_CHARACTER}
+    pictures = []
+    for path in images:
+        with Image.open(path) as im:
+            pictures.append(upright_rgb(im))
+    hits = 0
+    for caption in tagger.caption_batch(pictures):
+        tags = {t.strip().replace("_", " ").lower() for t in caption.split(",") if t.strip()}
+        hits += bool(tags & (PERSON_TAGS | characters))
+    return hits / max(1, len(pictures)), len(pictures)
 
 
 def model_family(base_model: Optional[str]) -> Optional[str]:
@@ -502,22 +551,35 @@ def adjust_for_history(b: _Builder, history: Sequence[dict]) -> list[dict]:
 def recommend(data_dir: str | Path, base_model: Optional[str] = None, kind: Optional[str] = None,
               optimizer: str = "adamw", history: Optional[Sequence[dict]] = None,
               memory_budget_mb: Optional[float] = None, caption_extension: str = ".txt",
-              output_dir: Optional[str] = None) -> Recommendation:
+              output_dir: Optional[str] = None, tagger: Optional[str] = None) -> Recommendation:
     """Analyse ``data_dir`` and propose settings for a LoRA of ``kind`` (default character) on ``base_model``.
 
+    ``tagger``: a WD14 folder for the face/character share (default: the wd14 captioner's folder when it is set
+    up; without one the share is skipped and a note says so). With no ``kind``, a share of at least
+    `CHARACTER_SHARE` means character, less means style; without a tagger the default is character.
     ``history``: this user's earlier runs, newest first, as plain dicts (see the module docstring). The result's
     ``settings`` are flat config keys; with a base model they are checked by the config's own validation
     (``validated``) and the batch size by the memory plan's estimate (``plan``)."""
-    kind = kind or "character"
-    if kind not in KINDS:
+    if kind is not None and kind not in KINDS:
         raise InputError(f"kind: must be one of {', '.join(KINDS)}, got {kind!r}")
     folder = Path(data_dir).expanduser().resolve()
     if not folder.is_dir():
         raise DatasetError(f"data: no such folder, got {str(data_dir)!r}")
     stats, report_ratios = _analyse(folder, caption_extension, None)
+    model_dir = tagger_folder(tagger)
+    share = None
+    if model_dir is not None:
+        share, tagged = person_share(folder, model_dir)
+        stats.tagger = f"{share:.0%} of {tagged} image(s) show a person or a named character (wd14 tagger in " \
+                       f"{model_dir})"
+    chosen_kind = kind or ("character" if share is None or share >= CHARACTER_SHARE else "style")
     family = model_family(base_model)
     notes: list[str] = []
     b = _Builder()
+    if kind is None and share is not None:
+        notes.append(f"kind {chosen_kind}: {share:.0%} of the tagged images show a person or a named character "
+                     f"(character from {CHARACTER_SHARE:.0%}) [tagger]")
+    kind = chosen_kind
     resolution = _resolution(b, stats, family)
     _buckets(b, stats, resolution, report_ratios)
     _network(b, stats, kind)
@@ -592,9 +654,12 @@ def add_arguments(parser, standalone: bool = True) -> None:
     its own ``--json`` and makes ``--data`` required only with ``--recommend``)."""
     parser.add_argument("--data", required=standalone, help="the training images folder")
     parser.add_argument("--base", help="base model (.safetensors or diffusers folder): enables the memory plan")
-    parser.add_argument("--kind", choices=KINDS, default="character", help="what the LoRA is for")
+    parser.add_argument("--kind", choices=KINDS, help="what the LoRA is for (default: character, or from the "
+                        "tagger's person share when a tagger is set up)")
     parser.add_argument("--optimizer", default="adamw", help="the optimizer to tune the learning rate for")
     parser.add_argument("--history", help="a JSON file with earlier runs (a list of dicts), newest first")
+    parser.add_argument("--tagger", help="a WD14 tagger folder for the face/character share (default: the wd14 "
+                        "captioner's folder when set up)")
     if standalone:
         parser.add_argument("--json", action="store_true", help="print the recommendation as JSON")
 
@@ -602,7 +667,8 @@ def add_arguments(parser, standalone: bool = True) -> None:
 def run_cli(args, out, err) -> int:
     try:
         history = json.loads(Path(args.history).read_text(encoding="utf-8")) if args.history else None
-        rec = recommend(args.data, base_model=args.base, kind=args.kind, optimizer=args.optimizer, history=history)
+        rec = recommend(args.data, base_model=args.base, kind=args.kind, optimizer=args.optimizer, history=history,
+                        tagger=args.tagger)
     except (InputError, OSError, ValueError) as e:
         print(f"error: {e}", file=err)
         return 2

@@ -128,6 +128,26 @@ def test_without_a_base_model_it_still_recommends_and_says_what_it_skipped(few):
     assert any("tagger" in n for n in rec.notes)  # the face/character share needs a tagger
 
 
+def test_a_configured_tagger_measures_the_person_share_and_picks_the_kind(tmp_path, few):
+    from lora_core.tiny import build_tiny_tagger
+
+    people = build_tiny_tagger(tmp_path / "people", tags=[("general", 9, 2.0, (0, 0, 0)),
+                                                          ("1girl", 0, 3.0, (0, 0, 0)),
+                                                          ("simple_background", 0, 3.0, (0, 0, 0))])
+    shapes = build_tiny_tagger(tmp_path / "shapes")  # colour tags only: no person in any image
+    with_people = recommend(few, tagger=str(people))
+    without = recommend(few, tagger=str(shapes))
+    assert with_people.kind == "character" and "100% of 6 image(s)" in with_people.dataset.tagger
+    assert without.kind == "style" and "0% of 6 image(s)" in without.dataset.tagger
+    assert any(n.startswith("kind style: 0%") for n in without.notes)
+    assert without.settings["network_type"] == "locon" and with_people.settings["network_type"] == "lora"
+    assert recommend(few, kind="character", tagger=str(shapes)).kind == "character"  # a given kind wins
+    from lora_core.errors import InputError
+
+    with pytest.raises(InputError, match="tagger"):
+        recommend(few, tagger=str(tmp_path / "no-tagger"))
+
+
 def test_bad_input_names_what_to_fix(tmp_path):
     from lora_core.errors import InputError
 
