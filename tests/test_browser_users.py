@@ -137,6 +137,11 @@ def test_two_signed_in_users_each_see_only_their_own_runs(browser, env_name):
             # the routes answer each browser as its own user: another's run is not there, not even by id
             answer = bob.request.get(world["url"] + f"lora-scripts/v1/runs/{alice_run}")
             assert answer.status == 404, answer.text()
+            who = bob.request.get(world["url"] + "lora-scripts/v1/whoami").json()
+            assert (who["user"], who["role"], who["admin"]) == ("bob", "member", False)
+            queue = bob.request.get(world["url"] + "lora-scripts/v1/queue").json()
+            assert {r["id"] for r in queue["running"] + queue["queue"]} <= {bob_run, None}
+            assert bob_run in {r["id"] for r in queue["running"] + queue["queue"]}
             # each run's folder is its user's
             assert Path(runs[alice_run]["run_dir"]).parent == world["home"] / "runs" / "alice"
             assert Path(runs[bob_run]["run_dir"]).parent == world["home"] / "runs" / "bob"

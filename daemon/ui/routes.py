@@ -264,6 +264,16 @@ def make_router(ctx: TabContext, auth: AuthPolicy) -> APIRouter:
         except ValueError as e:
             return JSONResponse({"error": {"code": "not_found", "message": str(e)}}, status_code=404)
 
+    @router.get("/queue")
+    def queue(request: Request):
+        """The queue in the scheduler's order, each run with why it waits (`lora-daemon queue`)."""
+        return call(request, lambda: ctx.client().queue())
+
+    @router.get("/whoami")
+    def whoami(request: Request):
+        """Who the daemon takes the caller for: user, role and limits on a shared daemon (users.yaml)."""
+        return call(request, lambda: ctx.client().whoami())
+
     @router.get("/loras")
     def loras(since: int = -1):
         return ctx.feed.since(since)
