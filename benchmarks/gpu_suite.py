@@ -4,9 +4,10 @@
     python benchmarks/gpu_suite.py --device cpu         # the same code on the mid SD1 / tiny SDXL models
     python benchmarks/gpu_suite.py --device cpu --size tiny --steps 4   # the CI smoke path (seconds per variant)
 
-It builds full-size SD 1.5 and SDXL models with random weights on the GPU (`full_models`: the published shapes, in a
-child process so the suite itself holds no GPU memory), saves them as single files, and trains each variant through
-the normal config and CLI (`lora_core.train`), each in its own process and folder:
+It builds full-size SD 1.5 and SDXL models with random weights drawn on the GPU (`full_models`, the one full-size
+builder: the published shapes, written tensor by tensor, in a child process so the suite itself holds no GPU
+memory) as single files, and trains each variant through the normal config and CLI (`lora_core.train`), each in
+its own process and folder:
 
 * SD 1.5, 512 px, batch 4 and SDXL, 1024 px, batch 1, bf16: without and with ``training.gradient_checkpointing``,
   and with ``model.fp8_base``;
