@@ -110,6 +110,8 @@ for host in ("forge", "a1111"):
         "titles": titles,
         "pick_flux": [u if isinstance(u, str) else {k: v for k, v in dict(u).items() if k != "__type__"}
                       for u in tab.pick_model(flux_title, "style")],
+        "pick_flux_again": [u if isinstance(u, str) else {k: v for k, v in dict(u).items() if k != "__type__"}
+                            for u in tab.pick_model(flux_title, "flux-style")],
         "pick_sd": [u if isinstance(u, str) else {k: v for k, v in dict(u).items() if k != "__type__"}
                     for u in tab.pick_model("sd [0]", "flux-character")],
         "flux_config": tab._build_config(IMAGE_KIND, flux_title, data, "", tuple(row)),
@@ -142,6 +144,7 @@ def test_the_tab_tells_flux_apart_sends_its_settings_only_with_it_and_a1111_refu
         visible, note_sd, presets = seen["pick_sd"]
         assert visible["visible"] is False and note_sd == "" and not any(
             name.startswith("flux-") for name in presets["choices"]) and presets["value"] == "style"
+        assert "value" not in seen["pick_flux_again"][2]  # a FLUX preset already chosen is left alone
         assert seen["flux_config"]["training"]["guidance_scale"] == 1.0
         assert seen["flux_config"]["model"]["base_model"] == str(flux)
         assert "guidance_scale" not in seen["sd_config"]["training"]
