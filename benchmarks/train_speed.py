@@ -22,6 +22,14 @@ core count prints a warning, and such figures are not results.
     python benchmarks/train_speed.py --size mid --resolution 256 --batch-size 4 --steps 12 --repeats 2
     python benchmarks/train_speed.py --peer kohya --kohya-dir ~/sd-scripts --kohya-python ~/sd-scripts/venv/bin/python \\
         --size full --resolution 256 --batch-size 1 --steps 12 --repeats 2
+
+``--family flux``: the tiny/mid FLUX.1 model (`lora_core.image.flux_tiny`) against a baseline that runs the AE, CLIP-L
+and T5 every step (`flux_bench.run_flux_baseline`); ``--family flux --real-shape`` (CUDA only): FLUX.1 [dev]'s real
+transformer with random weights built on the GPU, fp8 base, steps/s and peak VRAM at 512 and 1024 px
+(`flux_bench.real_shape`).
+
+    python benchmarks/train_speed.py --family flux --size mid --resolution 128 --batch-size 2 --steps 12
+    python benchmarks/train_speed.py --family flux --real-shape --steps 6 --warmup 2
 """
 from __future__ import annotations
 
@@ -111,6 +119,9 @@ def our_config(model: Path, data: Path, out: Path, args, modules: list[str], net
            "save_precision": "fp16", "cache_latents": not args.no_cache,
            "cache_text_encoder_outputs": not args.no_cache, "unet_target_modules": modules,
            "network_type": network_type}
+    if args.family == "flux":  # FLUX: its own default targets (attention + MLP of every block), T5 length as the peer's
+        del cfg["unet_target_modules"]
+        cfg.update(model_family="flux", t5_max_length=args.t5_max_length)
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False), encoding="utf-8")
     return path
@@ -186,7 +197,7 @@ def run_one(variant: str, repeat: int, model: Path, data: Path, work: Path, args
         cmd = [sys.executable, __file__, "--variant", "baseline", "--model", str(model), "--data", str(data),
                "--out", str(out / "baseline"), "--resolution", str(args.resolution), "--batch-size",
                str(args.batch_size), "--steps", str(args.steps), "--mixed-precision", args.mixed_precision,
-               "--modules", ",".join(modules)]
+               "--modules", ",".join(modules), "--family", args.family, "--t5-max-length", str(args.t5_max_length)]
     else:
         cmd = kohya_command(Path(args.kohya_dir), args.kohya_python, model, data, out, args)
     ours_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
@@ -228,7 +239,11 @@ def build_inputs(work: Path, args) -> tuple[Path, Path]:
     """The model (tiny/mid diffusers folder, or the full-size SD 1.5 single file) and the captioned images."""
     from lora_core.tiny import build_tiny_sd, make_tiny_dataset
 
-    if args.size == "full":
+    if args.family == "flux":
+        from lora_core.image.flux_tiny import build_tiny_flux
+
+        model = build_tiny_flux(work / "model", size=args.size)
+    elif args.size == "full":
         from full_models import build_full_single_file
 
         model = build_full_single_file("sd1", Path(args.model_cache) if args.model_cache else work / "model")
@@ -244,7 +259,7 @@ def summarise(rows: list[dict], args) -> dict:
         if row["variant"] not in best or row["steps_s"] > best[row["variant"]]["steps_s"]:
             best[row["variant"]] = row
     ours, peer = best["ours"], best[args.peer]
-    result = {"bench": f"train_speed_{args.size}_{args.resolution}px_bs{args.batch_size}"
+    result = {"bench": f"train_speed_{'flux_' if args.family == 'flux' else ''}{args.size}_{args.resolution}px_bs{args.batch_size}"
                        f"{'_nocache' if args.no_cache else ''}{'_vs_kohya' if args.peer == 'kohya' else ''}",
               "peer": args.peer, "ours_steps_s": round(ours["steps_s"], 4),
               f"{args.peer}_steps_s": round(peer["steps_s"], 4), "ratio": round(ours["steps_s"] / peer["steps_s"], 3),
@@ -291,6 +306,16 @@ def main() -> int:
                                            "temporary folder, removed at the end")
     parser.add_argument("--model-cache", help="--size full: folder to keep the built model in between invocations")
     parser.add_argument("--timeout", type=float, default=3600, help="seconds one run may take before it is killed")
+    parser.add_argument("--family", default="sd", choices=["sd", "flux"],
+                        help="sd: SD1-layout models; flux: the tiny/mid FLUX.1 model against a baseline running the "
+                             "AE, CLIP-L and T5 every step")
+    parser.add_argument("--t5-max-length", type=int, default=128, help="--family flux: T5 tokens per caption")
+    parser.add_argument("--real-shape", action="store_true",
+                        help="--family flux, CUDA only: FLUX.1 [dev]'s real transformer, random weights on the GPU, "
+                             "fp8 base: steps/s and peak VRAM at --real-resolutions")
+    parser.add_argument("--real-resolutions", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--rank", type=int, default=16, help="--real-shape: LoRA rank")
+    parser.add_argument("--no-fp8", action="store_true", help="--real-shape: bf16 base weights instead of fp8")
     parser.add_argument("--variant", choices=["baseline"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -298,7 +323,24 @@ def main() -> int:
     parser.add_argument("--modules", default=",".join(OUR_DEFAULT_MODULES), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:
+        if args.family == "flux":
+            from flux_bench import run_flux_baseline
+
+            print(json.dumps(run_flux_baseline(Path(args.model), Path(args.data), Path(args.out), args)))
+            return 0
         print(json.dumps(run_baseline(Path(args.model), Path(args.data), Path(args.out), args)))
+        return 0
+    if args.family == "flux" and args.peer == "kohya":
+        parser.error("--family flux compares against the baseline loop only")
+    if args.family == "flux" and args.size == "full" and not args.real_shape:
+        parser.error("--family flux: --size tiny or mid (the full shape is --real-shape, on a CUDA GPU)")
+    if args.real_shape:
+        if args.family != "flux":
+            parser.error("--real-shape needs --family flux")
+        from flux_bench import real_shape
+
+        watch = LoadWatch()
+        emit(real_shape(args), watch)
         return 0
     if args.peer == "kohya":
         if not args.kohya_dir:

@@ -242,3 +242,20 @@ def test_a_validation_split_reports_a_finite_flow_matching_eval_loss(flux_config
     assert result.status == "finished"
     evals = [e for e in read_events(events) if e["type"] == "eval"]
     assert evals and evals[-1]["validation_images"] == 1 and 0 < evals[-1]["eval_loss"] < float("inf")
+
+
+@pytest.mark.slow
+def test_train_speed_family_flux_compares_ours_with_the_uncached_baseline():
+    import json
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "train_speed.py"), "--family", "flux",
+                           "--resolution", "64", "--batch-size", "2", "--steps", "5", "--warmup", "1",
+                           "--t5-max-length", "32"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "train_speed_flux_tiny_64px_bs2" and result["peer"] == "baseline"
+    assert result["ours_steps_s"] > 0 and result["baseline_steps_s"] > 0 and result["ratio"] > 0
+    assert {r["variant"] for r in result["runs"]} == {"ours", "baseline"}

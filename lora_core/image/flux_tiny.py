@@ -28,6 +28,11 @@ from . import flux_keys
 VARIANTS = ("dev", "schnell")
 TINY = dict(heads=2, head_dim=16, double=2, single=2, text_hidden=32, text_layers=2, text_intermediate=64,
             t5_d_model=32, t5_d_kv=8, t5_heads=4, t5_d_ff=64, t5_layers=2, vae_channels=(32, 32, 32, 32))
+# for benchmarks: FLUX.1's proportions (twice as many single as double blocks, heads of 64, CLIP-L's width, a T5
+# wider than the transformer as T5-XXL is) at about a 120th of its size, and a quarter-width AE
+MID = dict(heads=6, head_dim=64, double=4, single=8, text_hidden=768, text_layers=2, text_intermediate=1024,
+           t5_d_model=512, t5_d_kv=64, t5_heads=8, t5_d_ff=1024, t5_layers=4, vae_channels=(32, 64, 128, 128))
+SIZES = {"tiny": TINY, "mid": MID}
 # the T5 tokenizer's training text: words of the tiny dataset's captions and common caption words; anything else
 # falls back to single characters (the alphabet is in the vocabulary) or <unk>
 T5_WORDS = ("a an the of and with in on at to by for picture photo image painting drawing style simple background "
@@ -97,7 +102,7 @@ def flux_vae(channels: tuple = TINY["vae_channels"], layers: int = 1):
                          shift_factor=AE_SHIFT, use_quant_conv=False, use_post_quant_conv=False)
 
 
-def build_flux_components(variant: str = "dev", seed: int = 0) -> dict:
+def build_flux_components(variant: str = "dev", seed: int = 0, size: str = "tiny") -> dict:
     """The keyword arguments of ``FluxPipeline`` (transformer, vae, text_encoder(_2), tokenizer(_2), scheduler)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
 
@@ -106,7 +111,9 @@ def build_flux_components(variant: str = "dev", seed: int = 0) -> dict:
 
     if variant not in VARIANTS:
         raise ValueError(f"tiny FLUX: variant {variant!r} is not one of {', '.join(VARIANTS)}")
-    s = TINY
+    if size not in SIZES:
+        raise ValueError(f"tiny FLUX: size {size!r} is not one of {', '.join(SIZES)}")
+    s = SIZES[size]
     torch.manual_seed(seed)
     tokenizer_2 = build_t5_tokenizer()
     transformer = FluxTransformer2DModel(
@@ -117,13 +124,13 @@ def build_flux_components(variant: str = "dev", seed: int = 0) -> dict:
     text_encoder = clip_text_model(s["text_hidden"], s["text_layers"], s["text_intermediate"], "quick_gelu")
     text_encoder_2 = t5_encoder(len(tokenizer_2), s["t5_d_model"], s["t5_d_kv"], s["t5_heads"], s["t5_d_ff"],
                                 s["t5_layers"])
-    return {"transformer": transformer, "vae": flux_vae(), "text_encoder": text_encoder,
+    return {"transformer": transformer, "vae": flux_vae(s["vae_channels"]), "text_encoder": text_encoder,
             "tokenizer": load_clip_tokenizer(), "text_encoder_2": text_encoder_2, "tokenizer_2": tokenizer_2,
             "scheduler": FlowMatchEulerDiscreteScheduler(**SCHEDULER[variant])}
 
 
 def build_tiny_flux(out: str | Path, single_file: bool = False, variant: str = "dev", seed: int = 0,
-                    layout: str = "full", fp8: bool = False) -> Path:
+                    layout: str = "full", fp8: bool = False, size: str = "tiny") -> Path:
     """Write a tiny FLUX.1 model: a diffusers folder at ``out``, or (``single_file``) BFL-format files — ``out`` a
     ``.safetensors`` path or a folder to write ``tiny-flux-<variant>.safetensors`` into (``layout`` full or parts,
     see the module docstring). Returns the folder or the (transformer) file."""
@@ -134,7 +141,7 @@ def build_tiny_flux(out: str | Path, single_file: bool = False, variant: str = "
     if layout not in ("full", "parts"):
         raise ValueError(f"tiny FLUX: layout {layout!r} is not full or parts")
     out = Path(out)
-    parts = build_flux_components(variant, seed)
+    parts = build_flux_components(variant, seed, size)
     if not single_file:
         FluxPipeline(**parts).save_pretrained(out, safe_serialization=True)
         write_clip_tokenizer(out / "tokenizer")
