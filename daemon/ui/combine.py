@@ -148,7 +148,11 @@ class CombineSection:
         c["refresh"].click(self.refresh, inputs=[c["loras"], c["base"], c["tuned"], c["job"]],
                            outputs=[c["loras"], c["base"], c["tuned"], c["status"]])
         c["preview"].click(self.preview, inputs=[c["loras"], c["weights"]], outputs=[c["info"]])
-        c["loras"].change(self.preview, inputs=[c["loras"], c["weights"]], outputs=[c["info"]])  # a pick shows it
+        # A pick shows what the files are. gradio 3.41 drops a change that fires while the last one still runs (a
+        # summary is a daemon child, seconds), so a follow-up step shows the choice again if it moved meanwhile.
+        c["shown"] = gr.State([])
+        c["loras"].change(self.preview_pick, inputs=[c["loras"], c["weights"]], outputs=[c["info"], c["shown"]]) \
+            .then(self.preview_again, inputs=[c["loras"], c["weights"], c["shown"]], outputs=[c["info"], c["shown"]])
         c["run"].click(self.run, inputs=form, outputs=[c["status"], c["loras"], c["job"]])
 
     # ---------------------------------------------------------------- handlers
@@ -173,6 +177,18 @@ class CombineSection:
         except (ValueError, DaemonError, DaemonNotRunning) as e:
             return _status(_message(e), "error")
         return preview_html(infos)
+
+    def preview_pick(self, chosen: Optional[list], weights_text: str):
+        """`preview` of a pick, with the choice it shows (for `preview_again`)."""
+        chosen = list(chosen or [])
+        return (self.preview(chosen, weights_text) if chosen else ""), chosen
+
+    def preview_again(self, chosen: Optional[list], weights_text: str, shown: Optional[list]):
+        """After a pick's preview: the choice as it is now, if it is not the one shown (a pick made meanwhile)."""
+        chosen = list(chosen or [])
+        if chosen == list(shown or []):
+            return gr.update(), shown
+        return self.preview_pick(chosen, weights_text)
 
     def inspect(self, name: str) -> dict:
         """The daemon's inspect summary of a file in the Lora folder (kept while the file is unchanged)."""
