@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from loader_maths import (apply_file, bfl_flux_linears, comfy_flux_diffusers_key_map, comfy_flux_key_map,
-                          file_modules, flux_output, loader_delta, sd_scripts_flux_key_map)
+                          file_modules, flux_inputs, flux_output, loader_delta, sd_scripts_flux_key_map)
 
 from lora_core.image.adapters import export_modules
 from lora_core.image.export import training_metadata
@@ -114,20 +114,23 @@ def test_every_module_of_the_file_names_a_real_bfl_linear_and_qkv_is_one_module(
     assert float(linear1["alpha"]) == pytest.approx(4 * ALPHA)
 
 
-def default_targets() -> list[str]:
+def default_targets_of(transformer) -> list[str]:
     """The layers a FLUX run adapts by default: ``model.flux_target_modules`` in every block, as the task picks them."""
     from lora_core.config import FLUX_TARGETS
     from lora_core.image.flux_keys import block_prefixes
     from lora_core.image.flux_task import lora_targets
 
-    return lora_targets(tiny_transformer(), FLUX_TARGETS, block_prefixes(range(2), range(2)), "all")
+    c = transformer.config
+    return lora_targets(transformer, FLUX_TARGETS, block_prefixes(range(c.num_layers), range(c.num_single_layers)),
+                        "all")
 
 
 @pytest.mark.parametrize("loader,targets", [("comfyui", "every linear"), ("sd-scripts", "every block linear"),
                                             ("sd-scripts", "the default targets")])
 def test_kohya_file_applied_to_the_bfl_weights_gives_the_trained_model_output(tmp_path, loader, targets):
     """sd-scripts loads block layers (and the input embedders) only: a key it cannot place fails `apply_file`."""
-    names = {"every linear": ALL_TARGETS, "every block linear": BLOCK_TARGETS}.get(targets) or default_targets()
+    names = {"every linear": ALL_TARGETS, "every block linear": BLOCK_TARGETS}.get(targets) or \
+        default_targets_of(tiny_transformer())
     base, model = trained(names)
     expected = flux_output(model)
     weights = bfl_weights(base)
@@ -259,3 +262,46 @@ def test_the_lora_card_says_flux_for_a_flux_file_and_the_sd_version_for_others(t
     not_safetensors = tmp_path / "folder_lora"
     not_safetensors.mkdir()
     assert "sd version" not in json.loads(sidecar_text(not_safetensors, None, 1.0))
+
+
+def test_a_lora_trained_on_the_tiny_bfl_file_applied_to_that_files_own_weights_gives_the_trained_output(tmp_path):
+    """End to end on a real BFL-format file (the tiny FLUX single file, Forge's layout): its transformer, read back
+    to diffusers, trains a LoRA on the default targets for a few optimizer steps; the written file applied by
+    ComfyUI's key map to the file's own ``model.diffusion_model.*`` weights gives the trained model's output."""
+    from diffusers import FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    from lora_core.image.flux_keys import TRANSFORMER_PREFIX, infer_config
+    from lora_core.image.flux_tiny import build_tiny_flux
+
+    path = build_tiny_flux(tmp_path / "models", single_file=True)
+    bfl = {k[len(TRANSFORMER_PREFIX):]: v.float() for k, v in load_file(str(path)).items()
+           if k.startswith(TRANSFORMER_PREFIX)}
+    facts = infer_config(bfl)
+
+    def from_file():
+        model = FluxTransformer2DModel(**facts["config"]).eval()
+        model.load_state_dict(bfl_to_diffusers(bfl, facts["dims"]))
+        return model
+
+    model = from_file()
+    names = default_targets_of(model)
+    add_lora(model, names, RANK, ALPHA, 0.0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    target = torch.randn(flux_output(model).shape, generator=torch.Generator().manual_seed(3))
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(**flux_inputs(model.config), return_dict=False)[0], target)
+        loss.backward()
+        optimizer.step()
+    expected = flux_output(model)
+    assert (expected - flux_output(from_file())).abs().max() > 1e-3  # training moved the output
+
+    tensors = load_file(str(write(model, tmp_path)))
+    patched = apply_file(bfl, comfy_flux_key_map(bfl), tensors, 1.0)
+    merged = FluxTransformer2DModel(**facts["config"]).eval()
+    merged.load_state_dict(bfl_to_diffusers(patched, facts["dims"]))
+    assert (flux_output(merged) - expected).abs().max() < 1e-4
+    assert set(file_modules(tensors)) <= set(sd_scripts_flux_key_map(
+        bfl_flux_linears(facts["config"]["num_layers"], facts["config"]["num_single_layers"], guidance=True)))
