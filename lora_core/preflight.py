@@ -189,6 +189,11 @@ def check_flux(cfg: Any) -> list[str]:
     if variant == "schnell" and getattr(t, "guidance_scale", None) is not None:
         problems.append(f"training.guidance_scale: {base.name} is FLUX.1 [schnell], which has no guidance "
                         f"embedding; leave guidance_scale empty (it applies to [dev] only)")
+    network = getattr(m, "network_type", "lora")
+    if network != "lora" or getattr(m, "use_dora", False):  # refused now, not at export after hours of training
+        problems.append(f"model.network_type: FLUX LoRA files hold plain LoRA only (q/k/v are fused into BFL's qkv "
+                        f"by rank concatenation, which {network}{' with DoRA' if network != 'dora' else ''} "
+                        f"cannot be); use lora")
     if facts is None:
         return problems
     parts = (("t5", "t5_path", "the T5-XXL text encoder", "models/text_encoder/t5xxl_fp16.safetensors"),

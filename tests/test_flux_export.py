@@ -305,3 +305,17 @@ def test_a_lora_trained_on_the_tiny_bfl_file_applied_to_that_files_own_weights_g
     assert (flux_output(merged) - expected).abs().max() < 1e-4
     assert set(file_modules(tensors)) <= set(sd_scripts_flux_key_map(
         bfl_flux_linears(facts["config"]["num_layers"], facts["config"]["num_single_layers"], guidance=True)))
+
+
+@pytest.mark.parametrize("network", [{"network_type": "loha"}, {"network_type": "lora", "use_dora": True}])
+def test_an_adapter_no_flux_file_can_hold_is_refused_before_training(tmp_path, network):
+    from lora_core.config import config_from_dict
+    from lora_core.image.flux_tiny import build_tiny_flux
+    from lora_core.preflight import preflight
+
+    path = build_tiny_flux(tmp_path / "models", single_file=True)
+    (tmp_path / "data").mkdir()
+    cfg = config_from_dict({"base_model": str(path), "train_data_dir": str(tmp_path / "data"),
+                            "output_dir": str(tmp_path / "out"), **network})
+    problems = [p for p in preflight(cfg) if p.startswith("model.network_type")]
+    assert problems and "FLUX LoRA files hold plain LoRA only" in problems[0] and "use lora" in problems[0]
