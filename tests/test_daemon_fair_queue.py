@@ -176,3 +176,58 @@ def test_an_out_of_memory_beside_another_run_runs_again_alone_then_fails_as_usua
     assert [e["reason"] for e in requeued] == ["out of memory beside other runs; it runs again alone"]
     assert requeued[0]["solo"] is True and final["solo"] == 1 and final["attempts"] == 2
     assert final["exit_code"] == 4 and "training.batch_size" in (final.get("advice") or "")  # the OOM advice
+
+
+# ----------------------------------------------------------- the policy's own rules, on run records as the store keeps
+def record(run_id: str, user: str, status: str = "queued", created: float = 0.0, **more) -> dict:
+    return {"id": run_id, "name": run_id, "user": user, "status": status, "kind": "image", "priority": 0,
+            "first": 0, "created_at": created, **more}
+
+
+def test_limits_keep_runs_waiting_with_the_reason_and_others_go_first():
+    from lora_daemon.fair import QueueState, order
+    from lora_daemon.users import Role
+
+    roles = {"alice": Role("trial", gpu_hours_per_day=1), "bob": Role("member", concurrent_runs=1),
+             "carol": Role("member", concurrent_runs=1)}
+    state = QueueState(active=[record("b0", "bob", "running", device="0")], used_s={"alice": 3700.0},
+                       role_of=roles.get)
+    queued = [record("a1", "alice", created=1), record("b1", "bob", created=2), record("c1", "carol", created=3)]
+    decisions = order(queued, state)
+    assert [(d.run["id"], d.runnable) for d in decisions] == [("c1", True), ("a1", False), ("b1", False)]
+    assert decisions[1].why == "waiting: alice used 1 GPU-hours today (role 'trial')"
+    assert decisions[2].why == "waiting: bob has 1 running (role 'member': at most 1 at once)"
+
+
+def test_memory_plans_decide_what_shares_a_device():
+    from lora_daemon.fair import Device, QueueState, fits_beside, pick
+
+    card = Device("0", max_jobs=3, memory_mb=10_000)  # 9,000 MB usable with the 10 % margin
+    running = [record("r", "alice", "running", device="0", plan={"estimate_mb": 3000}, peak_mem_mb=4000)]
+    assert fits_beside(record("s", "bob", plan={"estimate_mb": 5000}), card, running) == (True, "")
+    assert fits_beside(record("s", "bob", plan={"estimate_mb": 5500}), card, running) == \
+        (False, "needs ~5,500 MB; 5,000 MB free on device 0")  # the measured peak counts, not the smaller plan
+    assert fits_beside(record("s", "bob"), card, running)[1] == "no memory plan yet: starts on an idle device"
+    assert fits_beside(record("s", "bob", plan={"estimate_mb": 10}, solo=1), card, running)[1].startswith(
+        "needs a device of its own")
+    assert fits_beside(record("s", "bob", kind="caption"), card, running)[1] == "a caption job runs on an idle device"
+    assert fits_beside(record("s", "bob"), card, []) == (True, "")  # an idle device takes anything
+    full = running + [record(f"r{i}", "x", "running", device="0", plan={"estimate_mb": 100}) for i in range(2)]
+    assert fits_beside(record("s", "bob", plan={"estimate_mb": 10}), card, full)[1] == "device 0 runs 3 of 3 at once"
+    # the big run next in line does not fit beside the running one; the small one after it fills the space
+    queued = [record("big", "bob", created=1, plan={"estimate_mb": 8000}),
+              record("small", "carol", created=2, plan={"estimate_mb": 2000})]
+    assert pick(queued, QueueState(active=running), card)["id"] == "small"
+    assert pick(queued, QueueState(active=[]), card)["id"] == "big"
+
+
+def test_device_time_counts_running_runs_to_now_paused_ones_to_their_pause_and_only_the_last_day():
+    from lora_daemon.users import gpu_seconds
+
+    now = 1_000_000.0
+    runs = [record("done", "alice", "finished", started_at=now - 600, finished_at=now - 300),
+            record("going", "alice", "running", started_at=now - 100),
+            record("paused", "bob", "paused", started_at=now - 500, paused_at=now - 400),
+            record("old", "bob", "finished", started_at=now - 90_000, finished_at=now - 87_000),
+            record("edge", "carol", "finished", started_at=now - 86_500, finished_at=now - 86_000)]
+    assert gpu_seconds(runs, now) == {"alice": 400.0, "bob": 100.0, "carol": 400.0}  # carol: its last 400 s
