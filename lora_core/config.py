@@ -677,6 +677,7 @@ def _validate(cfg: TrainConfig, given: dict[str, dict[str, tuple[Any, str]]], pr
               "FLUX LoRAs train the transformer only here (T5 and CLIP-L stay frozen and cached)")
         check(t.min_snr_gamma is None, "training", "min_snr_gamma", "applies to SD's noise schedule, not FLUX's "
               "flow matching; leave it empty")
+        check(not m.network_weights, "model", "network_weights", "continuing a FLUX LoRA is not supported yet")
     if m.network_weights and not Path(m.network_weights).exists():
         problems.append(f"model.network_weights: no such file or folder, got {m.network_weights!r}"
                         f"{where('model', 'network_weights')}")

@@ -24,12 +24,15 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import random
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
+from ..dataset.scan import process_caption
 from .adapters import AdapterSpec, adapter_parameters, adapter_state, add_network, export_modules, is_adapter_param
 from .adapters import load_adapter_state, place_adapters
 from .flux import FluxModel, load_flux_model
@@ -174,8 +177,6 @@ class FluxTask(ImageTask):
 
     def _check_device(self) -> None:
         if self.cfg.training.flux_blocks_to_swap and self.device.type != "cuda":
-            from ..config import ConfigError
-
             raise ConfigError([f"training.flux_blocks_to_swap: keeps blocks in CPU RAM for a GPU run; this run is on "
                                f"{self.device.type} (CUDA only), got {self.cfg.training.flux_blocks_to_swap}"])
 
@@ -188,8 +189,6 @@ class FluxTask(ImageTask):
         self.dims = FluxDims.from_config(model.transformer.config)
         self.t5_length = m.t5_max_length or (512 if model.variant == "dev" else 256)
         if model.variant == "schnell" and t.guidance_scale is not None:
-            from ..config import ConfigError
-
             raise ConfigError([f"training.guidance_scale: {Path(m.base_model).name} is FLUX.1 [schnell], which has "
                                f"no guidance embedding; leave guidance_scale empty, got {t.guidance_scale}"])
         self.guidance = (t.guidance_scale if t.guidance_scale is not None else DEV_TRAIN_GUIDANCE) \
@@ -206,12 +205,11 @@ class FluxTask(ImageTask):
         """LoRA on ``flux_target_modules`` inside the blocks ``flux_train_blocks`` selects."""
         m, tr = self.cfg.model, self.model.transformer
         if m.network_weights:
-            raise NotImplementedError("model.network_weights: continuing a FLUX LoRA is not supported yet")
+            raise ConfigError([f"model.network_weights: continuing a FLUX LoRA is not supported yet, got "
+                               f"{m.network_weights!r}"])
         try:
             double, single = train_blocks(m.flux_train_blocks, tr.config.num_layers, tr.config.num_single_layers)
         except ValueError as e:
-            from ..config import ConfigError
-
             raise ConfigError([f"model.flux_train_blocks: {e}"]) from None
         names = lora_targets(tr, m.flux_target_modules, block_prefixes(double, single), m.flux_train_blocks)
         self.spec = AdapterSpec.from_model_config(m)
@@ -323,9 +321,6 @@ class FluxTask(ImageTask):
             latent = self._sample_latent(("val", k), mean, std).cpu()
             gen = torch.Generator().manual_seed(_seed_for(self.cfg.training.seed, "validation", k))
             noise = torch.randn((len(VALIDATION_T), *latent.shape), generator=gen)
-            from ..dataset.scan import process_caption
-            import random
-
             d = self.cfg.data
             caption = process_caption(item.caption, d.trigger_word, False, d.keep_tokens, 0.0, random.Random(0))
             with torch.no_grad():
