@@ -94,11 +94,11 @@ from lora_daemon.ui.context import TabContext, UiSettings
 from lora_daemon.ui.forms import FIELDS, TEXT_FIELDS
 from lora_daemon.ui.tab import IMAGE_KIND, TrainTab
 
-home, sd, flux, data = sys.argv[2:6]
+home, sd, flux, parts, data = sys.argv[2:7]
 report = {}
 for host in ("forge", "a1111"):
-    ctx = TabContext(settings=lambda: UiSettings(home=home), checkpoints=lambda: {"sd [0]": sd, "flux [1]": flux},
-                     lora_dir=lambda: Path(home) / "Lora", host=host)
+    ctx = TabContext(settings=lambda: UiSettings(home=home), lora_dir=lambda: Path(home) / "Lora", host=host,
+                     checkpoints=lambda: {"sd [0]": sd, "flux [1]": flux, "parts [2]": parts})
     tab = TrainTab(ctx)
     tab.build()
     titles = sorted(tab._models())
@@ -106,14 +106,15 @@ for host in ("forge", "a1111"):
     values.update(guidance_scale=1.0, timestep_sampling="shift")
     row = [values[s.key] for s in FIELDS] + [s.default for s in TEXT_FIELDS]
     flux_title = next(t for t in titles if t.startswith("flux"))
+    parts_title = next(t for t in titles if t.startswith("parts"))
+    plain = lambda updates: [u if isinstance(u, str) else {k: v for k, v in dict(u).items() if k != "__type__"}
+                             for u in updates]
     report[host] = {
+        "pick_parts": plain(tab.pick_model(parts_title, "flux-character", "", "/my/own/clip_l.safetensors", None)),
         "titles": titles,
-        "pick_flux": [u if isinstance(u, str) else {k: v for k, v in dict(u).items() if k != "__type__"}
-                      for u in tab.pick_model(flux_title, "style")],
-        "pick_flux_again": [u if isinstance(u, str) else {k: v for k, v in dict(u).items() if k != "__type__"}
-                            for u in tab.pick_model(flux_title, "flux-style")],
-        "pick_sd": [u if isinstance(u, str) else {k: v for k, v in dict(u).items() if k != "__type__"}
-                    for u in tab.pick_model("sd [0]", "flux-character")],
+        "pick_flux": plain(tab.pick_model(flux_title, "style")),
+        "pick_flux_again": plain(tab.pick_model(flux_title, "flux-style")),
+        "pick_sd": plain(tab.pick_model("sd [0]", "flux-character")),
         "flux_config": tab._build_config(IMAGE_KIND, flux_title, data, "", tuple(row)),
         "sd_config": tab._build_config(IMAGE_KIND, "sd [0]", data, "", tuple(row)),
         "start_flux": tab.start(IMAGE_KIND, flux_title, data, "", *row)[-3:] if host == "a1111" else None,
@@ -124,24 +125,36 @@ print("REPORT " + json.dumps(report, default=str))
 
 @pytest.mark.parametrize("env_name", list(ENVS))
 def test_the_tab_tells_flux_apart_sends_its_settings_only_with_it_and_a1111_refuses_it(env_name, tmp_path):
+    """Also: a transformer-only FLUX file in Forge's models/Stable-diffusion gets the T5, CLIP-L and AE files
+    Forge keeps in models/text_encoder and models/VAE filled in, where the user has not typed one."""
     from lora_core.image.flux_tiny import build_tiny_flux
     from lora_core.tiny import build_tiny_sd, make_tiny_dataset
 
     python = require(env_name)
-    build_tiny_sd(tmp_path / "models", single_file=True)
-    sd = next((tmp_path / "models").glob("tiny-sd1*.safetensors"))
-    flux = build_tiny_flux(tmp_path / "models", single_file=True, variant="schnell")
+    models = tmp_path / "models" / "Stable-diffusion"
+    build_tiny_sd(models, single_file=True)
+    sd = next(models.glob("tiny-sd1*.safetensors"))
+    flux = build_tiny_flux(models, single_file=True, variant="schnell")
+    parts = build_tiny_flux(models / "flux1-dev-parts.safetensors", single_file=True, layout="parts")
+    for name, folder in (("t5xxl", "text_encoder"), ("clip_l", "text_encoder"), ("ae", "VAE")):
+        (tmp_path / "models" / folder).mkdir(exist_ok=True)
+        (models / f"{name}.safetensors").rename(tmp_path / "models" / folder / f"{name}_fp16.safetensors")
     data = make_tiny_dataset(tmp_path / "data", n=2, size=64)
     out = subprocess.run([str(python), "-c", PROBE, str(ROOT / "daemon" / "bootstrap.py"), str(tmp_path / "home"),
-                          str(sd), str(flux), str(data)], capture_output=True, text=True, timeout=300)
+                          str(sd), str(flux), str(parts), str(data)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout.split("REPORT ", 1)[1])
     for host, seen in report.items():
         assert "flux [1] · FLUX.1 schnell" in seen["titles"] and "sd [0]" in seen["titles"]
-        visible, note, presets = seen["pick_flux"]
+        visible, note, presets, *filled = seen["pick_flux"]
+        assert filled == [{}, {}, {}]  # a full file needs no other parts
         assert visible["visible"] is True and presets["value"].startswith("flux-")
         assert all(name.startswith("flux-") for name in presets["choices"])
-        visible, note_sd, presets = seen["pick_sd"]
+        visible, note_sd, presets, *_ = seen["pick_sd"]
+        t5, clip, vae = seen["pick_parts"][3:]
+        assert t5["value"] == str(tmp_path / "models" / "text_encoder" / "t5xxl_fp16.safetensors")
+        assert clip == {}  # the user's own choice stays
+        assert vae["value"] == str(tmp_path / "models" / "VAE" / "ae_fp16.safetensors")
         assert visible["visible"] is False and note_sd == "" and not any(
             name.startswith("flux-") for name in presets["choices"]) and presets["value"] == "style"
         assert "value" not in seen["pick_flux_again"][2]  # a FLUX preset already chosen is left alone

@@ -19,7 +19,7 @@ import yaml
 from ..client import DaemonError, DaemonNotRunning
 
 from . import gpu_handoff, lora_info, render
-from .checkpoint_family import LABELS as FAMILY_LABELS, family_of
+from .checkpoint_family import LABELS as FAMILY_LABELS, family_of, forge_parts
 from .combine import CombineSection, list_loras
 from .context import TabContext, signed_in
 from .datasets import DatasetPathError, confined, dataset_folder, list_images, save_uploads
@@ -38,6 +38,7 @@ IMAGE_KIND = "Image LoRA"
 TEXT_KIND = "Text LoRA (language model)"
 KINDS = (IMAGE_KIND, TEXT_KIND)
 DAEMON_DOWN = "The training daemon is not running: start it in the Daemon section."
+PART_FIELDS = ("t5_path", "clip_path", "vae_path")  # a transformer-only FLUX file's other parts
 A1111_NO_FLUX = ("model.base_model: {name} is a FLUX.1 checkpoint, and A1111 cannot run FLUX: a LoRA trained "
                  "here could not be used here. Train it from Forge (this tab), `lora-daemon ui` or `lora-train`, "
                  "and load it in Forge or ComfyUI.")
@@ -466,8 +467,9 @@ class TrainTab:
         t["preset"].change(self.apply_preset, inputs=[t["preset"]],
                            outputs=[self.fields[s.key] for s in FIELDS] + [t["preset_info"]])
         t["refresh_models"].click(self.refresh_models, inputs=[t["base_model"]], outputs=[t["base_model"]])
-        t["base_model"].change(self.pick_model, inputs=[t["base_model"], t["preset"]],
-                               outputs=[t["flux_settings"], t["family_note"], t["preset"]])
+        parts = [self.fields[k] for k in PART_FIELDS]
+        t["base_model"].change(self.pick_model, inputs=[t["base_model"], t["preset"]] + parts,
+                               outputs=[t["flux_settings"], t["family_note"], t["preset"]] + parts)
         t["kind"].change(self.show_kind, inputs=[t["kind"]],
                          outputs=[t["image_form"], t["image_advanced"], t["text_form"]])
 
@@ -517,9 +519,10 @@ class TrainTab:
             return None
         return A1111_NO_FLUX.format(name=base_model)
 
-    def pick_model(self, title: Optional[str], preset: Optional[str]) -> list:
-        """A base model picked: the FLUX settings shown for FLUX only, its family said, and the presets of its
-        family listed (the first one chosen when the current preset is of the other family)."""
+    def pick_model(self, title: Optional[str], preset: Optional[str], *part_paths: Optional[str]) -> list:
+        """A base model picked: the FLUX settings shown for FLUX only, its family said, the presets of its family
+        listed (the default or first one chosen when the current preset is of the other family), and for a
+        transformer-only FLUX file the T5/CLIP-L/AE files Forge keeps filled in where those fields are empty."""
         presets = [p.name for p in list_presets(family=self._family(title))]
         default = self.ctx.settings().default_preset
         if preset in presets:  # same family: the preset (and what the user typed since) stays as it is
@@ -527,7 +530,11 @@ class TrainTab:
         else:
             preset_update = gr.update(choices=presets, value=default if default in presets else
                                       (presets[0] if presets else None))
-        return [gr.update(visible=self._family(title) == "flux"), self._family_note(title), preset_update]
+        path = self._model_path(title)
+        found = forge_parts(path) if path and self._family(title) == "flux" else {}
+        parts = [gr.update(value=found[k]) if k in found and not (current or "").strip() else gr.update()
+                 for k, current in zip(PART_FIELDS, part_paths or [None] * len(PART_FIELDS))]
+        return [gr.update(visible=self._family(title) == "flux"), self._family_note(title), preset_update] + parts
 
     def _build_config(self, kind: str, base_model: Optional[str], folder: str, extra_text: str,
                       values: tuple) -> dict:
