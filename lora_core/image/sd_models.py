@@ -173,6 +173,12 @@ def _load_component(folder: Path, build: Callable[[], torch.nn.Module], dtype: t
         return fallback()
     with empty_module():
         module = build()
+    _fill_component(module, files, dtype, what, str(folder))
+    return module
+
+
+def _fill_component(module: torch.nn.Module, files: list[Path], dtype: torch.dtype, what: str, source: str) -> None:
+    """Give an empty (or released) module its weights from a component's safetensors file(s), cast as read."""
     wanted = set(module.state_dict())
     state: dict[str, torch.Tensor] = {}
     try:
@@ -186,8 +192,7 @@ def _load_component(folder: Path, build: Callable[[], torch.nn.Module], dtype: t
                 state[name] = tensor
     except WeightsFileError as e:
         raise ModelLoadError(str(e)) from None
-    _load_strict(module, state, what, str(folder))
-    return module
+    _load_strict(module, state, what, source)
 
 
 def _load_diffusers_folder(path: Path, dtype: torch.dtype = torch.float32,
@@ -369,11 +374,15 @@ def _strip_text_model(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
             if not k.endswith("position_ids")}
 
 
-def _load_clip(state: dict[str, torch.Tensor], source: str, what: str):
-    """SD1's / SDXL's first encoder (OpenAI CLIP keys, already HF-named in the checkpoint)."""
+def _load_clip(state: dict[str, torch.Tensor], source: str, what: str, into: Any = None):
+    """SD1's / SDXL's first encoder (OpenAI CLIP keys, already HF-named in the checkpoint); ``into``: fill this
+    (released) encoder instead of building one."""
     from diffusers.loaders.single_file_utils import convert_ldm_clip_checkpoint
 
     te_state = _strip_text_model(convert_ldm_clip_checkpoint(state))
+    if into is not None:
+        _load_strict(into, te_state, what, source)
+        return into
     with empty_module():
         text_encoder = clip_text_model(
             te_state["embeddings.token_embedding.weight"].shape[1],
@@ -396,7 +405,8 @@ class _HandOver(dict):
         return self.pop(key, default)
 
 
-def _load_open_clip(state: dict[str, torch.Tensor], source: str, prefix: str, what: str, penultimate: bool):
+def _load_open_clip(state: dict[str, torch.Tensor], source: str, prefix: str, what: str, penultimate: bool,
+                    into: Any = None):
     """SD2's / SDXL's OpenCLIP encoder via diffusers' ``convert_open_clip_checkpoint``. SD2 conditions on the
     penultimate layer, so (like diffusers' SD2 models) its last block is dropped; SDXL keeps every block (the
     pipeline reads the penultimate hidden state) and gets the projection for the pooled embedding."""
@@ -413,12 +423,14 @@ def _load_open_clip(state: dict[str, torch.Tensor], source: str, prefix: str, wh
             part[k] = tensor
     token = part[prefix + "token_embedding.weight"]
     projection = part[prefix + "text_projection"] if prefix + "text_projection" in part else None
-    with empty_module():
-        text_encoder = clip_text_model(
-            token.shape[1], len(blocks) - 1 if penultimate else len(blocks),
-            part[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0], "gelu",
-            projection_dim=None if penultimate or projection is None else int(projection.shape[1]),
-            vocab_size=token.shape[0], max_positions=part[prefix + "positional_embedding"].shape[0])
+    text_encoder = into
+    if text_encoder is None:  # ``into``: fill this (released) encoder instead of building one
+        with empty_module():
+            text_encoder = clip_text_model(
+                token.shape[1], len(blocks) - 1 if penultimate else len(blocks),
+                part[f"{prefix}transformer.resblocks.0.mlp.c_fc.weight"].shape[0], "gelu",
+                projection_dim=None if penultimate or projection is None else int(projection.shape[1]),
+                vocab_size=token.shape[0], max_positions=part[prefix + "positional_embedding"].shape[0])
     te_state = convert_open_clip_checkpoint(text_encoder, part, prefix=prefix)
     del part
     if penultimate:
@@ -476,6 +488,62 @@ def _load_single_file(state: dict[str, torch.Tensor], source: str, metadata: dic
                                      penultimate=False)
     return SDModel(family, unet, vae, text_encoder, load_clip_tokenizer(), scheduler, prediction, source,
                    text_encoder_2, load_clip_tokenizer(pad_token="!"))
+
+
+FROZEN_PARTS = ("vae", "text_encoder", "text_encoder_2")  # what `release_weights` / `reload_weights` handle
+_PART_PREFIXES = {"vae": (VAE_PREFIX,), "text_encoder": ("cond_stage_model.", "conditioner.embedders.0."),
+                  "text_encoder_2": ("conditioner.embedders.1.",)}
+
+
+def can_reload(model: SDModel) -> bool:
+    """Whether released parts can be read back cheaply: the base model is a safetensors single file, or a diffusers
+    folder whose VAE and text encoders are safetensors (a pickle would have to be unpickled whole)."""
+    source = Path(model.source)
+    if source.is_file():
+        return source.suffix.lower() == ".safetensors"
+    return source.is_dir() and all(_component_files(source / name) for name in FROZEN_PARTS
+                                   if getattr(model, name) is not None)
+
+
+def release_weights(module: torch.nn.Module) -> None:
+    """Drop a frozen module's parameters from memory (they become storage-less meta tensors of the same shape and
+    dtype); its buffers, small and computed, stay. `reload_weights` reads them back from the base model."""
+    for sub in module.modules():
+        for name, param in list(sub.named_parameters(recurse=False)):
+            sub._parameters[name] = torch.nn.Parameter(torch.empty_like(param, device="meta"),
+                                                       requires_grad=param.requires_grad)
+
+
+def reload_weights(model: SDModel, names: list[str]) -> None:
+    """Read the named parts (of `FROZEN_PARTS`) back from the base model into their released modules, tensor by
+    tensor, each in the dtype it had — for a sample after caching released them (`ImageTask`)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    source = Path(model.source)
+    dtypes = {name: next(getattr(model, name).parameters()).dtype for name in names}
+    if source.is_dir():
+        for name in names:
+            _fill_component(getattr(model, name), _component_files(source / name), dtypes[name], name, str(source))
+        return
+    wanted = {name: _PART_PREFIXES[name] for name in names}
+    try:
+        state = dict(iter_tensors(source, lambda key, stored: next(dtypes[n] for n, p in wanted.items()
+                                                                   if key.startswith(p)),
+                                  keep=lambda key: any(key.startswith(p) for p in wanted.values())))
+    except WeightsFileError as e:
+        raise ModelLoadError(str(e)) from None
+    if "vae" in names:
+        _load_strict(model.vae, convert_ldm_vae_checkpoint(state, model.vae.config), "VAE", str(source))
+        _drop(state, VAE_PREFIX)
+    if "text_encoder" in names:
+        if model.family == "sd2":
+            _load_open_clip(state, str(source), "cond_stage_model.model.", "text encoder", penultimate=True,
+                            into=model.text_encoder)
+        else:
+            _load_clip(state, str(source), "text encoder", into=model.text_encoder)
+    if "text_encoder_2" in names:
+        _load_open_clip(state, str(source), "conditioner.embedders.1.model.", "second text encoder",
+                        penultimate=False, into=model.text_encoder_2)
 
 
 def _drop(state: dict[str, torch.Tensor], prefix: str) -> None:

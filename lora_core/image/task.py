@@ -29,7 +29,7 @@ from ..speed import SpeedSettings, resolve
 from .fp8 import is_fp8, to_fp8
 from .latent_cache import DiskLatentCache
 from .sample_prompts import SamplePrompt, parse_sample_prompts
-from .sd_models import SDModel, load_sd_model
+from .sd_models import SDModel, can_reload, load_sd_model, release_weights, reload_weights
 
 log = logging.getLogger(__name__)
 
@@ -235,23 +235,40 @@ class ImageTask:
                 entry["text"], entry["pooled"] = embeds[0].cpu(), None if pooled is None else pooled[0].cpu()
             self.val_data.append(entry)
 
-    def _frozen_parts(self) -> list:
-        """The frozen modules caching left idle until the next sample: the VAE once latents are cached, the text
+    def _frozen_names(self) -> list[str]:
+        """The frozen parts caching left idle until the next sample: the VAE once latents are cached, the text
         encoders once their outputs are (when they are not trained)."""
-        parts = [self.model.vae] if self.cache_latents else []
+        names = ["vae"] if self.cache_latents else []
         if self.cache_text and not self.cfg.model.train_text_encoder:
-            parts += self._base_text_encoders()
-        return parts
+            names += [n for n in ("text_encoder", "text_encoder_2") if getattr(self.model, n) is not None]
+        return names
+
+    def _frozen_parts(self) -> list:
+        return [getattr(self.model, name) for name in self._frozen_names()]
+
+    def _releases_frozen(self) -> bool:
+        """With data.cache_latents_to_disk the idle frozen parts leave RAM too, read back from the base model for
+        each sample (seconds) — not for fp8 base weights (converted layers) or a pickle base model (read whole)."""
+        return bool(self.cfg.data.cache_latents_to_disk and not self.cfg.model.fp8_base and self._frozen_names()
+                    and can_reload(self.model))
 
     def _offload_frozen(self) -> None:
-        """Idle frozen modules leave the GPU for the CPU's RAM (sampling brings them back); nothing to do on a CPU."""
-        if self.device.type == "cuda":
+        """Idle frozen modules leave the GPU for the CPU's RAM (sampling brings them back), or leave memory
+        altogether (`_releases_frozen`); with neither, nothing to do on a CPU."""
+        if self._releases_frozen():
+            for part in self._frozen_parts():
+                release_weights(part)
+            _return_freed_memory()
+        elif self.device.type == "cuda":
             for part in self._frozen_parts():
                 part.to("cpu")
+        if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
     def _onload_frozen(self) -> None:
-        if self.device.type == "cuda":
+        if self._releases_frozen():
+            reload_weights(self.model, self._frozen_names())
+        if self.device.type == "cuda" or self._releases_frozen():
             for part in self._frozen_parts():
                 part.to(self.device)
 
@@ -620,6 +637,17 @@ def split_validation(items: list[ImageItem], share: float, seed: int) -> tuple[l
     count = min(len(own) - 1, max(1, round(len(own) * share)))
     held = set(random.Random(_seed_for(seed, "validation-split")).sample(own, count))
     return [it for i, it in enumerate(items) if i not in held], [it for i, it in enumerate(items) if i in held]
+
+
+def _return_freed_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them for reuse otherwise, so released weights would still
+    count in the resident set); a no-op off glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 # What a task tells about rendering samples: prompt_index (1-based), prompts, denoise_step, denoise_steps, prompt.
