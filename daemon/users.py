@@ -15,7 +15,8 @@ The file::
       admin: {admin: true}
       member: {max_priority: 5, concurrent_runs: 1, queued_runs: 5, max_steps: 5000, gpu_hours_per_day: 8}
       guest: {max_priority: 0, queued_runs: 1, max_resolution: 512, max_rank: 16,
-              base_model_folders: [/models/Stable-diffusion/shared]}
+              base_model_folders: [/models/Stable-diffusion/shared],
+              dataset_folders: ["/srv/lora-daemon/datasets/{user}"]}   # {user}: the user's own folder
     users:
       alice: admin
       bob: member
@@ -82,6 +83,9 @@ class Role:
     max_rank: Optional[int] = None
     gpu_hours_per_day: Optional[float] = None  # device time of the last 24 hours, running runs counted up to now
     base_model_folders: tuple[str, ...] = ()
+    # where this role's training data must live; "{user}" is the user's name (the tab uploads to
+    # <home>/datasets/<user>), so one line keeps everyone to their own datasets
+    dataset_folders: tuple[str, ...] = ()
 
     def refuse(self, text: str) -> Refused:
         return Refused(f"role {self.name!r}: {text}")
@@ -92,7 +96,8 @@ LIMITS: dict[str, tuple[type, float]] = {
     "max_priority": (int, -1_000_000), "concurrent_runs": (int, 1), "queued_runs": (int, 0), "max_steps": (int, 1),
     "max_resolution": (int, 64), "max_rank": (int, 1), "gpu_hours_per_day": (float, 0),
 }
-ROLE_KEYS = ("admin", "base_model_folders", *LIMITS)
+ROLE_KEYS = ("admin", "base_model_folders", "dataset_folders", *LIMITS)
+DATA_PATHS = ("train_data_dir", "reg_data_dir", "metadata_path", "train_data_file")  # what dataset_folders confines
 TOP_KEYS = ("roles", "users", "default_role", "publish")
 
 
@@ -173,6 +178,11 @@ def parse_users(text: str, path: Path) -> Users:
                     bad(f"{where}.base_model_folders", "must be a list of folders")
                 else:
                     values[key] = tuple(str(Path(v).expanduser().resolve()) for v in value)
+            elif key == "dataset_folders":
+                if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+                    bad(f"{where}.dataset_folders", "must be a list of folders ({user} stands for the user's name)")
+                else:
+                    values[key] = tuple(value)  # resolved per user when a run is submitted
             elif value is not None:
                 kind, low = LIMITS[key]
                 number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -284,6 +294,14 @@ def check_submit(role: Role, user: Optional[str], cfg: Optional[dict], priority:
         raise role.refuse(f"resolution at most {role.max_resolution}, got data.resolution={data.get('resolution')}")
     if role.max_rank is not None and (model.get("lora_rank") or 0) > role.max_rank:
         raise role.refuse(f"rank at most {role.max_rank}, got model.lora_rank={model.get('lora_rank')}")
+    if role.dataset_folders:
+        allowed = [Path(f.replace("{user}", user or "")).expanduser().resolve() for f in role.dataset_folders]
+        for key in DATA_PATHS:
+            if not data.get(key):
+                continue
+            path = Path(data[key]).expanduser().resolve()
+            if not any(path == f or f in path.parents for f in allowed):
+                raise role.refuse(f"datasets only from {', '.join(map(str, allowed))}, got data.{key}={path}")
     if role.base_model_folders and model.get("base_model"):
         base = Path(model["base_model"]).expanduser().resolve()
         if not any(base == Path(f) or Path(f) in base.parents for f in role.base_model_folders):

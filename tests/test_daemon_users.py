@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import shutil
 import textwrap
 from pathlib import Path
 
@@ -196,3 +197,32 @@ def test_prefix_publishing_and_a_default_role_for_users_the_file_does_not_list(d
     run = dora.get(run["id"])
     assert run["status"] == "finished", run.get("error")
     assert Path(run["published_file"]) == daemon.lora_dir / "dora_shapes.safetensors"
+
+
+def test_dataset_folders_keep_each_user_to_their_own_datasets(daemon_factory, tmp_path, tiny_sd, tiny_data):
+    """`dataset_folders` with {user}: bob's run may read <home>/datasets/bob only (where the tab uploads his
+    images), refused by name before it is queued; an admin reads anywhere."""
+    home = tmp_path / "home"
+    write_users(home, "roles:\n  admin: {admin: true}\n  member:\n    dataset_folders: ['" + str(home) +
+                "/datasets/{user}']\nusers:\n  root: admin\n  bob: member\n")
+    mine = home / "datasets" / "bob" / "shapes"
+    shutil.copytree(tiny_data, mine)
+    role = parse_users((home / "users.yaml").read_text(), home / "users.yaml").role_of("bob")
+    check_submit(role, "bob", {"data": {"train_data_dir": str(mine)}}, 0, 0, 0.0)
+    for key, path in (("train_data_dir", tiny_data), ("train_data_dir", home / "datasets" / "bob" / ".." / "alice"),
+                      ("reg_data_dir", tmp_path)):
+        with pytest.raises(Refused, match=rf"role 'member': datasets only from {home}/datasets/bob, got data.{key}="):
+            check_submit(role, "bob", {"data": {"train_data_dir": str(mine), key: str(path)}}, 0, 0, 0.0)
+    with pytest.raises(UsersFileError, match=r"line 4: roles.member.dataset_folders: must be a list of folders"):
+        parse_users("roles:\n  member:\n    queued_runs: 1\n    dataset_folders: /x\n", home / "users.yaml")
+
+    daemon = daemon_factory()
+    bob, root = daemon.client(timeout=30, user="bob"), daemon.client(timeout=30, user="root")
+    with pytest.raises(DaemonError) as refused:
+        bob.submit(run_config(tiny_sd, tiny_data, "elsewhere", steps=2))
+    assert refused.value.code == "forbidden" and "datasets only from" in refused.value.message
+    assert bob.list_runs(all=True) == []
+    run = bob.submit(run_config(tiny_sd, mine, "own", steps=2))
+    assert run["user"] == "bob"
+    root.cancel(root.submit(run_config(tiny_sd, tiny_data, "anywhere", steps=2))["id"])
+    bob.cancel(run["id"])
