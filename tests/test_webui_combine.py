@@ -281,3 +281,61 @@ def test_the_report_shown_for_an_svd_merge_names_its_worst_modules_and_is_found_
     worst = max(report["error_per_module"], key=report["error_per_module"].get)
     assert shown.index(worst) < min(shown.index(n) for n in report["error_per_module"] if n != worst and n in shown)
     assert lora_info.report_from_log(["no report here", "{not json"]) is None
+
+
+USER_PROBE = r"""
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("lora_daemon_bootstrap", sys.argv[1])
+bootstrap = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bootstrap)
+bootstrap.import_lora_daemon()
+from pathlib import Path
+import gradio as gr
+from lora_daemon.ui.context import TabContext, UiSettings
+from lora_daemon.ui.tab import TrainTab
+from lora_daemon.ui.combine import MERGE
+
+home, lora_dir = sys.argv[2], Path(sys.argv[3])
+ctx = TabContext(settings=lambda: UiSettings(home=home), checkpoints=lambda: {}, lora_dir=lambda: lora_dir)
+tab = TrainTab(ctx)
+blocks = tab.build()
+run_id = tab.combine.c["run"]._id
+# the function gradio itself calls for the Combine button, found through its own dependency table
+if hasattr(blocks, "dependencies"):  # gradio 3: a list of dicts beside a list of functions
+    index = next(i for i, d in enumerate(blocks.dependencies) if run_id in [t if isinstance(t, int) else t[0]
+                                                                            for t in d["targets"]])
+    fn = blocks.fns[index].fn
+else:  # gradio 4: functions by id, each with its (block id, event) targets
+    fn = next(f.fn for f in blocks.fns.values() if any(t[0] == run_id for t in f.targets))
+status = fn(gr.Request(username="alice"), MERGE, ["style.safetensors", "character.safetensors"], "0.8, 0.5", 0,
+            None, "alices_combo", "fp32", 0.0, None, False)[0]
+print("REPORT " + json.dumps({"status": status, "request_param": str(list(fn.__annotations__.values()))}))
+"""
+
+
+@pytest.mark.parametrize("env_name", list(ENVS))
+def test_combine_jobs_are_the_signed_in_users_on_a_shared_daemon(env_name, daemon_factory, tmp_path):
+    """On a daemon with users.yaml, a Combine job started by a signed-in user is that user's (their limits, their
+    Runs list), not the token holder's."""
+    python = require(env_name)
+    lora_dir = tmp_path / "Lora"
+    make_lora(lora_dir / "style.safetensors", "sd1", seed=1, text=False)
+    make_lora(lora_dir / "character.safetensors", "sd1", seed=2, rank=2, text=False)
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "users.yaml").write_text("roles:\n  admin: {admin: true}\n  member: {queued_runs: 3}\n"
+                                     "users:\n  root: admin\n  alice: member\n", encoding="utf-8")
+    daemon = daemon_factory()
+    probe = tmp_path / "probe.py"
+    probe.write_text(USER_PROBE, encoding="utf-8")
+    done = subprocess.run([str(python), str(probe), str(ROOT / "daemon" / "bootstrap.py"), str(daemon.home),
+                           str(lora_dir)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ""}, cwd=str(tmp_path))
+    lines = [line for line in done.stdout.splitlines() if line.startswith("REPORT ")]
+    assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads(lines[-1][len("REPORT "):])
+    assert "Queued merge alices_combo.safetensors" in report["status"], report
+    assert "Request" in report["request_param"]
+    jobs = daemon.client(user="root").list_runs(all=True)
+    assert [j["user"] for j in jobs if j["kind"] == "tools"] == ["alice"], jobs
+    assert [j["user"] for j in daemon.client(user="alice").list_runs(all=True)] == ["alice"]

@@ -19,7 +19,7 @@ import gradio as gr
 
 from ..client import DaemonError, DaemonNotRunning
 from . import lora_info
-from .context import TabContext
+from .context import TabContext, as_signed_in
 
 log = logging.getLogger(__name__)
 
@@ -145,15 +145,17 @@ class CombineSection:
         c["job"] = gr.State("")
         form = [c["action"], c["loras"], c["weights"], c["rank"], c["base"], c["out"], c["precision"],
                 c["fro_ratio"], c["tuned"], c["conv"]]
-        c["refresh"].click(self.refresh, inputs=[c["loras"], c["base"], c["tuned"], c["job"]],
+        c["refresh"].click(as_signed_in(self.refresh), inputs=[c["loras"], c["base"], c["tuned"], c["job"]],
                            outputs=[c["loras"], c["base"], c["tuned"], c["status"]])
-        c["preview"].click(self.preview, inputs=[c["loras"], c["weights"]], outputs=[c["info"]])
+        c["preview"].click(as_signed_in(self.preview), inputs=[c["loras"], c["weights"]], outputs=[c["info"]])
         # A pick shows what the files are. gradio 3.41 drops a change that fires while the last one still runs (a
         # summary is a daemon child, seconds), so a follow-up step shows the choice again if it moved meanwhile.
         c["shown"] = gr.State([])
-        c["loras"].change(self.preview_pick, inputs=[c["loras"], c["weights"]], outputs=[c["info"], c["shown"]]) \
-            .then(self.preview_again, inputs=[c["loras"], c["weights"], c["shown"]], outputs=[c["info"], c["shown"]])
-        c["run"].click(self.run, inputs=form, outputs=[c["status"], c["loras"], c["job"]])
+        c["loras"].change(as_signed_in(self.preview_pick), inputs=[c["loras"], c["weights"]],
+                          outputs=[c["info"], c["shown"]]) \
+            .then(as_signed_in(self.preview_again), inputs=[c["loras"], c["weights"], c["shown"]],
+                  outputs=[c["info"], c["shown"]])
+        c["run"].click(as_signed_in(self.run), inputs=form, outputs=[c["status"], c["loras"], c["job"]])
 
     # ---------------------------------------------------------------- handlers
     def refresh(self, chosen: Optional[list], base: Optional[str], tuned: Optional[str] = None,

@@ -42,6 +42,21 @@ def signed_in(user: Optional[str]):
         _SIGNED_IN.user = before
 
 
+def as_signed_in(fn: Callable) -> Callable:
+    """`fn` run as the WebUI's signed-in user: gradio (3.41 and 4.40 alike) hands a handler whose first parameter
+    is annotated ``gr.Request`` the request, whose ``username`` is the ``--gradio-auth`` login (None without one),
+    and every daemon request `fn` makes then carries it (`context.signed_in`). The name is kept (not
+    functools.wraps: gradio would read the wrapped signature and not pass the request)."""
+    import gradio as gr  # here, not at the top: the routes and the standalone launcher import this module too
+
+    def handler(request, *args):
+        with signed_in(getattr(request, "username", None)):
+            return fn(*args)
+    handler.__annotations__ = {"request": gr.Request}  # a real class, not a string gradio would have to resolve
+    handler.__name__, handler.__doc__ = getattr(fn, "__name__", "handler"), fn.__doc__
+    return handler
+
+
 def current_user() -> Optional[str]:
     return getattr(_SIGNED_IN, "user", None)
 

@@ -21,7 +21,7 @@ from ..client import DaemonError, DaemonNotRunning
 from . import gpu_handoff, lora_info, render
 from .checkpoint_family import LABELS as FAMILY_LABELS, family_of, forge_parts
 from .combine import CombineSection, list_loras
-from .context import TabContext, signed_in
+from .context import TabContext, as_signed_in, signed_in
 from .datasets import DatasetPathError, confined, dataset_folder, list_images, save_uploads
 from .forms import (FIELDS, FLUX_KEYS, TEXT_FIELDS, config_to_form, form_to_config, is_text_config, parse_extra_yaml,
                     problems_by_field, text_form_to_config)
@@ -43,18 +43,6 @@ A1111_NO_FLUX = ("model.base_model: {name} is a FLUX.1 checkpoint, and A1111 can
                  "here could not be used here. Train it from Forge (this tab), `lora-daemon ui` or `lora-train`, "
                  "and load it in Forge or ComfyUI.")
 PLAN_NOTE = render.message("The memory plan is worked out as the run's first step; it shows in the run's row in Runs.")
-
-
-def as_signed_in(fn: Callable) -> Callable:
-    """`fn` run as the WebUI's signed-in user: gradio (3.41 and 4.40 alike) hands a handler whose first parameter
-    is annotated ``gr.Request`` the request, whose ``username`` is the ``--gradio-auth`` login (None without one),
-    and every daemon request `fn` makes then carries it (`context.signed_in`). The name is kept (not
-    functools.wraps: gradio would read the wrapped signature and not pass the request)."""
-    def handler(request: gr.Request, *args):
-        with signed_in(getattr(request, "username", None)):
-            return fn(*args)
-    handler.__name__, handler.__doc__ = getattr(fn, "__name__", "handler"), fn.__doc__
-    return handler
 
 
 def _daemon_message(error: Exception) -> str:
