@@ -20,24 +20,7 @@ from lora_core.image.flux_tiny import build_t5_tokenizer, build_tiny_flux
 from lora_core.preflight import find_t5_tokenizer, flux_facts, preflight
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On a shared 2-core machine under load, two OpenMP threads spin against
-    each other and a tiny matmul takes ~40x longer (measured: 1.3 ms vs 0.03 ms for a 48x32 linear at load 10)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def flux_dir(tmp_path_factory) -> Path:
-    return build_tiny_flux(tmp_path_factory.mktemp("flux") / "model")
-
-
-@pytest.fixture(scope="session")
-def flux_file(tmp_path_factory) -> Path:
-    return build_tiny_flux(tmp_path_factory.mktemp("flux-file"), single_file=True)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="session")

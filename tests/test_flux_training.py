@@ -17,24 +17,7 @@ from lora_core.train import run_training
 from daemon_fixtures import daemon_factory, run_config, wait_until  # noqa: F401  (fixtures)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: one intra-op thread. On a shared 2-core machine under load, two OpenMP threads spin against
-    each other and a tiny matmul takes ~40x longer (measured: 1.3 ms vs 0.03 ms for a 48x32 linear at load 10)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def flux_dir(tmp_path_factory) -> Path:
-    return build_tiny_flux(tmp_path_factory.mktemp("flux-train") / "model")
-
-
-@pytest.fixture(scope="session")
-def flux_file(tmp_path_factory) -> Path:
-    return build_tiny_flux(tmp_path_factory.mktemp("flux-train-file"), single_file=True)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture

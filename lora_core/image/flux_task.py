@@ -380,28 +380,16 @@ class FluxTask(ImageTask):
         prefix = "transformer."
         load_adapter_state(self.transformer, {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
-    def evaluate(self, step: int) -> Optional[dict]:
-        """Mean flow loss of the held-out images at fixed times and noise (None without data.validation_split)."""
-        if not self.val_data:
-            return None
-        tr = self.model.transformer
-        was_training = tr.training
-        tr.eval()
-        total, count = 0.0, 0
-        try:
-            with torch.no_grad():
-                for e in self.val_data:
-                    n = len(e["t"])
-                    latents = e["latents"].to(self.device, self.weight_dtype).expand(n, -1, -1, -1)
-                    losses = self.flow_loss(latents, e["noise"].to(self.device, self.weight_dtype), e["t"],
-                                            e["text"].to(self.device, self.weight_dtype).expand(n, -1, -1),
-                                            e["pooled"].to(self.device, self.weight_dtype).expand(n, -1),
-                                            transformer=tr)
-                    total += float(losses.sum())
-                    count += n
-        finally:
-            tr.train(was_training)
-        return {"eval_loss": total / count, "validation_images": len(self.val_data)}
+    def _denoiser(self) -> torch.nn.Module:
+        return self.model.transformer
+
+    def _validation_losses(self, e: dict, tr: torch.nn.Module) -> torch.Tensor:
+        """Flow loss of one held-out image at its fixed times and noise (`ImageTask.evaluate` runs it)."""
+        n = len(e["t"])
+        latents = e["latents"].to(self.device, self.weight_dtype).expand(n, -1, -1, -1)
+        return self.flow_loss(latents, e["noise"].to(self.device, self.weight_dtype), e["t"],
+                              e["text"].to(self.device, self.weight_dtype).expand(n, -1, -1),
+                              e["pooled"].to(self.device, self.weight_dtype).expand(n, -1), transformer=tr)
 
     # ---- outputs -----------------------------------------------------------------------------------------------
     def export(self, path_stem: Path, step: int, epoch: int) -> Path:

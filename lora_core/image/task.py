@@ -590,33 +590,42 @@ class ImageTask:
 
     def evaluate(self, step: int) -> Optional[dict]:
         """Mean loss on the held-out images at fixed timesteps and fixed noise (None without data.validation_split):
-        the number whose rise while the training loss falls means overfitting (`lora_core.health`)."""
+        the number whose rise while the training loss falls means overfitting (`lora_core.health`). The family's
+        loss of one held-out entry is `_validation_losses`; the eval mode and no_grad around it are shared."""
         if not self.val_data:
             return None
-        unet = self.model.unet
-        was_training = unet.training
-        unet.eval()
+        net = self._denoiser()
+        was_training = net.training
+        net.eval()
         total, count = 0.0, 0
         try:
             with torch.no_grad():
                 for entry in self.val_data:
-                    n = len(entry["timesteps"])
-                    latents = entry["latents"].to(self.device, self.weight_dtype).expand(n, -1, -1, -1)
-                    noise = entry["noise"].to(self.device, self.weight_dtype)
-                    if "text" in entry:
-                        text = entry["text"].to(self.device, self.weight_dtype).expand(n, -1, -1)
-                        pooled = entry["pooled"].to(self.device, self.weight_dtype).expand(n, -1) \
-                            if entry["pooled"] is not None else None
-                    else:
-                        text, pooled = self._encode_text(self._tokenize([entry["caption"]] * n))
-                    time_ids = torch.tensor([entry["time_ids"]] * n, dtype=torch.float32)
-                    losses = self._denoise_loss(latents, noise, entry["timesteps"].to(self.device), text, pooled,
-                                                time_ids, unet=self.model.unet)
+                    losses = self._validation_losses(entry, net)
                     total += float(losses.sum())
-                    count += n
+                    count += losses.shape[0]
         finally:
-            unet.train(was_training)
+            net.train(was_training)
         return {"eval_loss": total / count, "validation_images": len(self.val_data)}
+
+    def _denoiser(self) -> torch.nn.Module:
+        """The network the LoRA trains and validation runs: the UNet here, the transformer for FLUX."""
+        return self.model.unet
+
+    def _validation_losses(self, entry: dict, unet: torch.nn.Module) -> torch.Tensor:
+        """Per-timestep losses of one held-out image (its fixed timesteps, noise and caption)."""
+        n = len(entry["timesteps"])
+        latents = entry["latents"].to(self.device, self.weight_dtype).expand(n, -1, -1, -1)
+        noise = entry["noise"].to(self.device, self.weight_dtype)
+        if "text" in entry:
+            text = entry["text"].to(self.device, self.weight_dtype).expand(n, -1, -1)
+            pooled = entry["pooled"].to(self.device, self.weight_dtype).expand(n, -1) \
+                if entry["pooled"] is not None else None
+        else:
+            text, pooled = self._encode_text(self._tokenize([entry["caption"]] * n))
+        time_ids = torch.tensor([entry["time_ids"]] * n, dtype=torch.float32)
+        return self._denoise_loss(latents, noise, entry["timesteps"].to(self.device), text, pooled, time_ids,
+                                  unet=unet)
 
     def training_images(self) -> list[Path]:
         """The files trained on (not the held-out or regularisation ones): a sample too close to one is a copy."""
