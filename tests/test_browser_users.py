@@ -8,6 +8,7 @@ routes with the browser's login cookie, tiny runs. Screenshots land in test-arti
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
@@ -71,8 +72,25 @@ def shared_tab(env_name: str):
         ui.terminate()
         ui.wait(timeout=30)
         ui_log.close()
-        subprocess.run([sys.executable, "-m", "lora_daemon.cli", "--home", str(home), "stop"], env=env, timeout=120)
+        stop_as_token_holder(home)
         holder.cleanup()
+
+
+def stop_as_token_holder(home: Path) -> None:
+    """Stop the shared daemon as the token holder itself (no user: an admin). `lora-daemon stop` would send the OS
+    user, whom this users.yaml does not list, and be refused — the daemon then outlived the test."""
+    from lora_daemon.client import DaemonClient
+
+    pid = json.loads((home / "daemon.json").read_text())["pid"]
+    DaemonClient(home=str(home), timeout=30).shutdown()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the daemon (pid {pid}) did not stop within 60 s")
 
 
 @pytest.fixture(scope="module")
